@@ -1,0 +1,152 @@
+"""Expert modules: the routed experts (one grouped MLP) and the shared experts (one dense MLP)."""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .activations import apply_activation, is_gated
+from .ops import grouped_mlp
+
+
+def _init_uniform(t: Tensor, fan_in: int, std: Optional[float]) -> None:
+    """nn.Linear's default (U(±1/√fan_in)) unless an explicit normal std is configured."""
+    if std is None:
+        bound = 1 / math.sqrt(max(fan_in, 1))
+        nn.init.uniform_(t, -bound, bound)
+    else:
+        nn.init.normal_(t, std=std)
+
+
+class GroupedExperts(nn.Module):
+    """E expert MLPs applied to expert-grouped rows with ``grouped_mlp``.
+
+    Homogeneous (one width f): ``w_up [E, m·f, d]`` (rows ``[gate | up]`` when gated, m = 2) and
+    ``w_down [E, d, f]`` — the Hugging Face transformers layout. Heterogeneous (``widths`` f_e):
+    ``w_up [m·Σf, d]`` (every expert's gate rows, then every expert's up rows) and
+    ``w_down [d, Σf]``. Optional biases ``b_up``, ``b_down [E, d]``.
+    """
+
+    def __init__(
+        self, d_model: int, widths: Sequence[int], activation: str = "swiglu", bias: bool = False,
+        init_std: Optional[float] = None, *, device=None, dtype=None,
+    ):
+        super().__init__()
+        self.d_model = d_model
+        self.widths = tuple(int(w) for w in widths)
+        self.num_experts = len(self.widths)
+        self.activation = activation
+        self.init_std = init_std
+        self.homogeneous = len(set(self.widths)) == 1
+        m = 2 if is_gated(activation) else 1
+        E, d = self.num_experts, d_model
+        factory = dict(device=device, dtype=dtype)
+        if self.homogeneous:
+            f = self.widths[0]
+            self.w_up = nn.Parameter(torch.empty(E, m * f, d, **factory))
+            self.w_down = nn.Parameter(torch.empty(E, d, f, **factory))
+            up_bias_shape = (E, m * f)
+        else:
+            total = sum(self.widths)
+            self.w_up = nn.Parameter(torch.empty(m * total, d, **factory))
+            self.w_down = nn.Parameter(torch.empty(d, total, **factory))
+            up_bias_shape = (m * total,)
+        self.b_up = nn.Parameter(torch.empty(up_bias_shape, **factory)) if bias else None
+        self.b_down = nn.Parameter(torch.empty(E, d, **factory)) if bias else None
+        self.reset_parameters()
+
+    @property
+    def gated(self) -> bool:
+        return is_gated(self.activation)
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            _init_uniform(self.w_up, self.d_model, self.init_std)
+            if self.b_up is not None:
+                _init_uniform(self.b_up, self.d_model, self.init_std)
+            for e in range(self.num_experts):
+                w_down_e = self.expert_weights(e)[1]
+                _init_uniform(w_down_e, self.widths[e], self.init_std)
+                if self.b_down is not None:
+                    _init_uniform(self.b_down[e], self.widths[e], self.init_std)
+
+    def expert_weights(self, e: int) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+        """Views of expert e's ``(w_up [m·f_e, d] rows [gate | up], w_down [d, f_e], b_up, b_down)``."""
+        if self.homogeneous:
+            w_up, w_down = self.w_up[e], self.w_down[e]
+            b_up = None if self.b_up is None else self.b_up[e]
+        else:
+            starts = [0, *itertools.accumulate(self.widths)]
+            total, lo, hi = starts[-1], starts[e], starts[e + 1]
+            rows = [slice(lo, hi)] + ([slice(total + lo, total + hi)] if self.gated else [])
+            w_up = torch.cat([self.w_up[r] for r in rows]) if self.gated else self.w_up[lo:hi]
+            w_down = self.w_down[:, lo:hi]
+            b_up = None
+            if self.b_up is not None:
+                b_up = torch.cat([self.b_up[r] for r in rows]) if self.gated else self.b_up[lo:hi]
+        b_down = None if self.b_down is None else self.b_down[e]
+        return w_up, w_down, b_up, b_down
+
+    def forward(self, x: Tensor, offsets: Tensor, *, backend: Optional[str] = None) -> Tensor:
+        """``x [R, d]`` grouped by ``offsets [E+1]`` → ``[R, d]``. Weights are cast to x's dtype
+        (fp32 master weights with bf16 activations work like autocast)."""
+        cast = (lambda t: None if t is None else t.to(x.dtype))
+        return grouped_mlp(
+            x, cast(self.w_up), cast(self.w_down), offsets, self.activation, cast(self.b_up), cast(self.b_down),
+            widths=None if self.homogeneous else self.widths, backend=backend,
+        )
+
+    def extra_repr(self) -> str:
+        widths = self.widths[0] if self.homogeneous else list(self.widths)
+        return f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={widths}, activation={self.activation}"
+
+
+class SharedExperts(nn.Module):
+    """``n`` shared experts of width f applied to every token, as one MLP of width n·f.
+
+    Summing n independent MLPs equals one MLP with their hidden units side by side, so this is the
+    same function with one matrix product per projection. ``w_up [m·n·f, d]`` (gate rows then up
+    rows), ``w_down [d, n·f]``; with ``gate``, the output is scaled per token by
+    ``sigmoid(x · w_gateᵀ)`` (``w_gate [1, d]``, Qwen2-MoE's shared-expert gate).
+    """
+
+    def __init__(
+        self, d_model: int, d_ff: int, num_experts: int = 1, activation: str = "swiglu", bias: bool = False,
+        gate: bool = False, init_std: Optional[float] = None, *, device=None, dtype=None,
+    ):
+        super().__init__()
+        self.d_model, self.d_ff, self.num_experts = d_model, d_ff, num_experts
+        self.activation = activation
+        self.init_std = init_std
+        hidden = num_experts * d_ff
+        m = 2 if is_gated(activation) else 1
+        factory = dict(device=device, dtype=dtype)
+        self.w_up = nn.Parameter(torch.empty(m * hidden, d_model, **factory))
+        self.w_down = nn.Parameter(torch.empty(d_model, hidden, **factory))
+        self.b_up = nn.Parameter(torch.empty(m * hidden, **factory)) if bias else None
+        self.b_down = nn.Parameter(torch.empty(d_model, **factory)) if bias else None
+        self.w_gate = nn.Parameter(torch.empty(1, d_model, **factory)) if gate else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            for t, fan_in in ((self.w_up, self.d_model), (self.b_up, self.d_model), (self.w_gate, self.d_model),
+                              (self.w_down, self.d_ff), (self.b_down, self.d_ff)):
+                if t is not None:
+                    _init_uniform(t, fan_in, self.init_std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        cast = (lambda t: None if t is None else t.to(x.dtype))
+        # w_up holds all gate rows then all up rows, so the gated activation's chunk(2) splits them.
+        h = F.linear(x, cast(self.w_up), cast(self.b_up))
+        y = F.linear(apply_activation(h, self.activation), cast(self.w_down), cast(self.b_down))
+        if self.w_gate is not None:
+            y = y * torch.sigmoid(F.linear(x, cast(self.w_gate)))
+        return y
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, gate={self.w_gate is not None}"

@@ -1,0 +1,181 @@
+"""MoELayer: a drop-in replacement for a dense MLP block."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ._checks import FLOAT_DTYPES, check_tensor
+from .config import MoEConfig
+from .dispatch import CapacityDispatcher, Dispatcher, DroplessDispatcher
+from .experts import GroupedExperts, SharedExperts
+from .losses import attach_aux_loss, load_balancing_loss_from_stats, z_loss
+from .ops import routing_stats as routing_stats_op
+from .router import RouterOutput, TopKRouter
+
+
+@dataclass
+class RoutingStats:
+    """Routing of the last forward pass (values read from the device on access)."""
+
+    tokens_per_expert: Tensor  # [E] assignments routed to each expert (before capacity)
+    kept_per_expert: Tensor    # [E] assignments kept (equal to the above when dropless)
+    dropped_fraction: float    # dropped assignments / (T·k)
+    max_load: float            # max_e tokens_per_expert
+    mean_load: float           # mean_e tokens_per_expert
+    max_over_mean: float       # max_load / mean_load (1 = perfectly balanced)
+
+
+class MoELayer(nn.Module):
+    """Mixture-of-Experts MLP: ``y = Σ_j w_j · expert_{e_j}(x) (+ shared experts(x))``.
+
+    Build it from a :class:`MoEConfig` or from the same fields as keyword arguments::
+
+        layer = MoELayer(d_model=512, d_ff=256, num_experts=64, top_k=8)
+        layer = MoELayer(config, capacity_factor=1.25)   # fields given as kwargs override the config
+
+    ``forward(x)`` takes ``x [..., d_model]`` and returns y with x's shape and dtype. The router
+    runs in fp32. The auxiliary losses (load balancing, z-loss) of the pass are in
+    :attr:`aux_losses` (detached, for logging) and, with ``config.aux_loss_in_backward`` (the
+    default), already reach the gradients through ``y`` — the trainer's loss needs no change. Call
+    ``forward(x, return_aux_loss=True)`` to get ``(y, aux_loss)`` instead and add it yourself.
+
+    For the per-sequence load-balancing loss, the second-to-last dim of x is the sequence:
+    ``x [B, S, d]`` has B sequences; a 2-D x is one sequence.
+    """
+
+    def __init__(self, config: Optional[MoEConfig] = None, /, *, device=None, dtype=None, **fields):
+        super().__init__()
+        if config is None:
+            config = MoEConfig(**fields)
+        elif not isinstance(config, MoEConfig):
+            raise TypeError(f"MoELayer: `config` must be a MoEConfig, got {type(config).__name__}")
+        elif fields:
+            config = config.replace(**fields)
+        self.config = config
+        self.backend: Optional[str] = config.backend
+        factory = dict(device=device, dtype=dtype)
+        self.router = TopKRouter(config, **factory)
+        self.experts = GroupedExperts(
+            config.d_model, config.expert_widths, config.activation, config.bias, config.init_std, **factory
+        )
+        self.shared_experts = None
+        if config.num_shared_experts:
+            self.shared_experts = SharedExperts(
+                config.d_model, config.shared_d_ff, config.num_shared_experts, config.activation, config.bias,
+                config.shared_expert_gate, config.init_std, **factory,
+            )
+        self.dispatcher: Dispatcher
+        if config.dropless:
+            self.dispatcher = DroplessDispatcher(config.num_experts)
+        else:
+            self.dispatcher = CapacityDispatcher(
+                config.num_experts, config.top_k, config.capacity_factor, config.drop_policy, config.pad_to_capacity
+            )
+        self.aux_losses: Dict[str, Tensor] = {}
+        self._last_route: Optional[dict] = None
+        self.aux_loss_group: Optional["dist.ProcessGroup"] = None
+
+    # ---- forward ----------------------------------------------------------------------------
+    def forward(self, x: Tensor, *, return_aux_loss: bool = False, backend: Optional[str] = None):
+        cfg = self.config
+        check_tensor("MoELayer.forward", "x", x, dtypes=FLOAT_DTYPES)
+        if x.dim() < 1 or x.shape[-1] != cfg.d_model:
+            raise ValueError(f"MoELayer.forward: `x` must be [..., d_model={cfg.d_model}], got shape {list(x.shape)}")
+        backend = backend if backend is not None else self.backend
+        lead_shape = x.shape[:-1]
+        x2 = x.reshape(-1, cfg.d_model)
+        need_lb = cfg.aux_loss_coeff > 0 and cfg.load_balancing_type != "none"
+        route = self.router(x2, return_probs=need_lb, backend=backend)
+        plan = self.dispatcher.plan(route.expert_idx, route.weight, backend=backend)
+        x_perm = self.dispatcher.dispatch(x2, plan, backend=backend)
+        y_perm = self.experts(x_perm, plan.offsets, backend=backend)
+        y = self.dispatcher.combine(y_perm, plan, route.weight, backend=backend)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x2)
+        y = y.view(*lead_shape, cfg.d_model)
+
+        aux_loss = self._aux_losses(route, lead_shape, backend)
+        self._last_route = {"routed": plan.routed_counts, "kept": plan.counts, "dropped": plan.dropped_fraction}
+        if return_aux_loss:
+            return y, aux_loss
+        if cfg.aux_loss_in_backward and aux_loss.requires_grad:
+            y = attach_aux_loss(y, aux_loss)
+        return y
+
+    def _aux_losses(self, route: RouterOutput, lead_shape, backend) -> Tensor:
+        cfg = self.config
+        total = route.logits.new_zeros(())
+        losses: Dict[str, Tensor] = {}
+        if route.probs is not None:
+            segments = 1
+            if cfg.load_balancing_type == "sequence" and len(lead_shape) >= 2:
+                segments = route.logits.shape[0] // lead_shape[-1] if lead_shape[-1] else 1
+            tokens, prob_mean = routing_stats_op(route.probs, route.expert_idx, segments, backend=backend)
+            if cfg.load_balancing_type == "global" and self.aux_loss_group is not None:
+                tokens = tokens.clone()
+                dist.all_reduce(tokens, group=self.aux_loss_group)
+            lb = load_balancing_loss_from_stats(
+                tokens, prob_mean, cfg.top_k, normalization=cfg.load_balancing_normalization
+            )
+            losses["load_balancing"] = lb.detach()
+            total = total + cfg.aux_loss_coeff * lb
+        if cfg.z_loss_coeff > 0:
+            z = z_loss(route.logits)
+            losses["z_loss"] = z.detach()
+            total = total + cfg.z_loss_coeff * z
+        losses["total"] = total.detach()
+        self.aux_losses = losses
+        return total
+
+    # ---- statistics and balancing --------------------------------------------------------------
+    @property
+    def routing_stats(self) -> Optional[RoutingStats]:
+        """Routing of the last forward pass: tokens per expert, dropped fraction, max/mean load."""
+        if self._last_route is None:
+            return None
+        routed = self._last_route["routed"].detach()
+        loads = routed.float()
+        mean = float(loads.mean()) if loads.numel() else 0.0
+        peak = float(loads.max()) if loads.numel() else 0.0
+        return RoutingStats(
+            tokens_per_expert=routed.cpu(),
+            kept_per_expert=self._last_route["kept"].detach().cpu(),
+            dropped_fraction=float(self._last_route["dropped"]),
+            max_load=peak,
+            mean_load=mean,
+            max_over_mean=peak / mean if mean > 0 else 0.0,
+        )
+
+    def update_expert_bias(self, group: Optional["dist.ProcessGroup"] = None) -> Optional[Tensor]:
+        """Loss-free balancing step (needs ``expert_bias=True``); call once per optimizer step."""
+        return self.router.update_expert_bias(group)
+
+    def set_aux_loss_group(self, group: Optional["dist.ProcessGroup"]) -> None:
+        """Process group over which the "global" load-balancing loss sums its token counts."""
+        self.aux_loss_group = group
+
+    # ---- accounting ---------------------------------------------------------------------------
+    def num_parameters(self, active: bool = False) -> int:
+        """Parameters of the layer; with ``active``, those one token uses: router, shared experts and
+        k routed experts (of the mean expert size, for heterogeneous experts)."""
+        total = sum(p.numel() for p in self.parameters())
+        if not active:
+            return total
+        expert_params = sum(p.numel() for p in self.experts.parameters())
+        return int(total - expert_params + self.config.top_k * expert_params / self.config.num_experts)
+
+    def extra_repr(self) -> str:
+        cfg = self.config
+        mode = "dropless" if cfg.dropless else f"capacity_factor={cfg.capacity_factor}, drop_policy={cfg.drop_policy}"
+        return f"top_k={cfg.top_k}, score={cfg.score_func}, {mode}, backend={self.backend}"
+
+
+def update_expert_biases(model: nn.Module, group: Optional["dist.ProcessGroup"] = None) -> None:
+    """Call :meth:`MoELayer.update_expert_bias` on every MoELayer of ``model`` (once per optimizer step)."""
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            module.update_expert_bias(group)

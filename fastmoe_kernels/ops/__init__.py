@@ -1,0 +1,20 @@
+"""The op layer: one function per op, each a torch.library custom op with a backward and a
+fake (meta) implementation, dispatching to the ``torch`` / ``triton`` / ``cuda`` backends."""
+from .grouped_gemm import grouped_gemm
+from .grouped_mlp import grouped_mlp
+from .permute import permute, unpermute
+from .plan import DispatchPlan, expert_capacity, make_plan
+from .route_topk import route_topk
+from .routing_stats import routing_stats
+
+__all__ = [
+    "DispatchPlan",
+    "expert_capacity",
+    "grouped_gemm",
+    "grouped_mlp",
+    "make_plan",
+    "permute",
+    "route_topk",
+    "routing_stats",
+    "unpermute",
+]

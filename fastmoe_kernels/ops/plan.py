@@ -1,0 +1,232 @@
+"""make_plan: where each (token, expert) assignment goes in the expert-grouped row layout.
+
+Layout (the reference below is the specification):
+
+- rows are grouped by expert, expert 0 first; inside an expert, kept assignments are in token
+  order (assignment ``a = t·k + j`` ascending), whatever the drop policy.
+- dropless: every assignment is kept; ``R = T·k`` rows.
+- capacity ``C``: an expert keeps at most C of its assignments. ``drop_policy="probs"`` keeps the C
+  with the largest weight (ties: lower assignment index first, like Megatron-Core's "probs");
+  ``"position"`` keeps the first C in token order. Without padding the kept rows are packed and
+  ``R = min(T·k, E·C)`` — a static bound, so shapes never depend on the data; rows past
+  ``offsets[E]`` belong to no expert, hold no assignment and are written as zeros by the ops. With
+  ``pad=True`` expert e owns rows ``[e·C, (e+1)·C)`` (``R = E·C``) and its unused rows are padding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_ids_in_range, check_int, check_tensor
+
+DROP_POLICIES = ("probs", "position")
+
+
+def capacity_ratio(capacity_factor: float) -> tuple[int, int]:
+    """``capacity_factor`` as an exact fraction ``(numerator, denominator)`` of the decimal it prints
+    as (1.1 is 11/10, not the nearest binary float), so the capacity ceiling never lands one slot
+    high through rounding."""
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) or not capacity_factor > 0:
+        raise ValueError(f"expert_capacity: `capacity_factor` must be a number > 0, got {capacity_factor!r}")
+    frac = Fraction(repr(float(capacity_factor)))
+    return frac.numerator, frac.denominator
+
+
+def capacity_from_ratio(num_tokens, num_experts: int, top_k: int, ratio: tuple[int, int]):
+    """``ceil(ratio · T · k / E)`` in integers (``num_tokens`` may be a SymInt under torch.compile)."""
+    numerator, denominator = ratio
+    return -(-(numerator * num_tokens * top_k) // (denominator * num_experts))
+
+
+def expert_capacity(num_tokens, num_experts: int, top_k: int, capacity_factor: float):
+    """``C = ceil(capacity_factor · T · k / E)`` (GShard / Megatron-Core), computed exactly."""
+    return capacity_from_ratio(num_tokens, num_experts, top_k, capacity_ratio(capacity_factor))
+
+
+def num_plan_rows(num_tokens, top_k: int, num_experts: int, capacity: int, pad: bool):
+    """R, the number of rows of the permuted layout (static: never depends on the routing)."""
+    if capacity < 0:
+        return num_tokens * top_k
+    if pad:
+        return num_experts * capacity
+    return torch.sym_min(num_tokens * top_k, num_experts * capacity)
+
+
+@dataclass
+class DispatchPlan:
+    """Where every assignment goes. ``R`` rows, ``E`` experts, ``T`` tokens, ``k`` per token.
+
+    Fields:
+        counts:         [E] int32 — rows kept per expert.
+        routed_counts:  [E] int32 — assignments routed to each expert, before capacity dropping.
+        offsets:        [E+1] int32 — expert e owns rows ``offsets[e]:offsets[e+1]``.
+        row:            [T, k] int32 — destination row of each assignment, -1 when dropped.
+        assignment:     [R] int32 — the assignment ``t·k + j`` a row holds, -1 for padding/unused.
+        top_k, capacity (None when dropless), padded.
+    """
+
+    counts: Tensor
+    routed_counts: Tensor
+    offsets: Tensor
+    row: Tensor
+    assignment: Tensor
+    top_k: int
+    capacity: Optional[int]
+    padded: bool
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts.shape[0]
+
+    @property
+    def num_rows(self) -> int:
+        return self.assignment.shape[0]
+
+    @property
+    def num_assignments(self) -> int:
+        return self.row.numel()
+
+    @property
+    def src(self) -> Tensor:
+        """[R] int32 — the source token of each row, -1 for padding/unused rows."""
+        return torch.where(self.assignment >= 0, torch.div(self.assignment, self.top_k, rounding_mode="floor"), -1)
+
+    @property
+    def num_dropped(self) -> Tensor:
+        return self.routed_counts.sum() - self.counts.sum()
+
+    @property
+    def dropped_fraction(self) -> Tensor:
+        """Fraction of the T·k assignments dropped by capacity (a 0-d float tensor, no sync)."""
+        return self.num_dropped.float() / max(self.num_assignments, 1)
+
+
+def make_plan_reference(
+    expert_idx: Tensor, num_experts: int, capacity: int, drop_policy: str, weight: Optional[Tensor], pad: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Reference: ``(counts, routed_counts, offsets, row, assignment)`` as described above.
+
+    Ids outside ``[0, E)`` (reachable only with value checks off) are treated as dropped: nothing is
+    read or written for them, and they are not counted.
+    """
+    T, k = expert_idx.shape
+    A = T * k
+    E = num_experts
+    device = expert_idx.device
+    flat = expert_idx.reshape(-1).long()
+    valid = (flat >= 0) & (flat < E)
+    expert = torch.where(valid, flat, E)  # out-of-range ids go to a sentinel expert that sorts last
+    arange_a = torch.arange(A, device=device)
+    routed = torch.bincount(expert, minlength=E + 1)
+    if capacity < 0:
+        keep = valid
+        counts = routed[:E]
+    else:
+        # Rank of each assignment inside its expert by the drop policy's priority.
+        if drop_policy == "probs":
+            by_weight = torch.sort(weight.reshape(-1), descending=True, stable=True).indices
+            order = by_weight[torch.sort(expert[by_weight], stable=True).indices]
+        else:
+            order = torch.sort(expert, stable=True).indices
+        routed_start = torch.cumsum(routed, 0) - routed
+        rank = torch.empty(A, dtype=torch.long, device=device)
+        rank[order] = arange_a - routed_start[expert[order]]
+        keep = valid & (rank < capacity)
+        counts = routed[:E].clamp(max=capacity)
+    # Kept assignments, grouped by expert, in token order; dropped ones sort last.
+    token_order = torch.sort(torch.where(keep, expert, E), stable=True).indices
+    position = torch.empty(A, dtype=torch.long, device=device)
+    position[token_order] = arange_a
+    R = num_plan_rows(T, k, E, capacity, pad)
+    if pad:
+        kept_start = torch.cumsum(counts, 0) - counts
+        safe_expert = expert.clamp(max=E - 1)
+        row = torch.where(keep, safe_expert * capacity + position - kept_start[safe_expert], -1)
+        offsets = torch.arange(E + 1, device=device) * capacity
+    else:
+        row = torch.where(keep, position, -1)
+        offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    # Scatter assignment ids into their rows; dropped ones land in a discarded extra slot.
+    assignment = torch.full((R + 1,), -1, dtype=torch.long, device=device)
+    assignment[torch.where(keep, row, R)] = arange_a
+    i32 = torch.int32
+    return counts.to(i32), routed[:E].to(i32), offsets.to(i32), row.view(T, k).to(i32), assignment[:R].to(i32)
+
+
+backends.register_kernel("make_plan", "torch")(make_plan_reference)
+
+
+@torch.library.custom_op("fastmoe::make_plan", mutates_args=())
+def _make_plan_op(
+    expert_idx: Tensor, num_experts: int, capacity: int, drop_policy: str, weight: Optional[Tensor], pad: bool, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    check_ids_in_range("make_plan", "expert_idx", expert_idx, num_experts)
+    fn = backends.get_kernel("make_plan", backend)
+    return fn(expert_idx, num_experts, capacity, drop_policy, weight, pad)
+
+
+@_make_plan_op.register_fake
+def _(expert_idx, num_experts, capacity, drop_policy, weight, pad, backend):
+    T, k = expert_idx.shape
+    R = num_plan_rows(T, k, num_experts, capacity, pad)
+    new = expert_idx.new_empty
+    i32 = torch.int32
+    return (
+        new((num_experts,), dtype=i32),
+        new((num_experts,), dtype=i32),
+        new((num_experts + 1,), dtype=i32),
+        new((T, k), dtype=i32),
+        new((R,), dtype=i32),
+    )
+
+
+def make_plan(
+    expert_idx: Tensor,
+    num_experts: int,
+    capacity: Optional[int] = None,
+    drop_policy: str = "probs",
+    weight: Optional[Tensor] = None,
+    pad: bool = False,
+    *,
+    backend: Optional[str] = None,
+) -> DispatchPlan:
+    """Build the :class:`DispatchPlan` for ``expert_idx [T, k]`` (int32/int64 ids in ``[0, E)``).
+
+    ``capacity`` None is dropless; an int C >= 0 keeps at most C assignments per expert (see
+    :func:`expert_capacity` for the usual ``C = ceil(cf · T · k / E)``). ``drop_policy="probs"``
+    needs ``weight [T, k]``. ``pad=True`` (capacity only) gives the fixed ``[E, C]`` layout.
+    Not differentiable (integer outputs).
+    """
+    where = "make_plan"
+    check_tensor(where, "expert_idx", expert_idx, ndim=2, dtypes=INDEX_DTYPES, shape=(None, None))
+    check_int(where, "num_experts", num_experts, low=1)
+    T, k = expert_idx.shape
+    if isinstance(k, int) and isinstance(num_experts, int) and k > num_experts:
+        raise ValueError(f"{where}: top-k ({k}) must not exceed `num_experts` ({num_experts})")
+    check_choice(where, "drop_policy", drop_policy, DROP_POLICIES)
+    if capacity is None:
+        if pad:
+            raise ValueError(f"{where}: `pad=True` needs a `capacity` (padding is to capacity)")
+        capacity = -1
+    else:
+        check_int(where, "capacity", capacity, low=0)
+        if drop_policy == "probs":
+            if weight is None:
+                raise ValueError(f"{where}: drop_policy='probs' needs `weight` [T, k]")
+            check_tensor(where, "weight", weight, ndim=2, dtypes=FLOAT_DTYPES, shape=(T, k), device=expert_idx.device)
+    if isinstance(T, int) and T * k >= 2**31:
+        raise ValueError(f"{where}: T·k = {T * k} assignments exceeds the int32 row index range")
+    backend_name = backends.resolve("make_plan", backend, expert_idx.device)
+    counts, routed, offsets, row, assignment = _make_plan_op(
+        expert_idx, num_experts, capacity, drop_policy, weight if capacity >= 0 and drop_policy == "probs" else None,
+        bool(pad), backend_name,
+    )
+    return DispatchPlan(
+        counts=counts, routed_counts=routed, offsets=offsets, row=row, assignment=assignment,
+        top_k=k, capacity=None if capacity < 0 else capacity, padded=bool(pad),
+    )

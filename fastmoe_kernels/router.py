@@ -1,0 +1,90 @@
+"""TopKRouter: token → (experts, weights). Always computed in fp32 (fp64 for fp64 input)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import MoEConfig
+from .losses import expert_bias_delta
+from .ops import route_topk
+
+
+@dataclass
+class RouterOutput:
+    logits: Tensor        # [T, E] fp32 router logits
+    expert_idx: Tensor    # [T, k] int32
+    weight: Tensor        # [T, k] fp32 combine weights (differentiable)
+    probs: Optional[Tensor]  # [T, E] fp32 probabilities for the load-balancing loss, when asked
+
+
+class TopKRouter(nn.Module):
+    """Linear gate ``logits = x · Wᵀ`` (``weight [E, d]``, the nn.Linear layout) and top-k routing.
+
+    With ``config.expert_bias``, holds the loss-free balancing bias as a buffer ``expert_bias [E]``
+    (saved in checkpoints, never trained by the optimizer) and counts the tokens routed to each
+    expert in training (``tokens_since_update``), for :meth:`update_expert_bias`.
+    """
+
+    def __init__(self, config: MoEConfig, *, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        E = config.num_experts
+        self.weight = nn.Parameter(torch.empty(E, config.d_model, device=device, dtype=dtype))
+        if config.expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(E, device=device, dtype=torch.float32))
+            self.register_buffer("tokens_since_update", torch.zeros(E, device=device, dtype=torch.float32), persistent=False)
+        else:
+            self.expert_bias = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.config.init_std is None:
+            bound = 1 / math.sqrt(self.config.d_model)
+            nn.init.uniform_(self.weight, -bound, bound)
+        else:
+            nn.init.normal_(self.weight, std=self.config.init_std)
+
+    def forward(self, x: Tensor, *, return_probs: bool = False, backend: Optional[str] = None) -> RouterOutput:
+        cfg = self.config
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        inp = x.to(compute)
+        if self.training and cfg.router_jitter > 0:
+            # Switch Transformer's multiplicative jitter on the router input.
+            inp = inp * torch.empty_like(inp).uniform_(1 - cfg.router_jitter, 1 + cfg.router_jitter)
+        logits = F.linear(inp, self.weight.to(compute))
+        if self.training and cfg.router_noise_std > 0:
+            logits = logits + torch.randn_like(logits) * cfg.router_noise_std
+        out = route_topk(
+            logits, cfg.top_k, cfg.score_func, cfg.normalize_topk, self.expert_bias,
+            num_groups=cfg.num_groups, topk_groups=cfg.topk_groups, scaling_factor=cfg.routed_scaling_factor,
+            return_probs=return_probs, backend=backend,
+        )
+        expert_idx, weight = out[0], out[1]
+        if self.expert_bias is not None and self.training:
+            with torch.no_grad():
+                counts = torch.bincount(expert_idx.reshape(-1).long(), minlength=cfg.num_experts)
+                self.tokens_since_update.add_(counts.to(torch.float32))
+        return RouterOutput(logits, expert_idx, weight, out[2] if return_probs else None)
+
+    @torch.no_grad()
+    def update_expert_bias(self, group: Optional["dist.ProcessGroup"] = None) -> Optional[Tensor]:
+        """Apply DeepSeek-V3's rule ``bias += rate · sign(mean_load − load_e)`` to the tokens counted
+        since the last call (all-reduced over ``group`` if given), then reset the count. Call it once
+        per optimizer step. Returns the applied delta, or None without expert bias."""
+        if self.expert_bias is None:
+            return None
+        counts = self.tokens_since_update.clone()
+        if group is not None:
+            dist.all_reduce(counts, group=group)
+        delta = expert_bias_delta(counts, self.config.expert_bias_update_rate)
+        if counts.sum() == 0:
+            delta.zero_()
+        self.expert_bias.add_(delta)
+        self.tokens_since_update.zero_()
+        return delta

@@ -1,0 +1,34 @@
+"""Test configuration: markers, fresh seeds, GPU skipping.
+
+Every test draws fresh random inputs: the session seed is random unless FASTMOE_TEST_SEED is set,
+and is printed in the header so a failure can be replayed.
+"""
+import os
+import random
+import sys
+import zlib
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+SESSION_SEED = int(os.environ.get("FASTMOE_TEST_SEED", random.randrange(2**31)))
+
+
+def pytest_report_header(config):
+    return f"fastmoe test seed: FASTMOE_TEST_SEED={SESSION_SEED}"
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    """A per-test seed derived from the session seed and the test id."""
+    seed = (SESSION_SEED + zlib.crc32(request.node.nodeid.encode())) % 2**31
+    torch.manual_seed(seed)
+    random.seed(seed)
+    yield seed
+
+
+def pytest_runtest_setup(item):
+    if "gpu" in item.keywords and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (none visible: torch.cuda.is_available() is False)")

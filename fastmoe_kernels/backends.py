@@ -114,7 +114,11 @@ def get_kernel(kernel: str, backend: str) -> Callable:
     impls = _KERNELS.get(kernel)
     if impls is None:
         raise KeyError(f"no kernel named {kernel!r} is registered")
-    return impls.get(backend, impls["torch"])
+    if backend in impls:
+        return impls[backend]
+    if "torch" not in impls:
+        raise KeyError(f"kernel {kernel!r} has no {backend!r} implementation and no torch reference")
+    return impls["torch"]
 
 
 def describe(device: Optional[torch.device] = None, requested: Optional[str] = None) -> Dict[str, str]:

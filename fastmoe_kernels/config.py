@@ -50,6 +50,10 @@ class MoEConfig:
     (computed as one MLP of width ``num_shared_experts · shared_d_ff``, which is the same function),
     optionally scaled by a per-token sigmoid gate (``shared_expert_gate``, as in Qwen2-MoE).
 
+    Execution: ``backend`` ("auto", "torch", "triton", "cuda"); ``fused_experts`` None runs
+    gather → expert MLPs → combine as one fused op where the backend has one, False forces the
+    separate permute / grouped MLP / unpermute ops.
+
     Losses: ``aux_loss_coeff`` scales the Switch/GShard load-balancing loss of type
     ``load_balancing_type`` ("micro_batch", "sequence", "global" or "none") with
     ``load_balancing_normalization`` "megatron" (balanced routing gives 1) or "mixtral" (gives k);
@@ -90,6 +94,7 @@ class MoEConfig:
     aux_loss_in_backward: bool = True
     # execution
     backend: str = "auto"
+    fused_experts: Optional[bool] = None
     init_std: Optional[float] = None
 
     def __post_init__(self) -> None:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import apply_activation, is_gated
-from .ops import grouped_mlp
+from .ops import DispatchPlan, grouped_mlp, moe_mlp
 
 
 def _init_uniform(t: Tensor, fan_in: int, std: Optional[float]) -> None:
@@ -92,12 +92,22 @@ class GroupedExperts(nn.Module):
         return w_up, w_down, b_up, b_down
 
     def forward(self, x: Tensor, offsets: Tensor, *, backend: Optional[str] = None) -> Tensor:
-        """``x [R, d]`` grouped by ``offsets [E+1]`` → ``[R, d]``. Weights are cast to x's dtype
-        (fp32 master weights with bf16 activations work like autocast)."""
-        cast = (lambda t: None if t is None else t.to(x.dtype))
+        """``x [R, d]`` grouped by ``offsets [E+1]`` → ``[R, d]``. The ops cast the weights to x's
+        dtype (fp32 master weights with bf16 activations work like autocast)."""
         return grouped_mlp(
-            x, cast(self.w_up), cast(self.w_down), offsets, self.activation, cast(self.b_up), cast(self.b_down),
+            x, self.w_up, self.w_down, offsets, self.activation, self.b_up, self.b_down,
             widths=None if self.homogeneous else self.widths, backend=backend,
+        )
+
+    def forward_tokens(
+        self, x: Tensor, plan: DispatchPlan, weight: Tensor, *, backend: Optional[str] = None,
+        fused: Optional[bool] = None,
+    ) -> Tensor:
+        """Tokens in, tokens out: ``x [T, d]`` dispatched by ``plan`` and combined with
+        ``weight [T, k]`` (``ops.moe_mlp``; fused kernels when the backend has them)."""
+        return moe_mlp(
+            x, plan, weight, self.w_up, self.w_down, self.activation, self.b_up, self.b_down,
+            widths=None if self.homogeneous else self.widths, backend=backend, fused=fused,
         )
 
     def extra_repr(self) -> str:

@@ -91,9 +91,8 @@ class MoELayer(nn.Module):
         need_lb = cfg.aux_loss_coeff > 0 and cfg.load_balancing_type != "none"
         route = self.router(x2, return_probs=need_lb, backend=backend)
         plan = self.dispatcher.plan(route.expert_idx, route.weight, backend=backend)
-        x_perm = self.dispatcher.dispatch(x2, plan, backend=backend)
-        y_perm = self.experts(x_perm, plan.offsets, backend=backend)
-        y = self.dispatcher.combine(y_perm, plan, route.weight, backend=backend)
+        # permute → experts → weighted combine, as one fused op where the backend has it.
+        y = self.experts.forward_tokens(x2, plan, route.weight, backend=backend, fused=cfg.fused_experts)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x2)
         y = y.view(*lead_shape, cfg.d_model)

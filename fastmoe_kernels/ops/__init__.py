@@ -2,6 +2,7 @@
 fake (meta) implementation, dispatching to the ``torch`` / ``triton`` / ``cuda`` backends."""
 from .grouped_gemm import grouped_gemm
 from .grouped_mlp import grouped_mlp
+from .moe_mlp import moe_mlp
 from .permute import permute, unpermute
 from .plan import DispatchPlan, expert_capacity, make_plan
 from .route_topk import route_topk
@@ -13,6 +14,7 @@ __all__ = [
     "grouped_gemm",
     "grouped_mlp",
     "make_plan",
+    "moe_mlp",
     "permute",
     "route_topk",
     "routing_stats",

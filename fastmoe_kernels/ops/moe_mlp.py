@@ -1,0 +1,117 @@
+"""moe_mlp: the routed experts from tokens to tokens — gather, expert MLPs, weighted combine.
+
+``moe_mlp(x [T, d], plan, weight [T, k], w_up, w_down, activation) → [T, d]`` is, by definition,
+``unpermute(grouped_mlp(permute(x, plan), w_up, w_down, plan.offsets), plan, weight)`` — that
+composition is the reference, and what runs on backends without fused kernels (weights as in
+:mod:`.grouped_mlp`).
+
+A backend that registers the fused kernels (``moe_mlp``, ``moe_mlp_backward``) runs it as one
+autograd node: the up projection reads rows of x by index, the activation is applied in the GEMM
+epilogue, the down projection writes rows straight to their assignment slots, and the combine sums
+them. Neither the permuted copy of x nor the expert outputs outlive the forward: the backward keeps
+only x, the routing and the activation input (which it needs), and recomputes the activation.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ..activations import is_gated
+from .grouped_mlp import grouped_mlp
+from .permute import permute, unpermute
+from .plan import DispatchPlan
+
+
+def _hidden_width(w_down: Tensor, widths: List[int]) -> int:
+    return max(widths) if widths else w_down.shape[2]
+
+
+@torch.library.custom_op("fastmoe::moe_mlp", mutates_args=())
+def _moe_mlp_op(
+    x: Tensor, w_up: Tensor, w_down: Tensor, b_up: Optional[Tensor], b_down: Optional[Tensor], weight: Tensor,
+    row: Tensor, assignment: Tensor, offsets: Tensor, activation: str, widths: List[int], save_for_backward: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    fn = backends.get_kernel("moe_mlp", backend)
+    return fn(x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, activation, widths, save_for_backward)
+
+
+@_moe_mlp_op.register_fake
+def _(x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, activation, widths, save_for_backward, backend):
+    m = 2 if is_gated(activation) else 1
+    h_shape = (assignment.shape[0], m * _hidden_width(w_down, widths)) if save_for_backward else (0,)
+    return torch.empty_like(x), x.new_empty(h_shape)
+
+
+@torch.library.custom_op("fastmoe::moe_mlp_backward", mutates_args=())
+def _moe_mlp_backward_op(
+    grad_out: Tensor, x: Tensor, w_up: Tensor, w_down: Tensor, b_up: Optional[Tensor], b_down: Optional[Tensor],
+    weight: Tensor, row: Tensor, assignment: Tensor, offsets: Tensor, h: Tensor, activation: str, widths: List[int],
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    fn = backends.get_kernel("moe_mlp_backward", backend)
+    return fn(grad_out, x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, h, activation, widths)
+
+
+@_moe_mlp_backward_op.register_fake
+def _(grad_out, x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, h, activation, widths, backend):
+    def like(t):
+        return torch.empty_like(t) if t is not None else x.new_empty(0)
+
+    return torch.empty_like(x), torch.empty_like(w_up), torch.empty_like(w_down), like(b_up), like(b_down), torch.empty_like(weight)
+
+
+def _setup(ctx, inputs, output):
+    x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, activation, widths, _save, backend = inputs
+    ctx.save_for_backward(x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, output[1])
+    ctx.activation, ctx.widths, ctx.backend = activation, widths, backend
+
+
+def _backward(ctx, grad_out, _grad_h):
+    x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, h = ctx.saved_tensors
+    grads = _moe_mlp_backward_op(
+        grad_out.contiguous(), x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, h,
+        ctx.activation, ctx.widths, ctx.backend,
+    )
+    grad_x, grad_w_up, grad_w_down, grad_b_up, grad_b_down, grad_weight = grads
+    return (grad_x, grad_w_up, grad_w_down, grad_b_up if b_up is not None else None,
+            grad_b_down if b_down is not None else None, grad_weight, None, None, None, None, None, None, None)
+
+
+_moe_mlp_op.register_autograd(_backward, setup_context=_setup)
+
+
+def moe_mlp(
+    x: Tensor,
+    plan: DispatchPlan,
+    weight: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    activation: str = "swiglu",
+    b_up: Optional[Tensor] = None,
+    b_down: Optional[Tensor] = None,
+    *,
+    widths: Optional[Sequence[int]] = None,
+    backend: Optional[str] = None,
+    fused: Optional[bool] = None,
+) -> Tensor:
+    """Expert MLPs of a routed layer, tokens in, tokens out (see the module docstring).
+
+    ``fused`` None uses the fused kernels when the backend has them, False forces the composition
+    of permute / grouped_mlp / unpermute (the benchmark suite compares the two).
+    """
+    name = backends.resolve("moe_mlp", backend, x.device)
+    if fused is False or name == "torch" or x.dtype == torch.float64:
+        x_perm = permute(x, plan, backend=backend)
+        y_perm = grouped_mlp(x_perm, w_up, w_down, plan.offsets, activation, b_up, b_down, widths=widths, backend=backend)
+        return unpermute(y_perm, plan, weight, backend=backend)
+    tensors = [t for t in (x, w_up, w_down, b_up, b_down, weight) if t is not None]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    out, _ = _moe_mlp_op(
+        x.contiguous(), w_up, w_down, b_up, b_down, weight.contiguous(), plan.row, plan.assignment, plan.offsets,
+        activation, list(widths) if widths is not None else [], needs_grad, name,
+    )
+    return out

@@ -1,0 +1,15 @@
+"""The ``triton`` backend: Triton kernels for every op, forward and backward.
+
+Importing this package registers its kernels with :mod:`fastmoe_kernels.backends`; it raises
+ImportError when Triton is missing, which makes the backend report itself unavailable.
+
+Kernels run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests). Float64 data
+falls back to the torch reference (Triton's tensor cores have no fp64 path worth using).
+Files: one per kernel family — ``routing`` (router top-k), ``plan`` (counting-based dispatch
+plan), ``permute`` (gather / combine), ``grouped_gemm`` (persistent grouped GEMM with fused
+gather, scatter and activation epilogues, and its weight gradient), ``moe_mlp`` (the fused
+expert MLP), ``routing_stats``; ``_common`` (launch helpers) and ``_jit`` (shared device code).
+"""
+import triton  # noqa: F401  (ImportError here = backend unavailable)
+
+from . import grouped_gemm, moe_mlp, permute, plan, routing, routing_stats  # noqa: F401  (registration)

@@ -1,0 +1,34 @@
+"""Kernel-backend tests: every op of the `triton` and `cuda` backends against the `torch` reference.
+
+They run on CUDA when a GPU is visible, otherwise on the CPU (Triton through its interpreter, the
+`cuda` backend through its C++ CPU kernels). fp64 data always runs the reference, so these tests use
+fp32 and fp16 (bf16 only on a GPU: Triton's interpreter computes bf16 dots wrongly).
+"""
+import pytest
+import torch
+
+from fastmoe_kernels import backends
+
+KERNEL_BACKENDS = ["triton", "cuda"]
+
+
+def test_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def device():
+    return test_device()
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def backend(request):
+    ok, why = backends.availability(request.param, test_device())
+    if not ok:
+        pytest.skip(f"backend {request.param!r} unavailable here: {why}")
+    return request.param
+
+
+def low_precision_dtypes():
+    """fp16 everywhere; bf16 only where tl.dot on bf16 is trustworthy (a real GPU)."""
+    return [torch.float16, torch.bfloat16] if torch.cuda.is_available() else [torch.float16]

@@ -1,0 +1,70 @@
+"""The fused expert MLP (gather + grouped MLP + combine in one op) against the composition of the
+reference ops, forward and every gradient."""
+import pytest
+import torch
+
+from fastmoe_kernels.experts import GroupedExperts
+from fastmoe_kernels.ops import expert_capacity, make_plan, moe_mlp
+from kernels.conftest import low_precision_dtypes
+from kernels.helpers import assert_rel, routing
+
+MODES = {"dropless": None, "capacity": (0.75, "probs", False), "capacity-pad": (1.0, "position", True)}
+
+
+def compare(backend, device, dtype, T, d, widths, activation, bias, mode, k=2):
+    E = len(widths)
+    experts = GroupedExperts(d, widths, activation, bias, device=device, dtype=dtype)
+    idx, weight = routing(T, E, k, device, skew=True)
+    if mode is None:
+        plan = make_plan(idx, E)
+    else:
+        plan = make_plan(idx, E, expert_capacity(T, E, k, mode[0]), mode[1], weight, mode[2])
+    x = torch.randn(T, d, device=device).to(dtype)
+    g = torch.randn(T, d, device=device).to(dtype)
+    results = []
+    for name, fused in ((backend, True), ("torch", False)):
+        experts.zero_grad()
+        xx, ww = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = experts.forward_tokens(xx, plan, ww, backend=name, fused=fused)
+        (out.float() * g.float()).sum().backward()
+        results.append([out, xx.grad, ww.grad] + [p.grad.clone() for p in experts.parameters()])
+    names = ["out", "grad_x", "grad_weight"] + [n for n, _ in experts.named_parameters()]
+    for name, a, r in zip(names, *results):
+        assert_rel(a, r, dtype, scale=2.0, what=name)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "gelu", "relu"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_activations_and_modes(backend, device, activation, mode):
+    compare(backend, device, torch.float32, 41, 32, (24,) * 6, activation, False, MODES[mode])
+
+
+@pytest.mark.parametrize("widths", [(24,) * 5, (8, 40, 16, 1, 24)], ids=["homogeneous", "heterogeneous"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_widths_and_bias(backend, device, widths, bias):
+    compare(backend, device, torch.float32, 37, 24, widths, "swiglu", bias, MODES["capacity"], k=3)
+
+
+@pytest.mark.parametrize("dtype", low_precision_dtypes())
+def test_low_precision(backend, device, dtype):
+    compare(backend, device, dtype, 45, 32, (32,) * 4, "swiglu", True, None)
+
+
+def test_inference_does_not_keep_activation_input(backend, device):
+    experts = GroupedExperts(16, (16,) * 4, "swiglu", device=device)
+    idx, weight = routing(20, 4, 2, device)
+    plan = make_plan(idx, 4)
+    x = torch.randn(20, 16, device=device)
+    with torch.no_grad():
+        a = experts.forward_tokens(x, plan, weight, backend=backend)
+    b = experts.forward_tokens(x, plan, weight, backend="torch", fused=False)
+    assert_rel(a, b.detach(), torch.float32)
+
+
+def test_empty_batch(backend, device):
+    experts = GroupedExperts(16, (16,) * 4, "swiglu", device=device)
+    plan = make_plan(torch.zeros(0, 2, dtype=torch.int32, device=device), 4)
+    x = torch.randn(0, 16, device=device, requires_grad=True)
+    out = experts.forward_tokens(x, plan, torch.zeros(0, 2, device=device), backend=backend)
+    out.sum().backward()
+    assert out.shape == (0, 16)

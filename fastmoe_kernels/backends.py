@@ -16,7 +16,9 @@ kernel it does not implement runs on the ``torch`` reference, which :func:`descr
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import logging
 import os
 from typing import Callable, Dict, Optional, Tuple
 
@@ -54,6 +56,24 @@ def register_kernel(name: str, backend: str) -> Callable[[Callable], Callable]:
     return wrap
 
 
+def register_accelerated(kernel: str, backend: str) -> Callable[[Callable], Callable]:
+    """Decorator for kernel backends: register ``fn`` for ``kernel``, but run the torch reference
+    whenever a tensor argument is float64 (the kernels compute in fp32 and 16-bit types)."""
+    reference = get_kernel(kernel, "torch")
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def dispatch(*args, **kwargs):
+            if any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args):
+                return reference(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+        register_kernel(kernel, backend)(dispatch)
+        return fn
+
+    return wrap
+
+
 def _load(backend: str) -> bool:
     """Import the module that registers ``backend``'s kernels, once; remember why it failed."""
     if backend in _loaded:
@@ -61,9 +81,13 @@ def _load(backend: str) -> bool:
     try:
         importlib.import_module(_BACKEND_MODULES[backend])
         _loaded[backend] = True
-    except Exception as exc:  # an ImportError, or a broken toolchain: report it, never crash
+    except Exception as exc:  # an ImportError, or a broken toolchain: report it once, never crash
         _loaded[backend] = False
         _load_errors[backend] = f"{type(exc).__name__}: {exc}"
+        logging.getLogger("fastmoe_kernels").warning(
+            "fastmoe_kernels: the %s backend is unavailable (%s); the other backends are used instead",
+            backend, _load_errors[backend],
+        )
     return _loaded[backend]
 
 

@@ -40,21 +40,8 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def register(kernel: str) -> Callable[[Callable], Callable]:
-    """Register ``fn`` as the triton implementation of ``kernel``, running the torch reference
-    instead whenever a floating-point tensor argument is float64."""
-    reference = backends.get_kernel(kernel, "torch")
-
-    def wrap(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def dispatch(*args, **kwargs):
-            if any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args):
-                return reference(*args, **kwargs)
-            return fn(*args, **kwargs)
-
-        backends.register_kernel(kernel, "triton")(dispatch)
-        return fn
-
-    return wrap
+    """Register ``fn`` as the triton implementation of ``kernel`` (float64 runs the reference)."""
+    return backends.register_accelerated(kernel, "triton")
 
 
 ACTIVATION_CODES = {"none": 0, "swiglu": 1, "geglu": 2, "gelu": 3, "relu": 4}

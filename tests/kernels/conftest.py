@@ -32,3 +32,11 @@ def backend(request):
 def low_precision_dtypes():
     """fp16 everywhere; bf16 only where tl.dot on bf16 is trustworthy (a real GPU)."""
     return [torch.float16, torch.bfloat16] if torch.cuda.is_available() else [torch.float16]
+
+
+def pytest_collection_modifyitems(config, items):
+    # On a GPU machine these tests run on the GPU: mark them so `pytest -m gpu` includes them.
+    if torch.cuda.is_available():
+        for item in items:
+            if "tests/kernels/" in item.nodeid.replace("\\", "/"):
+                item.add_marker(pytest.mark.gpu)

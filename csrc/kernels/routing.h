@@ -1,0 +1,154 @@
+// Router top-k: the per-token logic, written once for the CPU kernels and the CUDA kernels.
+// Conventions (identical to fastmoe_kernels/ops/route_topk.py, the specification):
+//  - scores: softmax over all E logits, or sigmoid; fp32.
+//  - selection key: the logit itself without bias or groups, else score + bias;
+//    ties break to the lower expert (ranks_before).
+//  - groups: experts in num_groups equal consecutive groups, a group scored by the sum of its two
+//    best keys (its best when a group has one expert); a token picks experts in its topk_groups
+//    best groups only (ties to the lower group).
+//  - weight = scaling · score / (Σ selected scores + 1e-20 when normalising).
+#pragma once
+
+#include "common.h"
+
+namespace fastmoe {
+
+static const float kNormalizeEps = 1e-20f;
+
+// a ranks before b: larger key, or equal key and lower index.
+FASTMOE_HD bool ranks_before(float key_a, int a, float key_b, int b) {
+  return key_a > key_b || (key_a == key_b && a < b);
+}
+
+// The probability the load-balancing loss uses, from a score and the token's score total.
+FASTMOE_HD float aux_probability(float score, bool sigmoid, float score_total) {
+  return sigmoid ? score / score_total : score;
+}
+
+// d weight_j / d selected score, contracted with the weight gradient (see route_topk.py).
+FASTMOE_HD float selected_score_grad(float grad_w_j, float dot_grad_w_sel, float total, bool normalize, float scaling) {
+  return normalize ? (scaling / total) * (grad_w_j - dot_grad_w_sel / total) : scaling * grad_w_j;
+}
+
+// ---- sequential per-token routing (CPU kernels; one token per call) -------------------------
+// scores, key: scratch of E floats; group_score: scratch of num_groups floats.
+template <typename T>
+FASTMOE_HD void route_token(const T* logits, int E, int k, bool sigmoid, bool normalize, const float* bias,
+                            int num_groups, int topk_groups, float scaling, float* scores, float* key,
+                            float* group_score, int* out_idx, float* out_w, float* out_probs) {
+  float max_logit = neg_inf();
+  for (int e = 0; e < E; ++e) {
+    const float l = to_float(logits[e]);
+    key[e] = l;
+    max_logit = l > max_logit ? l : max_logit;
+  }
+  float total = 0.f;
+  for (int e = 0; e < E; ++e) {
+    scores[e] = sigmoid ? sigmoidf(key[e]) : expf(key[e] - max_logit);
+    total += scores[e];
+  }
+  if (!sigmoid) {
+    for (int e = 0; e < E; ++e) scores[e] /= total;
+    total = 1.f;
+  }
+  if (bias != nullptr || num_groups > 1) {
+    for (int e = 0; e < E; ++e) key[e] = scores[e] + (bias != nullptr ? bias[e] : 0.f);
+  }
+  if (num_groups > 1) {
+    const int size = E / num_groups;
+    for (int g = 0; g < num_groups; ++g) {
+      float best = neg_inf(), second = neg_inf();
+      int best_e = -1;
+      for (int e = g * size; e < (g + 1) * size; ++e) {
+        if (best_e < 0 || ranks_before(key[e], e, best, best_e)) {
+          second = best;
+          best = key[e];
+          best_e = e;
+        } else if (key[e] > second) {
+          second = key[e];
+        }
+      }
+      group_score[g] = size >= 2 ? best + second : best;
+    }
+    for (int e = 0; e < E; ++e) {
+      // Rank of this expert's group: how many groups rank before it.
+      const int g = e / size;
+      int better = 0;
+      for (int h = 0; h < num_groups; ++h) better += ranks_before(group_score[h], h, group_score[g], g) ? 1 : 0;
+      if (better >= topk_groups) key[e] = neg_inf();
+    }
+  }
+  float selected_total = 0.f;
+  for (int j = 0; j < k; ++j) {
+    int best_e = -1;
+    for (int e = 0; e < E; ++e) {
+      if (key[e] == neg_inf() && best_e >= 0) continue;
+      if (best_e < 0 || ranks_before(key[e], e, key[best_e], best_e)) best_e = e;
+    }
+    out_idx[j] = best_e;
+    out_w[j] = scores[best_e];
+    selected_total += scores[best_e];
+    key[best_e] = neg_inf();
+  }
+  for (int j = 0; j < k; ++j) {
+    out_w[j] = (normalize ? out_w[j] / (selected_total + kNormalizeEps) : out_w[j]) * scaling;
+  }
+  if (out_probs != nullptr) {
+    for (int e = 0; e < E; ++e) out_probs[e] = aux_probability(scores[e], sigmoid, total);
+  }
+}
+
+// Backward of route_token: gradient of the logits from the weight gradient (and, if grad_probs is
+// not null, the probs gradient). scores, grad_scores: scratch of E floats.
+template <typename T>
+FASTMOE_HD void route_token_backward(const float* grad_w, const float* grad_probs, const T* logits, const int* idx,
+                                     int E, int k, bool sigmoid, bool normalize, float scaling, float* scores,
+                                     float* grad_scores, T* grad_logits) {
+  float max_logit = neg_inf();
+  for (int e = 0; e < E; ++e) {
+    const float l = to_float(logits[e]);
+    scores[e] = l;
+    max_logit = l > max_logit ? l : max_logit;
+  }
+  float total = 0.f;
+  for (int e = 0; e < E; ++e) {
+    scores[e] = sigmoid ? sigmoidf(scores[e]) : expf(scores[e] - max_logit);
+    total += scores[e];
+    grad_scores[e] = 0.f;
+  }
+  if (!sigmoid) {
+    for (int e = 0; e < E; ++e) scores[e] /= total;
+    total = 1.f;
+  }
+  // Expert ids outside [0, E) (a caller bypassing the checks) contribute nothing.
+  float selected_total = 0.f, dot = 0.f;
+  for (int j = 0; j < k; ++j) {
+    if (idx[j] < 0 || idx[j] >= E) continue;
+    selected_total += scores[idx[j]];
+    dot += grad_w[j] * scores[idx[j]];
+  }
+  selected_total += kNormalizeEps;
+  for (int j = 0; j < k; ++j) {
+    if (idx[j] < 0 || idx[j] >= E) continue;
+    grad_scores[idx[j]] += selected_score_grad(grad_w[j], dot, selected_total, normalize, scaling);
+  }
+  if (grad_probs != nullptr) {
+    if (sigmoid) {
+      float gp_dot = 0.f;
+      for (int e = 0; e < E; ++e) gp_dot += grad_probs[e] * scores[e];
+      for (int e = 0; e < E; ++e) grad_scores[e] += (grad_probs[e] - gp_dot / total) / total;
+    } else {
+      for (int e = 0; e < E; ++e) grad_scores[e] += grad_probs[e];
+    }
+  }
+  float gs_dot = 0.f;
+  if (!sigmoid) {
+    for (int e = 0; e < E; ++e) gs_dot += grad_scores[e] * scores[e];
+  }
+  for (int e = 0; e < E; ++e) {
+    const float g = sigmoid ? grad_scores[e] * scores[e] * (1.f - scores[e]) : scores[e] * (grad_scores[e] - gs_dot);
+    grad_logits[e] = from_float<T>(g);
+  }
+}
+
+}  // namespace fastmoe

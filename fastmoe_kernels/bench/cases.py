@@ -1,0 +1,114 @@
+"""One benchmark configuration and its accounting.
+
+FLOP convention (DESIGN-RULES.md, the kernels' benchmark convention): a gated expert MLP costs
+``6·T·k·d·f`` forward and ``18·T·k·d·f`` forward+backward (4·… and 12·… for non-gated ones);
+shared experts add the same per token with k = 1 and their width; the router (``2·T·d·E``) is
+left out of the FLOPs but not out of the time. Bytes are the fewest an op must move: each input
+read once, each output written once.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Optional
+
+import torch
+
+from ..config import MoEConfig
+from ..ops.plan import expert_capacity
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    sweep: str                 # the axis this case belongs to ("experts", "top_k", …, "base")
+    tokens: int
+    d_model: int
+    d_ff: int
+    num_experts: int
+    top_k: int
+    dtype: str = "bfloat16"
+    capacity_factor: Optional[float] = None
+    num_shared_experts: int = 0
+    shared_d_ff: Optional[int] = None
+    activation: str = "swiglu"
+    label: str = field(default="", compare=False)
+
+    @property
+    def name(self) -> str:
+        parts = [f"T{self.tokens}", f"d{self.d_model}", f"f{self.d_ff}", f"E{self.num_experts}", f"k{self.top_k}", self.dtype]
+        if self.capacity_factor is not None:
+            parts.append(f"cf{self.capacity_factor}")
+        if self.num_shared_experts:
+            parts.append(f"shared{self.num_shared_experts}x{self.shared_d_ff or self.d_ff}")
+        if self.activation != "swiglu":
+            parts.append(self.activation)
+        return "-".join(parts)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in ("swiglu", "geglu")
+
+    def config(self, **overrides) -> MoEConfig:
+        fields = dict(
+            d_model=self.d_model, d_ff=self.d_ff, num_experts=self.num_experts, top_k=self.top_k,
+            activation=self.activation, capacity_factor=self.capacity_factor,
+            num_shared_experts=self.num_shared_experts, shared_d_ff=self.shared_d_ff, aux_loss_coeff=1e-2,
+        )
+        fields.update(overrides)
+        return MoEConfig(**fields)
+
+    # ---- accounting -----------------------------------------------------------------------------
+    @property
+    def sparsity(self) -> float:
+        return self.num_experts / self.top_k
+
+    @property
+    def rows(self) -> int:
+        """Rows of the permuted layout (kept assignments, at most)."""
+        if self.capacity_factor is None:
+            return self.tokens * self.top_k
+        cap = expert_capacity(self.tokens, self.num_experts, self.top_k, self.capacity_factor)
+        return min(self.tokens * self.top_k, self.num_experts * cap)
+
+    def routed_flops(self, backward: bool = False) -> float:
+        """FLOPs of the routed experts (k per token)."""
+        m = 3 if self.gated else 2
+        return 2.0 * m * self.tokens * self.top_k * self.d_model * self.d_ff * (3 if backward else 1)
+
+    def expert_flops(self, backward: bool = False) -> float:
+        """FLOPs of the routed and the shared experts: the layer's FLOPs by the benchmark convention."""
+        m = 3 if self.gated else 2
+        shared = 2.0 * m * self.tokens * self.d_model * self.num_shared_experts * (self.shared_d_ff or self.d_ff)
+        return self.routed_flops(backward) + shared * (3 if backward else 1)
+
+    def gemm_flops(self, which: str, backward: bool = False) -> float:
+        """FLOPs of the grouped up ("up") or down ("down") projection over the permuted rows."""
+        m = 2 if self.gated else 1
+        width = m * self.d_ff if which == "up" else self.d_ff
+        return 2.0 * self.rows * self.d_model * width * (3 if backward else 1)
+
+    def params(self) -> Dict[str, int]:
+        m = 3 if self.gated else 2
+        expert = m * self.d_model * self.d_ff
+        shared = self.num_shared_experts * m * self.d_model * (self.shared_d_ff or self.d_ff)
+        router = self.d_model * self.num_experts
+        return {
+            "total_params": self.num_experts * expert + shared + router,
+            "active_params": self.top_k * expert + shared + router,
+        }
+
+    def elem_bytes(self) -> int:
+        return torch.tensor([], dtype=self.torch_dtype).element_size()
+
+    def as_dict(self) -> Dict[str, object]:
+        out = asdict(self)
+        out.pop("label")
+        out["case"] = self.name
+        out["sparsity"] = self.sparsity
+        out.update(self.params())
+        return out

@@ -1,0 +1,81 @@
+"""``fastmoe-bench``: measure what each MoE configuration costs on this machine.
+
+Runs the sweep on the device present (the full grid on a GPU, the quick grid on a CPU), with a
+progress bar, and writes results.csv / results.json, the plots, and report.md to ``--out``; then
+prints the headline table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import sys
+from typing import Dict, List, Optional
+
+import torch
+
+from .._checks import set_value_checks
+from .grids import GRIDS, build_grid
+from .report import format_table, headline, markdown, plot_all
+from .runner import EFFORT, check_sane, run_grid, write_rows
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fastmoe-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grid", choices=GRIDS, default=None,
+                   help="smoke (seconds), quick (minutes on a CPU) or full (GPU); default: full on a GPU, else quick")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--out", default=None, help="output folder (default: fastmoe-bench-out/<date>)")
+    p.add_argument("--backends", default=None, help="comma-separated subset of torch,triton,cuda")
+    p.add_argument("--sweeps", default=None, help="comma-separated sweeps to run (default: all)")
+    p.add_argument("--no-ops", action="store_true", help="skip the per-op breakdown")
+    p.add_argument("--no-baselines", action="store_true", help="skip the baselines")
+    p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    grid = args.grid or ("full" if device.type == "cuda" else "quick")
+    out = pathlib.Path(args.out or f"fastmoe-bench-out/{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    cases = build_grid(grid)
+    if args.sweeps:
+        wanted = set(args.sweeps.split(",")) | {"base"}
+        cases = [c for c in cases if c.sweep in wanted]
+    skipped: Dict[str, str] = {}
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr)
+        if message.startswith("skip"):
+            name, _, why = message.partition(": ")
+            skipped[name.replace("skipping backend ", "backend ").replace("skipped ", "")] = why
+
+    print(f"fastmoe-bench: {len(cases)} cases ({grid} grid) on {device}; writing to {out}", file=sys.stderr)
+    set_value_checks(False)  # value checks synchronise the device; production runs turn them off too
+    try:
+        rows = run_grid(cases, device, backends=args.backends.split(",") if args.backends else None,
+                        effort=grid if grid in EFFORT else "quick", with_ops=not args.no_ops,
+                        with_baselines=not args.no_baselines, progress_bar=not args.quiet, log=log)
+    finally:
+        set_value_checks(None)
+    problems = check_sane(rows)
+    paths = write_rows(rows, out)
+    plots = [] if args.no_plots else plot_all(rows, out)
+    (out / "report.md").write_text(markdown(rows, plots, skipped, out))
+    (out / "skipped.json").write_text(json.dumps(skipped, indent=1))
+    print()
+    print(f"Headline — base case, forward+backward, {rows[0].env['device'] if rows else device}:")
+    print(format_table(headline(rows), ["op", "impl", "median_ms", "tflops", "dense_ratio", "vs_best_baseline", "peak_mem_mb"]))
+    print(f"\nwrote {paths['csv']}, {paths['json']}, {out / 'report.md'} and {len(plots)} plots")
+    if problems:
+        print("implausible numbers:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

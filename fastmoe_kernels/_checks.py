@@ -92,15 +92,15 @@ def check_choice(where: str, name: str, value, choices: Iterable) -> None:
         raise ValueError(f"{where}: `{name}` must be one of {choices}, got {value!r}")
 
 
-def check_ids_in_range(where: str, name: str, ids: torch.Tensor, upper: int) -> None:
-    """Value check: every entry of ``ids`` lies in [0, upper)."""
+def check_ids_in_range(where: str, name: str, ids: torch.Tensor, upper: int, allow_unassigned: bool = False) -> None:
+    """Value check: every entry of ``ids`` lies in [0, upper) (or is -1 when ``allow_unassigned``)."""
     if not value_checks_enabled() or ids.numel() == 0:
         return
     lo, hi = torch.aminmax(ids)
-    if lo.item() < 0 or hi.item() >= upper:
-        raise ValueError(
-            f"{where}: `{name}` must hold ids in [0, {upper}), found values in [{lo.item()}, {hi.item()}]"
-        )
+    low = -1 if allow_unassigned else 0
+    if lo.item() < low or hi.item() >= upper:
+        allowed = f"[0, {upper}) or -1 (no expert)" if allow_unassigned else f"[0, {upper})"
+        raise ValueError(f"{where}: `{name}` must hold ids in {allowed}, found values in [{lo.item()}, {hi.item()}]")
 
 
 def check_finite(where: str, name: str, t: torch.Tensor) -> None:

@@ -110,6 +110,53 @@ class GroupedExperts(nn.Module):
             widths=None if self.homogeneous else self.widths, backend=backend, fused=fused,
         )
 
+    # ---- moving experts between layouts (expert parallelism, checkpoints) -----------------------
+    def subset(self, experts: Sequence[int]) -> "GroupedExperts":
+        """A new GroupedExperts holding copies of the given experts, in that order."""
+        experts = list(experts)
+        widths = [self.widths[e] for e in experts]
+        out = GroupedExperts(self.d_model, widths, self.activation, self.b_up is not None, self.init_std,
+                             device=self.w_up.device, dtype=self.w_up.dtype)
+        out.load_experts([self.expert_weights(e) for e in experts])
+        return out
+
+    @staticmethod
+    def concatenate(parts: Sequence["GroupedExperts"]) -> "GroupedExperts":
+        """One GroupedExperts holding the experts of ``parts`` one after the other."""
+        first = parts[0]
+        weights = [p.expert_weights(e) for p in parts for e in range(p.num_experts)]
+        widths = [w for p in parts for w in p.widths]
+        out = GroupedExperts(first.d_model, widths, first.activation, first.b_up is not None, first.init_std,
+                             device=first.w_up.device, dtype=first.w_up.dtype)
+        out.load_experts(weights)
+        return out
+
+    @torch.no_grad()
+    def load_experts(self, weights: Sequence[tuple]) -> None:
+        """Copy per-expert ``(w_up, w_down, b_up, b_down)`` (as from :meth:`expert_weights`) into this module."""
+        if len(weights) != self.num_experts:
+            raise ValueError(f"load_experts: {self.num_experts} experts expected, got {len(weights)}")
+        for e, (w_up, w_down, b_up, b_down) in enumerate(weights):
+            if self.homogeneous:
+                self.w_up[e].copy_(w_up)
+                self.w_down[e].copy_(w_down)
+                if self.b_up is not None:
+                    self.b_up[e].copy_(b_up)
+            else:
+                starts = [0, *itertools.accumulate(self.widths)]
+                total, lo, hi = starts[-1], starts[e], starts[e + 1]
+                f = hi - lo
+                self.w_up[lo:hi].copy_(w_up[:f])
+                self.w_down[:, lo:hi].copy_(w_down)
+                if self.gated:
+                    self.w_up[total + lo:total + hi].copy_(w_up[f:])
+                if self.b_up is not None:
+                    self.b_up[lo:hi].copy_(b_up[:f])
+                    if self.gated:
+                        self.b_up[total + lo:total + hi].copy_(b_up[f:])
+            if self.b_down is not None:
+                self.b_down[e].copy_(b_down)
+
     def extra_repr(self) -> str:
         widths = self.widths[0] if self.homogeneous else list(self.widths)
         return f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={widths}, activation={self.activation}"

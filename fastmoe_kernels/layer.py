@@ -45,9 +45,15 @@ class MoELayer(nn.Module):
 
     For the per-sequence load-balancing loss, the second-to-last dim of x is the sequence:
     ``x [B, S, d]`` has B sequences; a 2-D x is one sequence.
+
+    ``expert_parallel_group``: shard the experts over a ``torch.distributed`` group (see
+    :mod:`fastmoe_kernels.parallel`): this rank holds experts ``[r·E/W, (r+1)·E/W)``, the router and
+    the shared experts are replicated, tokens travel by all-to-all, and the load-balancing loss counts
+    tokens over the whole group.
     """
 
-    def __init__(self, config: Optional[MoEConfig] = None, /, *, device=None, dtype=None, **fields):
+    def __init__(self, config: Optional[MoEConfig] = None, /, *, device=None, dtype=None,
+                 expert_parallel_group=None, **fields):
         super().__init__()
         if config is None:
             config = MoEConfig(**fields)
@@ -59,9 +65,17 @@ class MoELayer(nn.Module):
         self.backend: Optional[str] = config.backend
         factory = dict(device=device, dtype=dtype)
         self.router = TopKRouter(config, **factory)
-        self.experts = GroupedExperts(
-            config.d_model, config.expert_widths, config.activation, config.bias, config.init_std, **factory
-        )
+        self.expert_parallel = None
+        widths = config.expert_widths
+        if expert_parallel_group is not None:
+            from .parallel import ExpertParallelExchange
+
+            self.expert_parallel = ExpertParallelExchange(config.num_experts, expert_parallel_group)
+            widths = tuple(widths[e] for e in self.expert_parallel.local)
+        self.experts = GroupedExperts(config.d_model, widths, config.activation, config.bias, config.init_std, **factory)
+        if self.expert_parallel is not None:
+            for p in self.experts.parameters():
+                p.fastmoe_expert_parallel = True
         self.shared_experts = None
         if config.num_shared_experts:
             self.shared_experts = SharedExperts(
@@ -91,8 +105,11 @@ class MoELayer(nn.Module):
         need_lb = cfg.aux_loss_coeff > 0 and cfg.load_balancing_type != "none"
         route = self.router(x2, return_probs=need_lb, backend=backend)
         plan = self.dispatcher.plan(route.expert_idx, route.weight, backend=backend)
-        # permute → experts → weighted combine, as one fused op where the backend has it.
-        y = self.experts.forward_tokens(x2, plan, route.weight, backend=backend, fused=cfg.fused_experts)
+        if self.expert_parallel is not None:
+            y = self.expert_parallel.run_experts(x2, plan, route.weight, self.experts, backend)
+        else:
+            # permute → experts → weighted combine, as one fused op where the backend has it.
+            y = self.experts.forward_tokens(x2, plan, route.weight, backend=backend, fused=cfg.fused_experts)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x2)
         y = y.view(*lead_shape, cfg.d_model)
@@ -114,9 +131,12 @@ class MoELayer(nn.Module):
             if cfg.load_balancing_type == "sequence" and len(lead_shape) >= 2:
                 segments = route.logits.shape[0] // lead_shape[-1] if lead_shape[-1] else 1
             tokens, prob_mean = routing_stats_op(route.probs, route.expert_idx, segments, backend=backend)
-            if cfg.load_balancing_type == "global" and self.aux_loss_group is not None:
+            group = self.aux_loss_group if cfg.load_balancing_type == "global" else None
+            if self.expert_parallel is not None and cfg.load_balancing_type != "sequence":
+                group = self.expert_parallel.group  # an expert's load comes from every rank's tokens
+            if group is not None:
                 tokens = tokens.clone()
-                dist.all_reduce(tokens, group=self.aux_loss_group)
+                dist.all_reduce(tokens, group=group)
             lb = load_balancing_loss_from_stats(
                 tokens, prob_mean, cfg.top_k, normalization=cfg.load_balancing_normalization
             )
@@ -167,10 +187,60 @@ class MoELayer(nn.Module):
         expert_params = sum(p.numel() for p in self.experts.parameters())
         return int(total - expert_params + self.config.top_k * expert_params / self.config.num_experts)
 
+    # ---- expert parallelism ---------------------------------------------------------------------
+    def to_expert_parallel(self, group) -> "MoELayer":
+        """This rank's shard of this (full) layer: its block of experts, the router and shared experts."""
+        if self.expert_parallel is not None:
+            raise ValueError("to_expert_parallel: the layer is already expert-parallel")
+        shard = MoELayer(self.config, device=self.router.weight.device, dtype=self.router.weight.dtype,
+                         expert_parallel_group=group)
+        shard.backend = self.backend
+        _load_all_but_experts(shard, self)
+        shard.experts.load_experts([self.experts.expert_weights(e) for e in shard.expert_parallel.local])
+        return shard
+
+    def gather_full(self) -> "MoELayer":
+        """A full (single-device) layer with every rank's experts, built on every rank of the group."""
+        if self.expert_parallel is None:
+            raise ValueError("gather_full: the layer is not expert-parallel")
+        local = [tuple(None if t is None else t.detach().cpu() for t in self.experts.expert_weights(e))
+                 for e in range(self.experts.num_experts)]
+        gathered: list = [None] * self.expert_parallel.world
+        dist.all_gather_object(gathered, local, group=self.expert_parallel.group)
+        full = MoELayer(self.config, device=self.router.weight.device, dtype=self.router.weight.dtype)
+        full.backend = self.backend
+        _load_all_but_experts(full, self)
+        device = self.router.weight.device
+        full.experts.load_experts([tuple(None if t is None else t.to(device) for t in w) for part in gathered for w in part])
+        return full
+
+    # ---- conversion ---------------------------------------------------------------------------
+    @classmethod
+    def from_transformers(cls, block: nn.Module, **overrides) -> "MoELayer":
+        """An MoELayer with the weights and routing of a Hugging Face transformers sparse-MoE block
+        (Mixtral, Qwen2/Qwen3-MoE, OLMoE, DeepSeek-V3, …); ``overrides`` set other config fields."""
+        from .integrations.transformers import from_transformers
+
+        return from_transformers(block, **overrides)
+
+    def to_transformers(self, block: nn.Module) -> nn.Module:
+        """Copy this layer's weights into a transformers sparse-MoE ``block`` of the same shape."""
+        from .integrations.transformers import to_transformers
+
+        return to_transformers(self, block)
+
     def extra_repr(self) -> str:
         cfg = self.config
         mode = "dropless" if cfg.dropless else f"capacity_factor={cfg.capacity_factor}, drop_policy={cfg.drop_policy}"
         return f"top_k={cfg.top_k}, score={cfg.score_func}, {mode}, backend={self.backend}"
+
+
+def _load_all_but_experts(dst: MoELayer, src: MoELayer) -> None:
+    """Copy the router, shared experts and buffers of ``src`` into ``dst`` (experts differ in layout)."""
+    result = dst.load_state_dict({k: v for k, v in src.state_dict().items() if not k.startswith("experts.")}, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("experts.")]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"layer conversion: missing {missing}, unexpected {result.unexpected_keys}")
 
 
 def update_expert_biases(model: nn.Module, group: Optional["dist.ProcessGroup"] = None) -> None:

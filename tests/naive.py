@@ -59,7 +59,8 @@ def plan(idx, E, cap=None, policy="probs", weight=None, pad=False):
     per_expert = [[] for _ in range(E)]
     for t in range(T):
         for j in range(k):
-            per_expert[int(idx[t, j])].append(t * k + j)
+            if int(idx[t, j]) >= 0:  # -1: no expert
+                per_expert[int(idx[t, j])].append(t * k + j)
     routed = [len(a) for a in per_expert]
     kept = []
     for e in range(E):

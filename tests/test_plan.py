@@ -116,3 +116,14 @@ def test_int64_ids_accepted():
     a = make_plan(idx, 6)
     b = make_plan(idx.long(), 6)
     assert torch.equal(a.row, b.row)
+
+
+@pytest.mark.parametrize("capacity,pad", [(None, False), (2, False), (2, True)])
+@pytest.mark.parametrize("policy", ["probs", "position"])
+def test_minus_one_means_no_expert(capacity, pad, policy):
+    """Ids of -1 (expert parallelism's tokens of other ranks) are dropped and not counted."""
+    idx, weight = random_routing(17, 5, 2, skew=True)
+    idx[::2, 0] = -1
+    plan = check_against_naive(idx, weight, 5, capacity, policy, pad)
+    assert torch.all(plan.row[::2, 0] == -1)
+    assert int(plan.routed_counts.sum()) == int((idx >= 0).sum())

@@ -165,7 +165,7 @@ backends.register_kernel("make_plan", "torch")(make_plan_reference)
 def _make_plan_op(
     expert_idx: Tensor, num_experts: int, capacity: int, drop_policy: str, weight: Optional[Tensor], pad: bool, backend: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    check_ids_in_range("make_plan", "expert_idx", expert_idx, num_experts)
+    check_ids_in_range("make_plan", "expert_idx", expert_idx, num_experts, allow_unassigned=True)
     fn = backends.get_kernel("make_plan", backend)
     return fn(expert_idx, num_experts, capacity, drop_policy, weight, pad)
 
@@ -195,7 +195,8 @@ def make_plan(
     *,
     backend: Optional[str] = None,
 ) -> DispatchPlan:
-    """Build the :class:`DispatchPlan` for ``expert_idx [T, k]`` (int32/int64 ids in ``[0, E)``).
+    """Build the :class:`DispatchPlan` for ``expert_idx [T, k]`` (int32/int64 ids in ``[0, E)``, or -1
+    for "no expert": dropped, not counted).
 
     ``capacity`` None is dropless; an int C >= 0 keeps at most C assignments per expert (see
     :func:`expert_capacity` for the usual ``C = ceil(cf · T · k / E)``). ``drop_policy="probs"``

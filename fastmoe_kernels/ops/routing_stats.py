@@ -3,7 +3,8 @@
 ``routing_stats(probs [T, E], expert_idx [T, k], num_segments=S)`` splits the T tokens into S equal
 consecutive segments (S = 1: the micro-batch; S = batch size: one segment per sequence) and returns
 
-- ``tokens_per_expert [S, E]`` — assignments routed to each expert (fp32 counts, no gradient);
+- ``tokens_per_expert [S, E]`` — assignments routed to each expert (fp32 counts, no gradient; ids of
+  -1, "no expert", are not counted);
 - ``prob_mean [S, E]`` — mean router probability of each expert over the segment's tokens
   (differentiable in ``probs``; zeros for an empty batch).
 """
@@ -36,7 +37,7 @@ backends.register_kernel("routing_stats", "torch")(routing_stats_reference)
 
 @torch.library.custom_op("fastmoe::routing_stats", mutates_args=())
 def _routing_stats_op(probs: Tensor, expert_idx: Tensor, num_segments: int, backend: str) -> tuple[Tensor, Tensor]:
-    check_ids_in_range("routing_stats", "expert_idx", expert_idx, probs.shape[1])
+    check_ids_in_range("routing_stats", "expert_idx", expert_idx, probs.shape[1], allow_unassigned=True)
     return backends.get_kernel("routing_stats", backend)(probs, expert_idx, num_segments)
 
 

@@ -29,3 +29,17 @@ def test_ties_and_all_on_one_expert(backend, device):
         b = make_plan(idx, 5, cap, policy, weight, backend="torch")
         for f in FIELDS:
             assert torch.equal(getattr(a, f), getattr(b, f)), f
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: f"{m[0]}-{m[1]}-pad{m[2]}")
+def test_unassigned_ids(backend, device, mode):
+    factor, policy, pad = mode
+    T, E, k = 50, 6, 2
+    idx, weight = routing(T, E, k, device)
+    idx[::3, 1] = -1
+    cap = None if factor is None else expert_capacity(T, E, k, factor)
+    a = make_plan(idx, E, cap, policy, weight, pad, backend=backend)
+    b = make_plan(idx, E, cap, policy, weight, pad, backend="torch")
+    for f in FIELDS:
+        assert torch.equal(getattr(a, f), getattr(b, f)), f
+    assert torch.all(b.row[::3, 1] == -1)

@@ -1,0 +1,126 @@
+"""Worker of the expert-parallel tests (a module of its own so spawned processes can import it).
+
+Each rank holds a shard of the same full layer, runs its own batch (token counts differ by rank),
+and compares against the full layer on one process: outputs and input gradients for its batch,
+router / shared-expert gradients for its batch, and expert gradients summed over every rank's batch.
+"""
+import copy
+import json
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from fastmoe_kernels import MoELayer
+from fastmoe_kernels.parallel import expert_parameters, replicated_parameters
+
+CASES = {
+    "dropless": dict(),
+    "capacity-probs": dict(capacity_factor=0.75, drop_policy="probs"),
+    "capacity-position-pad": dict(capacity_factor=1.0, drop_policy="position", pad_to_capacity=True),
+    "heterogeneous-bias-shared": dict(d_ff=[4, 8, 12, 8, 6, 10, 4, 8], bias=True, num_shared_experts=1, shared_d_ff=6,
+                                      shared_expert_gate=True, activation="geglu"),
+    "idle-experts": dict(score_func="sigmoid", expert_bias=True),
+    "empty-rank": dict(capacity_factor=2.0),
+}
+
+
+def token_counts(case: str, world: int):
+    counts = [3 + 4 * r for r in range(world)]  # uneven
+    if case == "empty-rank":
+        counts[1] = 0
+    return counts
+
+
+def _close(a, b, what, failures):
+    if not torch.allclose(a, b, atol=1e-10, rtol=1e-9):
+        failures.append(f"{what}: max |diff| {float((a - b).abs().max()) if a.numel() else 'shape'} "
+                        f"(shapes {tuple(a.shape)} vs {tuple(b.shape)})")
+
+
+def check_case(case: str, rank: int, world: int, failures: list) -> None:
+    fields = dict(d_model=12, d_ff=8, num_experts=8, top_k=2, aux_loss_coeff=0.0)
+    fields.update(CASES[case])
+    torch.manual_seed(0)  # the same full layer on every rank
+    full = MoELayer(dtype=torch.float64, **fields)
+    if case == "idle-experts":
+        with torch.no_grad():  # the last rank's experts are never chosen
+            full.router.expert_bias[-8 // world:] = -10.0
+    gen = torch.Generator().manual_seed(1234)
+    xs = [torch.randn(t, 12, generator=gen, dtype=torch.float64) for t in token_counts(case, world)]
+    gs = [torch.randn(t, 12, generator=gen, dtype=torch.float64) for t in token_counts(case, world)]
+    shard = full.to_expert_parallel(dist.group.WORLD)
+
+    x = xs[rank].clone().requires_grad_()
+    y = shard(x)
+    (y * gs[rank]).sum().backward()
+
+    x_ref = xs[rank].clone().requires_grad_()
+    y_ref = full(x_ref)
+    (y_ref * gs[rank]).sum().backward()
+    _close(y, y_ref, f"{case}: output", failures)
+    _close(x.grad, x_ref.grad, f"{case}: grad x", failures)
+    for (name, p), q in zip(shard.named_parameters(), shard.parameters()):
+        if name.startswith("experts."):
+            continue
+        _close(q.grad, dict(full.named_parameters())[name].grad, f"{case}: grad {name}", failures)
+    # Expert gradients: every rank's tokens reach this rank's experts.
+    full.zero_grad()
+    for xr, gr in zip(xs, gs):
+        (full(xr) * gr).sum().backward()
+    grads = copy.deepcopy(full.experts)
+    with torch.no_grad():
+        for p, q in zip(grads.parameters(), full.experts.parameters()):
+            p.copy_(q.grad)
+    expected = grads.subset(shard.expert_parallel.local)
+    for (name, p), q in zip(shard.experts.named_parameters(), expected.parameters()):
+        _close(p.grad, q, f"{case}: grad experts.{name}", failures)
+    if case == "idle-experts" and rank == world - 1:
+        routed = sum(int(full.routing_stats.tokens_per_expert[e]) for e in shard.expert_parallel.local)
+        if routed:
+            failures.append("idle-experts: the last rank's experts received tokens")
+    # Back to a full layer on every rank.
+    back = shard.gather_full()
+    for (name, p), q in zip(back.state_dict().items(), full.state_dict().values()):
+        _close(p, q, f"{case}: gather_full {name}", failures)
+    if {id(p) for p in expert_parameters(shard)} != {id(p) for p in shard.experts.parameters()}:
+        failures.append(f"{case}: expert parameters not tagged")
+    if any(n.startswith("experts.") for n, p in shard.named_parameters() if p in set(replicated_parameters(shard))):
+        failures.append(f"{case}: expert parameter counted as replicated")
+
+
+def check_aux_loss(rank: int, world: int, failures: list) -> None:
+    """The load-balancing loss counts tokens over the whole group; probabilities stay local."""
+    torch.manual_seed(0)
+    full = MoELayer(d_model=12, d_ff=8, num_experts=8, top_k=2, aux_loss_coeff=0.1, dtype=torch.float64)
+    shard = full.to_expert_parallel(dist.group.WORLD)
+    gen = torch.Generator().manual_seed(99)
+    xs = [torch.randn(5 + r, 12, generator=gen, dtype=torch.float64) for r in range(world)]
+    shard(xs[rank])
+    counts = torch.zeros(8, dtype=torch.float64)
+    for xr in xs:
+        full(xr)
+        counts += full.routing_stats.tokens_per_expert.double()
+    full(xs[rank])
+    with torch.no_grad():
+        probs = torch.softmax(xs[rank] @ full.router.weight.t(), -1).mean(0)
+    expected = 8 * ((counts / counts.sum()) * probs).sum()
+    _close(shard.aux_losses["load_balancing"], expected, "aux loss over the group", failures)
+
+
+def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    failures = []
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        for case in CASES:
+            check_case(case, rank, world, failures)
+        check_aux_loss(rank, world, failures)
+        dist.barrier()
+    except Exception:
+        failures.append(traceback.format_exc())
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+            json.dump(failures, fh)
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,48 @@
+"""Expert parallelism on 2 and 4 CPU processes (gloo): outputs and gradients equal a single-process
+layer holding all experts, in dropless and capacity modes, with uneven token counts per rank, a rank
+without tokens, and ranks whose experts receive no token."""
+import json
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import ep_worker
+from fastmoe_kernels import MoELayer
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_expert_parallel_matches_single_process(tmp_path, world):
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    ctx = mp.start_processes(ep_worker.worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world,
+                             join=False, start_method="spawn")
+    deadline = time.time() + 600
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("expert-parallel workers did not finish in 600 s (a collective mismatch?)")
+    failures = {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)}
+    problems = [f"rank {r}: {f}" for r, fs in failures.items() for f in fs]
+    assert not problems, "\n".join(problems)
+
+
+def test_layer_rejects_indivisible_expert_count(tmp_path):
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        layer = MoELayer(d_model=8, d_ff=4, num_experts=4, top_k=2)
+        shard = layer.to_expert_parallel(dist.group.WORLD)  # one rank: all experts, same function
+        x = torch.randn(5, 8)
+        torch.testing.assert_close(shard(x), layer(x))
+        with pytest.raises(ValueError, match="already expert-parallel"):
+            shard.to_expert_parallel(dist.group.WORLD)
+        with pytest.raises(ValueError, match="not expert-parallel"):
+            layer.gather_full()
+    finally:
+        dist.destroy_process_group()

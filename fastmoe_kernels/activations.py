@@ -5,7 +5,6 @@ Improve Transformer"; SwiGLU uses SiLU.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -1,6 +1,5 @@
 """The benchmark harness on a tiny grid on the CPU: sweeps hold their stated budgets, baselines
 compute the same function as our experts, every file is written and the plots open."""
-import csv
 import json
 import math
 
@@ -12,7 +11,7 @@ from fastmoe_kernels.bench.baselines import build_baselines
 from fastmoe_kernels.bench.cli import main as bench_main
 from fastmoe_kernels.bench.grids import build_grid
 from fastmoe_kernels.bench.report import headline
-from fastmoe_kernels.bench.runner import check_sane, read_rows, run_grid, write_rows
+from fastmoe_kernels.bench.runner import check_sane, read_rows, run_grid
 from fastmoe_kernels.bench.timing import Rotation, measure
 from fastmoe_kernels.layer import MoELayer
 
@@ -88,6 +87,10 @@ def test_harness_writes_every_file_and_plots_open(tmp_path):
     report = (out / "report.md").read_text()
     assert "Headline" in report and "![sweep_experts]" in report and "Skipped" in report
     assert all(r["dense_ratio"] is None or 0 < r["dense_ratio"] < 10 for r in rows)
+    # The report command redraws everything from the results file alone.
+    redrawn = tmp_path / "redrawn"
+    assert bench_main(["--from-results", str(out / "results.csv"), "--out", str(redrawn)]) == 0
+    assert (redrawn / "report.md").read_text().count("|") > 20 and (redrawn / "sweep_experts.png").is_file()
 
 
 def test_run_grid_rows_are_sane_and_deduplicated():

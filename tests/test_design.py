@@ -1,5 +1,4 @@
 """Design accounting against published models and hand-computed cases; the recommender's rules."""
-import math
 
 import pytest
 

@@ -48,17 +48,11 @@ __device__ __forceinline__ float select_slot(const float (&values)[N], int i) {
 }
 
 // ---- routing: one warp per token, lane l holds experts l, l+32, ... (VPL per lane, E <= 32·VPL) ----
+// The lane's logits and scores (softmax over the warp's E, or sigmoid); returns the warp's score
+// total (1 after softmax's normalisation). Experts past E get logit -inf and score 0.
 template <typename T, int VPL>
-__global__ void route_topk_kernel(const T* __restrict__ logits, i64 num_tokens, int E, int k, bool sigmoid,
-                                  bool normalize, const float* __restrict__ bias, int num_groups, int topk_groups,
-                                  float scaling, int* __restrict__ idx_out, float* __restrict__ w_out,
-                                  float* __restrict__ probs_out) {
-  extern __shared__ float group_scores[];  // [warps per block][num_groups]
-  const int lane = threadIdx.x & 31;
-  const i64 token = (i64(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  if (token >= num_tokens) return;  // uniform per warp
-  const T* row = logits + token * E;
-  float logit[VPL], score[VPL], key[VPL];
+__device__ __forceinline__ float warp_scores(const T* __restrict__ row, int E, int lane, bool sigmoid,
+                                             float (&logit)[VPL], float (&score)[VPL]) {
   float max_logit = neg_inf();
 #pragma unroll
   for (int i = 0; i < VPL; ++i) {
@@ -80,6 +74,20 @@ __global__ void route_topk_kernel(const T* __restrict__ logits, i64 num_tokens, 
     for (int i = 0; i < VPL; ++i) score[i] /= total;
     total = 1.f;
   }
+  return total;
+}
+
+template <typename T, int VPL>
+__global__ void route_topk_kernel(const T* __restrict__ logits, i64 num_tokens, int E, int k, bool sigmoid,
+                                  bool normalize, const float* __restrict__ bias, int num_groups, int topk_groups,
+                                  float scaling, int* __restrict__ idx_out, float* __restrict__ w_out,
+                                  float* __restrict__ probs_out) {
+  extern __shared__ float group_scores[];  // [warps per block][num_groups]
+  const int lane = threadIdx.x & 31;
+  const i64 token = (i64(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  if (token >= num_tokens) return;  // uniform per warp
+  float logit[VPL], score[VPL], key[VPL];
+  const float total = warp_scores<T, VPL>(logits + token * E, E, lane, sigmoid, logit, score);
   const bool keyed = bias != nullptr || num_groups > 1;
 #pragma unroll
   for (int i = 0; i < VPL; ++i) {
@@ -176,30 +184,10 @@ __global__ void route_topk_backward_kernel(const float* __restrict__ grad_w, con
   const int lane = threadIdx.x & 31;
   const i64 token = (i64(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   if (token >= num_tokens) return;
-  const T* row = logits + token * E;
-  float score[VPL], grad_score[VPL];
-  float max_logit = neg_inf();
+  float logit[VPL], score[VPL], grad_score[VPL];
+  const float total = warp_scores<T, VPL>(logits + token * E, E, lane, sigmoid, logit, score);
 #pragma unroll
-  for (int i = 0; i < VPL; ++i) {
-    const int e = lane + 32 * i;
-    score[i] = e < E ? to_float(row[e]) : neg_inf();
-    max_logit = fmaxf(max_logit, score[i]);
-    grad_score[i] = 0.f;
-  }
-  max_logit = warp_max(max_logit);
-  float total = 0.f;
-#pragma unroll
-  for (int i = 0; i < VPL; ++i) {
-    const int e = lane + 32 * i;
-    score[i] = e < E ? (sigmoid ? sigmoidf(score[i]) : expf(score[i] - max_logit)) : 0.f;
-    total += score[i];
-  }
-  total = warp_sum(total);
-  if (!sigmoid) {
-#pragma unroll
-    for (int i = 0; i < VPL; ++i) score[i] /= total;
-    total = 1.f;
-  }
+  for (int i = 0; i < VPL; ++i) grad_score[i] = 0.f;
   // Ids outside [0, E) (a caller bypassing the checks) contribute nothing.
   const int loaded_idx = lane < k ? idx[token * k + lane] : -1;
   const bool my_valid = loaded_idx >= 0 && loaded_idx < E;

@@ -31,26 +31,35 @@ FASTMOE_HD float selected_score_grad(float grad_w_j, float dot_grad_w_sel, float
 }
 
 // ---- sequential per-token routing (CPU kernels; one token per call) -------------------------
-// scores, key: scratch of E floats; group_score: scratch of num_groups floats.
+// Scores of one token (softmax or sigmoid of its logits, fp32) into `scores`; returns their total
+// (1 after softmax's normalisation). `logits_out`, when not null, receives the logits as fp32.
 template <typename T>
-FASTMOE_HD void route_token(const T* logits, int E, int k, bool sigmoid, bool normalize, const float* bias,
-                            int num_groups, int topk_groups, float scaling, float* scores, float* key,
-                            float* group_score, int* out_idx, float* out_w, float* out_probs) {
+FASTMOE_HD float token_scores(const T* logits, int E, bool sigmoid, float* scores, float* logits_out) {
   float max_logit = neg_inf();
   for (int e = 0; e < E; ++e) {
     const float l = to_float(logits[e]);
-    key[e] = l;
+    scores[e] = l;
+    if (logits_out != nullptr) logits_out[e] = l;
     max_logit = l > max_logit ? l : max_logit;
   }
   float total = 0.f;
   for (int e = 0; e < E; ++e) {
-    scores[e] = sigmoid ? sigmoidf(key[e]) : expf(key[e] - max_logit);
+    scores[e] = sigmoid ? sigmoidf(scores[e]) : expf(scores[e] - max_logit);
     total += scores[e];
   }
   if (!sigmoid) {
     for (int e = 0; e < E; ++e) scores[e] /= total;
     total = 1.f;
   }
+  return total;
+}
+
+// scores, key: scratch of E floats; group_score: scratch of num_groups floats.
+template <typename T>
+FASTMOE_HD void route_token(const T* logits, int E, int k, bool sigmoid, bool normalize, const float* bias,
+                            int num_groups, int topk_groups, float scaling, float* scores, float* key,
+                            float* group_score, int* out_idx, float* out_w, float* out_probs) {
+  const float total = token_scores(logits, E, sigmoid, scores, key);  // key starts as the logits
   if (bias != nullptr || num_groups > 1) {
     for (int e = 0; e < E; ++e) key[e] = scores[e] + (bias != nullptr ? bias[e] : 0.f);
   }
@@ -104,22 +113,8 @@ template <typename T>
 FASTMOE_HD void route_token_backward(const float* grad_w, const float* grad_probs, const T* logits, const int* idx,
                                      int E, int k, bool sigmoid, bool normalize, float scaling, float* scores,
                                      float* grad_scores, T* grad_logits) {
-  float max_logit = neg_inf();
-  for (int e = 0; e < E; ++e) {
-    const float l = to_float(logits[e]);
-    scores[e] = l;
-    max_logit = l > max_logit ? l : max_logit;
-  }
-  float total = 0.f;
-  for (int e = 0; e < E; ++e) {
-    scores[e] = sigmoid ? sigmoidf(scores[e]) : expf(scores[e] - max_logit);
-    total += scores[e];
-    grad_scores[e] = 0.f;
-  }
-  if (!sigmoid) {
-    for (int e = 0; e < E; ++e) scores[e] /= total;
-    total = 1.f;
-  }
+  const float total = token_scores(logits, E, sigmoid, scores, static_cast<float*>(nullptr));
+  for (int e = 0; e < E; ++e) grad_scores[e] = 0.f;
   // Expert ids outside [0, E) (a caller bypassing the checks) contribute nothing.
   float selected_total = 0.f, dot = 0.f;
   for (int j = 0; j < k; ++j) {

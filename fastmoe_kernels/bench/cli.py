@@ -2,7 +2,8 @@
 
 Runs the sweep on the device present (the full grid on a GPU, the quick grid on a CPU), with a
 progress bar, and writes results.csv / results.json, the plots, and report.md to ``--out``; then
-prints the headline table.
+prints the headline table. ``--from-results FILE`` is the report command: it measures nothing and
+redraws the plots and report of an existing results file (e.g. one copied back from a GPU run).
 """
 from __future__ import annotations
 
@@ -34,11 +35,33 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-baselines", action="store_true", help="skip the baselines")
     p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--from-results", metavar="FILE", default=None,
+                   help="measure nothing: redraw the plots and report.md of an existing results.csv/.json into --out")
     return p.parse_args(argv)
+
+
+def report_only(path: str, out: pathlib.Path) -> int:
+    """The report command: plots, report.md and the headline table of an existing results file."""
+    from .runner import read_rows
+
+    rows = read_rows(pathlib.Path(path))
+    if not rows:
+        print(f"fastmoe-bench: no rows in {path}", file=sys.stderr)
+        return 1
+    out.mkdir(parents=True, exist_ok=True)
+    skipped_file = pathlib.Path(path).with_name("skipped.json")
+    skipped = json.loads(skipped_file.read_text()) if skipped_file.is_file() else {}
+    plots = plot_all(rows, out)
+    (out / "report.md").write_text(markdown(rows, plots, skipped, out))
+    print(format_table(headline(rows), ["op", "impl", "median_ms", "tflops", "dense_ratio", "vs_best_baseline", "peak_mem_mb"]))
+    print(f"\nwrote {out / 'report.md'} and {len(plots)} plots")
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    if args.from_results:
+        return report_only(args.from_results, pathlib.Path(args.out or pathlib.Path(args.from_results).parent))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     grid = args.grid or ("full" if device.type == "cuda" else "quick")
     out = pathlib.Path(args.out or f"fastmoe-bench-out/{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")

@@ -78,7 +78,7 @@ def build_targets(case: BenchCase, device: torch.device, backend_names: List[str
     skips = {} if skips is None else skips
     dtype = case.torch_dtype
     gen = torch.Generator(device="cpu").manual_seed(0)
-    T, d, E, k = case.tokens, case.d_model, case.num_experts, case.top_k
+    T, d, E = case.tokens, case.d_model, case.num_experts
     eb = case.elem_bytes()
     reference = MoELayer(case.config(), device=device, dtype=dtype)
     n_sets = rotation_count(T * d * eb, device)

@@ -4,7 +4,8 @@ CPU twins for CPU tensors), reached through the ``torch.ops.fastmoe_C`` op libra
 Importing this package loads the compiled extension (prebuilt or JIT, see ``_loader``) and
 registers its kernels; an ImportError says why it could not. It covers the memory-bound,
 index-heavy kernels: routing top-k, the dispatch plan, gather / combine and their backward, and
-routing statistics. The grouped GEMMs stay with Triton or torch. Float64 data runs the reference.
+routing statistics. The grouped GEMMs stay with Triton on GPUs; on CPUs this backend runs them as
+torch's grouped matmul (``torch._grouped_mm``) where it applies. Float64 data runs the reference.
 """
 from __future__ import annotations
 
@@ -117,6 +118,57 @@ def unpermute_backward_cuda(grad_out, y, row, weight, assignment):
     g = grad_out.to(y.dtype).contiguous()
     _ops.rowdot(g, y.contiguous(), row.contiguous(), grad_weight)
     return grad_y, grad_weight
+
+
+# ---- grouped GEMM on CPU tensors: torch's grouped matmul ------------------------------------------
+# The hand-written kernels are the index-heavy ones; for the GEMMs of the CPU path, torch's
+# `_grouped_mm` (one call for all experts) replaces the reference's loop over experts. Heterogeneous
+# (packed) weights, other dtypes, misaligned shapes and CUDA tensors (Triton's job) use the reference.
+def _grouped_mm_applies(a: torch.Tensor, offsets: torch.Tensor, packed: str) -> bool:
+    return (not a.is_cuda and not packed and hasattr(torch, "_grouped_mm")
+            and a.dtype in (torch.float32, torch.bfloat16) and a.shape[0] > 0 and int(offsets[0]) == 0)
+
+
+def _expert_of_row(offsets: torch.Tensor, rows: int) -> torch.Tensor:
+    counts = (offsets[1:] - offsets[:-1]).long()
+    return torch.repeat_interleave(torch.arange(counts.shape[0]), counts)[:rows]
+
+
+@_register("grouped_gemm")
+def grouped_gemm_cuda(a, b, offsets, trans_b, bias, widths, packed):
+    reference = backends.get_kernel("grouped_gemm", "torch")
+    if not _grouped_mm_applies(a, offsets, packed):
+        return reference(a, b, offsets, trans_b, bias, widths, packed)
+    mats = b.to(a.dtype)
+    try:
+        out = torch._grouped_mm(a, mats.transpose(1, 2) if trans_b else mats, offs=offsets[1:].to(torch.int32))
+    except RuntimeError:  # the CPU kernel's shape / 16-byte stride limits
+        return reference(a, b, offsets, trans_b, bias, widths, packed)
+    last = int(offsets[-1])
+    out[last:] = 0  # rows outside every group (torch leaves them unwritten)
+    if bias is not None:
+        out[:last] += bias.to(a.dtype)[_expert_of_row(offsets, last)]
+    return out
+
+
+@_register("grouped_gemm_wgrad")
+def grouped_gemm_wgrad_cuda(a, grad, offsets, trans_b, has_bias, widths, packed, b_shape):
+    reference = backends.get_kernel("grouped_gemm_wgrad", "torch")
+    if not _grouped_mm_applies(a, offsets, packed):
+        return reference(a, grad, offsets, trans_b, has_bias, widths, packed, b_shape)
+    try:
+        grad_b = torch._grouped_mm(a.t(), grad.to(a.dtype), offs=offsets[1:].to(torch.int32)).float()
+    except RuntimeError:
+        return reference(a, grad, offsets, trans_b, has_bias, widths, packed, b_shape)
+    if trans_b:
+        grad_b = grad_b.transpose(1, 2).contiguous()
+    E = offsets.shape[0] - 1
+    grad_bias = grad.new_empty(0, dtype=torch.float32)
+    if has_bias:
+        last = int(offsets[-1])
+        grad_bias = torch.zeros(E, grad.shape[1], dtype=torch.float32).index_add_(
+            0, _expert_of_row(offsets, last), grad[:last].float())
+    return grad_b, grad_bias
 
 
 @_register("routing_stats")

@@ -28,3 +28,13 @@ def routing(T, E, k, device, skew=False):
     else:
         idx = torch.stack([torch.multinomial(p, k, replacement=False) for _ in range(T)])
     return idx.to(torch.int32).to(device), torch.rand(T, k, device=device)
+
+
+def plan_for(idx, weight, num_experts, mode):
+    """A plan for ``mode``: None (dropless) or (capacity_factor, drop_policy, pad)."""
+    from fastmoe_kernels.ops import expert_capacity, make_plan
+
+    if mode is None:
+        return make_plan(idx, num_experts)
+    T, k = idx.shape
+    return make_plan(idx, num_experts, expert_capacity(T, num_experts, k, mode[0]), mode[1], weight, mode[2])

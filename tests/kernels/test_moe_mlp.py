@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from fastmoe_kernels.experts import GroupedExperts
-from fastmoe_kernels.ops import expert_capacity, make_plan, moe_mlp
+from fastmoe_kernels.ops import make_plan
 from kernels.conftest import low_precision_dtypes
-from kernels.helpers import assert_rel, routing
+from kernels.helpers import assert_rel, plan_for, routing
 
 MODES = {"dropless": None, "capacity": (0.75, "probs", False), "capacity-pad": (1.0, "position", True)}
 
@@ -15,10 +15,7 @@ def compare(backend, device, dtype, T, d, widths, activation, bias, mode, k=2):
     E = len(widths)
     experts = GroupedExperts(d, widths, activation, bias, device=device, dtype=dtype)
     idx, weight = routing(T, E, k, device, skew=True)
-    if mode is None:
-        plan = make_plan(idx, E)
-    else:
-        plan = make_plan(idx, E, expert_capacity(T, E, k, mode[0]), mode[1], weight, mode[2])
+    plan = plan_for(idx, weight, E, mode)
     x = torch.randn(T, d, device=device).to(dtype)
     g = torch.randn(T, d, device=device).to(dtype)
     results = []

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from fastmoe_kernels.ops import expert_capacity, make_plan, permute, unpermute
+from fastmoe_kernels.ops import permute, unpermute
 from kernels.conftest import low_precision_dtypes
-from kernels.helpers import assert_rel, routing
+from kernels.helpers import assert_rel, plan_for, routing
 
 MODES = [None, (0.7, "probs", False), (1.25, "position", True)]
 
@@ -14,10 +14,7 @@ MODES = [None, (0.7, "probs", False), (1.25, "position", True)]
 def test_permute_unpermute_fwd_bwd(backend, device, mode, d, dtype):
     T, E, k = 53, 9, 3
     idx, weight = routing(T, E, k, device, skew=True)
-    if mode is None:
-        plan = make_plan(idx, E)
-    else:
-        plan = make_plan(idx, E, expert_capacity(T, E, k, mode[0]), mode[1], weight, mode[2])
+    plan = plan_for(idx, weight, E, mode)
     x = torch.randn(T, d, device=device).to(dtype)
     g = torch.randn(T, d, device=device).to(dtype)
     res = {}

@@ -56,8 +56,11 @@ def pick(vec, e_range, e):
 
 
 @triton.jit
-def gather_rows(index_ptr, rows, rmask, DIV: tl.constexpr):
-    """Rows to read through an index (``index[r] // DIV``; -1 means none): (int64 rows, valid)."""
-    idx = tl.load(index_ptr + rows, mask=rmask, other=-1)
-    valid = rmask & (idx >= 0)
-    return tl.where(valid, idx // DIV, 0).to(tl.int64), valid
+def gather_rows(index_ptr, rows, rmask, DIV: tl.constexpr, INDEXED: tl.constexpr):
+    """(int64 rows to access, valid): ``index[r] // DIV`` when INDEXED (-1 means none), else the rows."""
+    if INDEXED:
+        idx = tl.load(index_ptr + rows, mask=rmask, other=-1)
+        valid = rmask & (idx >= 0)
+        return tl.where(valid, idx // DIV, 0).to(tl.int64), valid
+    else:
+        return rows.to(tl.int64), rmask

@@ -78,11 +78,7 @@ def _grouped_matmul_kernel(
             k_e = tl.load(k_size_ptr + e)
             n_e = tl.load(n_size_ptr + e)
             ncol = cols < n_e
-            if A_INDEXED:
-                a_rows, a_valid = gather_rows(a_index_ptr, rows, rmask, A_DIV)
-            else:
-                a_rows = rows.to(tl.int64)
-                a_valid = rmask
+            a_rows, a_valid = gather_rows(a_index_ptr, rows, rmask, A_DIV, A_INDEXED)
             a_base = a_ptr + a_rows[:, None] * stride_am
             b_base = b_ptr + tl.load(b_off_ptr + e)
             b2_base = b_ptr + tl.load(b2_off_ptr + e)
@@ -132,18 +128,14 @@ def _grouped_matmul_kernel(
                 else:
                     act = act_fwd(hg, ACT)
                 tl.store(partial_ptr + tile_n * stride_pt + rows, tl.sum(acc * act, 1), mask=rmask)
-                s_rows, s_valid = gather_rows(scale_index_ptr, rows, rmask, 1)
+                s_rows, s_valid = gather_rows(scale_index_ptr, rows, rmask, 1, True)
                 da = acc * tl.load(scale_ptr + s_rows, mask=s_valid, other=0.0).to(tl.float32)[:, None]
                 if GATED:
                     out = da * hu * act_grad(hg, ACT)
                     out2 = da * act_fwd(hg, ACT)
                 else:
                     out = da * act_grad(hg, ACT)
-            if C_INDEXED:
-                c_rows, c_valid = gather_rows(c_index_ptr, rows, rmask, 1)
-            else:
-                c_rows = rows.to(tl.int64)
-                c_valid = rmask
+            c_rows, c_valid = gather_rows(c_index_ptr, rows, rmask, 1, C_INDEXED)
             cmask = c_valid[:, None] & (cols < N_OUT)[None, :]
             c_offs = c_rows[:, None] * stride_cm + cols[None, :] * stride_cn
             tl.store(c_ptr + c_offs, out.to(c_ptr.dtype.element_ty), mask=cmask)
@@ -194,11 +186,7 @@ def _grouped_wgrad_kernel(
         for m0 in range(lo, hi, BM):
             rows = m0 + tl.arange(0, BM)
             rmask = rows < hi
-            if A_INDEXED:
-                a_rows, a_valid = gather_rows(a_index_ptr, rows, rmask, A_DIV)
-            else:
-                a_rows = rows.to(tl.int64)
-                a_valid = rmask
+            a_rows, a_valid = gather_rows(a_index_ptr, rows, rmask, A_DIV, A_INDEXED)
             a_offs = a_rows[:, None] * stride_am + kk[None, :] * stride_ak
             amask = a_valid[:, None] & kmask[None, :]
             if A_ACT:
@@ -211,15 +199,11 @@ def _grouped_wgrad_kernel(
                     a = act_fwd(hg, ACT).to(a_ptr.dtype.element_ty)
             else:
                 a = tl.load(a_ptr + a_offs, mask=amask, other=0.0)
-            if G_INDEXED:
-                g_rows, g_valid = gather_rows(g_index_ptr, rows, rmask, G_DIV)
-            else:
-                g_rows = rows.to(tl.int64)
-                g_valid = rmask
+            g_rows, g_valid = gather_rows(g_index_ptr, rows, rmask, G_DIV, G_INDEXED)
             g = tl.load(g_ptr + g_rows[:, None] * stride_gm + nn[None, :] * stride_gn,
                         mask=g_valid[:, None] & nmask[None, :], other=0.0)
             if G_SCALED:
-                s_rows, s_valid = gather_rows(g_index_ptr, rows, rmask, 1)
+                s_rows, s_valid = gather_rows(g_index_ptr, rows, rmask, 1, True)
                 w = tl.load(scale_ptr + s_rows, mask=s_valid, other=0.0).to(tl.float32)
                 g = (g.to(tl.float32) * w[:, None]).to(g_ptr.dtype.element_ty)
             acc = tl.dot(tl.trans(a), g, acc, input_precision=PRECISION)

@@ -8,12 +8,27 @@ A kernel then reads expert e's B operand either as the matrix itself or as its t
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
 _CACHE: Dict[tuple, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def alignment(values: Sequence[int]) -> int:
+    """The largest power of two up to 16 dividing every value (16 for none or all zero).
+
+    Kernels load per-expert offsets and sizes from memory, so the compiler cannot see that they
+    are multiples of 8 or 16; without that it cannot vectorise the operand loads along K, and
+    without vector loads Triton's pipeliner cannot turn them into asynchronous copies (the GEMM
+    then runs unpipelined). The host knows the values: it passes this as a hint (tl.multiple_of).
+    """
+    g = 0
+    for v in values:
+        g = math.gcd(g, int(v))
+    return 16 if g == 0 else min(16, g & -g)
 
 
 def _device_arrays(key: tuple, offsets, rows, cols, device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -37,6 +52,7 @@ class ExpertMatrices:
     stride_c: int
     max_rows: int
     max_cols: int
+    align: Tuple[int, int, int]  # alignment() of the offsets, of the row counts, of the column counts
 
     def as_b(self, transpose: bool):
         """(offset, k_size, n_size, stride_k, stride_n, K_MAX, N_MAX) for ``B_e = M_e`` or ``M_eᵀ``."""
@@ -44,16 +60,24 @@ class ExpertMatrices:
             return self.offset, self.cols, self.rows, self.stride_c, self.stride_r, self.max_cols, self.max_rows
         return self.offset, self.rows, self.cols, self.stride_r, self.stride_c, self.max_rows, self.max_cols
 
+    def b_align(self, transpose: bool) -> Tuple[int, int, int]:
+        """Alignment hints (offset, k_size, n_size) matching :meth:`as_b`."""
+        off, rows, cols = self.align
+        return (off, cols, rows) if transpose else (off, rows, cols)
+
+
+def _matrices(key, offsets, rows, cols, device, *strides_and_max) -> ExpertMatrices:
+    off, r, c = _device_arrays(key, offsets, rows, cols, device)
+    return ExpertMatrices(off, r, c, *strides_and_max, (alignment(offsets), alignment(rows), alignment(cols)))
+
 
 def stacked(w: torch.Tensor, row_start: int = 0, num_rows: Optional[int] = None) -> ExpertMatrices:
     """Experts stacked on dim 0 of ``w [E, R, C]``; optionally rows ``row_start:row_start+num_rows``."""
     E, R, C = w.shape
     n = R - row_start if num_rows is None else num_rows
     key = ("stacked", E, w.stride(0), w.stride(1), row_start, n, C)
-    off, rows, cols = _device_arrays(
-        key, [e * w.stride(0) + row_start * w.stride(1) for e in range(E)], [n] * E, [C] * E, w.device
-    )
-    return ExpertMatrices(off, rows, cols, w.stride(1), w.stride(2), n, C)
+    offsets = [e * w.stride(0) + row_start * w.stride(1) for e in range(E)]
+    return _matrices(key, offsets, [n] * E, [C] * E, w.device, w.stride(1), w.stride(2), n, C)
 
 
 def packed_rows(w: torch.Tensor, widths: Sequence[int], row_base: int = 0) -> ExpertMatrices:
@@ -61,10 +85,8 @@ def packed_rows(w: torch.Tensor, widths: Sequence[int], row_base: int = 0) -> Ex
     starts = list(itertools.accumulate([0, *widths]))[:-1]
     C = w.shape[1]
     key = ("rows", tuple(widths), w.stride(0), row_base, C)
-    off, rows, cols = _device_arrays(
-        key, [(row_base + s) * w.stride(0) for s in starts], list(widths), [C] * len(widths), w.device
-    )
-    return ExpertMatrices(off, rows, cols, w.stride(0), w.stride(1), max(widths), C)
+    offsets = [(row_base + s) * w.stride(0) for s in starts]
+    return _matrices(key, offsets, list(widths), [C] * len(widths), w.device, w.stride(0), w.stride(1), max(widths), C)
 
 
 def packed_cols(w: torch.Tensor, widths: Sequence[int]) -> ExpertMatrices:
@@ -72,10 +94,8 @@ def packed_cols(w: torch.Tensor, widths: Sequence[int]) -> ExpertMatrices:
     starts = list(itertools.accumulate([0, *widths]))[:-1]
     R = w.shape[0]
     key = ("cols", tuple(widths), w.stride(1), R)
-    off, rows, cols = _device_arrays(
-        key, [s * w.stride(1) for s in starts], [R] * len(widths), list(widths), w.device
-    )
-    return ExpertMatrices(off, rows, cols, w.stride(0), w.stride(1), R, max(widths))
+    offsets = [s * w.stride(1) for s in starts]
+    return _matrices(key, offsets, [R] * len(widths), list(widths), w.device, w.stride(0), w.stride(1), R, max(widths))
 
 
 @dataclass

@@ -42,7 +42,17 @@ def _configs(kind: str):
     return [triton.Config({"BM": m, "BK": k, "BN": n}, num_warps=w, num_stages=s) for m, k, n, w, s in shapes]
 
 
-@triton.autotune(configs=_configs("fwd"), key=["N_OUT", "K_MAX", "M_BUCKET", "E"])
+def _prune_fwd(configs, named_args, **kwargs):
+    """Drop tiles whose fp32 accumulators alone need more than 128 registers per thread (two
+    accumulators when gate and up are computed together): they spill (sm_90 compile check)."""
+    accumulators = 2 if kwargs.get("SECOND_B") == 1 else 1
+    kept = [c for c in configs
+            if accumulators * c.kwargs["BM"] * c.kwargs["BN"] <= 128 * 32 * c.num_warps]
+    return kept or configs[-1:]
+
+
+@triton.autotune(configs=_configs("fwd"), key=["N_OUT", "K_MAX", "M_BUCKET", "E"],
+                 prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
 def _grouped_matmul_kernel(
     a_ptr, a_index_ptr, stride_am, stride_ak, A_UP,
@@ -53,6 +63,7 @@ def _grouped_matmul_kernel(
     scale_ptr, scale_index_ptr, partial_ptr, stride_pt,
     offsets_ptr, R, N_OUT, K_MAX, M_BUCKET,
     E: tl.constexpr, E_PAD: tl.constexpr, A_DIV: tl.constexpr,
+    B_ALIGN: tl.constexpr, B2_ALIGN: tl.constexpr, K_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr,
     A_INDEXED: tl.constexpr, C_INDEXED: tl.constexpr, HAS_BIAS: tl.constexpr, SECOND_B: tl.constexpr,
     EPI: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, H_STORE: tl.constexpr, ZERO_OUTSIDE: tl.constexpr,
     PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -75,13 +86,17 @@ def _grouped_matmul_kernel(
             e = tl.sum((mend_v <= tile_m).to(tl.int32), 0)
             rows = pick(lo_v, e_range, e) + (tile_m - pick(mend_v - mt_v, e_range, e)) * BM + tl.arange(0, BM)
             rmask = rows < tl.load(offsets_ptr + e + 1)
-            k_e = tl.load(k_size_ptr + e)
-            n_e = tl.load(n_size_ptr + e)
+            # Per-expert sizes and weight offsets are loaded, so the compiler cannot know they are
+            # multiples of 8/16; the host checked (_layout.alignment) and says so. Without these
+            # hints the operand loads are not vectorised and the K loop is not pipelined.
+            # (multiple_of must wrap the load itself: on a helper's argument it is lost.)
+            k_e = tl.multiple_of(tl.load(k_size_ptr + e), K_ALIGN)
+            n_e = tl.multiple_of(tl.load(n_size_ptr + e), N_ALIGN)
             ncol = cols < n_e
             a_rows, a_valid = gather_rows(a_index_ptr, rows, rmask, A_DIV, A_INDEXED)
             a_base = a_ptr + a_rows[:, None] * stride_am
-            b_base = b_ptr + tl.load(b_off_ptr + e)
-            b2_base = b_ptr + tl.load(b2_off_ptr + e)
+            b_base = b_ptr + tl.multiple_of(tl.load(b_off_ptr + e), B_ALIGN)
+            b2_base = b_ptr + tl.multiple_of(tl.load(b2_off_ptr + e), B2_ALIGN)
             # Tiles entirely past this expert's width (heterogeneous experts) only write zeros.
             k_loop = tl.where(tile_n * BN < n_e, k_e, 0)
             acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -165,6 +180,7 @@ def _grouped_wgrad_kernel(
     dbias_ptr, bias_off_ptr, stride_biasn,
     offsets_ptr, K_MAX, N_MAX, M_BUCKET,
     E: tl.constexpr, A_DIV: tl.constexpr, G_DIV: tl.constexpr,
+    B_ALIGN: tl.constexpr, K_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr,
     A_INDEXED: tl.constexpr, G_INDEXED: tl.constexpr, G_SCALED: tl.constexpr,
     A_ACT: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
@@ -174,8 +190,8 @@ def _grouped_wgrad_kernel(
     n_tiles = tl.cdiv(N_MAX, BN)
     kk = (tile // n_tiles) * BK + tl.arange(0, BK)
     nn = (tile % n_tiles) * BN + tl.arange(0, BN)
-    k_e = tl.load(k_size_ptr + e)
-    n_e = tl.load(n_size_ptr + e)
+    k_e = tl.multiple_of(tl.load(k_size_ptr + e), K_ALIGN)
+    n_e = tl.multiple_of(tl.load(n_size_ptr + e), N_ALIGN)
     if (tile // n_tiles) * BK < k_e and (tile % n_tiles) * BN < n_e:
         kmask = kk < k_e
         nmask = nn < n_e
@@ -209,7 +225,7 @@ def _grouped_wgrad_kernel(
             acc = tl.dot(tl.trans(a), g, acc, input_precision=PRECISION)
             if HAS_BIAS:
                 bias_acc += tl.sum(g.to(tl.float32), 0)
-        tl.store(db_ptr + tl.load(b_off_ptr + e) + kk[:, None] * stride_bk + nn[None, :] * stride_bn, acc,
+        tl.store(db_ptr + tl.multiple_of(tl.load(b_off_ptr + e), B_ALIGN) + kk[:, None] * stride_bk + nn[None, :] * stride_bn, acc,
                  mask=kmask[:, None] & nmask[None, :])
         if HAS_BIAS:
             if tile // n_tiles == 0:
@@ -265,7 +281,9 @@ def grouped_matmul(
     if R == 0:
         return out
     b_off, k_size, n_size, s_bk, s_bn, k_max, _ = mats.as_b(transpose)
+    b_align, k_align, n_align = mats.b_align(transpose)
     b2_off = b_off if mats2 is None else mats2.as_b(transpose)[0]
+    b2_align = b_align if mats2 is None else mats2.b_align(transpose)[0]
     dummy = _empty_i32(device)
     h_t = h if h is not None else out
 
@@ -284,6 +302,7 @@ def grouped_matmul(
         partial if partial is not None else out, partial.stride(0) if partial is not None else 0,
         offsets, R, n_out, k_max, next_pow2(max(1, R // E)),
         E=E, E_PAD=next_pow2(E), A_DIV=a_div,
+        B_ALIGN=b_align, B2_ALIGN=b2_align, K_ALIGN=k_align, N_ALIGN=n_align,
         A_INDEXED=a_index is not None, C_INDEXED=c_index is not None, HAS_BIAS=bias is not None, SECOND_B=second_b,
         EPI=epilogue, ACT=act, GATED=gated, H_STORE=store_h, ZERO_OUTSIDE=zero_outside,
         PRECISION=dot_precision(a.dtype),
@@ -314,6 +333,7 @@ def grouped_wgrad(
     expert's matrix, zeros for empty groups); ``grad_bias[e] = Σ_rows G_e`` when given."""
     E = offsets.shape[0] - 1
     b_off, k_size, n_size, s_bk, s_bn, k_max, n_max = mats.as_b(transpose)
+    b_align, k_align, n_align = mats.b_align(transpose)
     dummy = _empty_i32(a.device)
     R = a.shape[0] if a_index is None else (g.shape[0] if g_index is None else g_index.shape[0])
 
@@ -327,7 +347,7 @@ def grouped_wgrad(
         grad_bias if grad_bias is not None else grad_b, vecs.offset if vecs is not None else b_off,
         vecs.stride if vecs is not None else 0,
         offsets, k_max, n_max, next_pow2(max(1, R // max(E, 1))),
-        E=E, A_DIV=a_div, G_DIV=g_div,
+        E=E, A_DIV=a_div, G_DIV=g_div, B_ALIGN=b_align, K_ALIGN=k_align, N_ALIGN=n_align,
         A_INDEXED=a_index is not None, G_INDEXED=g_index is not None, G_SCALED=scale is not None,
         A_ACT=a_act, ACT=a_act, GATED=gated, HAS_BIAS=grad_bias is not None,
         PRECISION=dot_precision(a.dtype),

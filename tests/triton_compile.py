@@ -75,7 +75,7 @@ class Recorder:
                                  num_stages=meta.num_stages, shared=meta.shared, registers=regs, spill_bytes=spills,
                                  # Software pipelining shows as asynchronous global→shared copies.
                                  async_copies=ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy"),
-                                 wgmma=ttgir.count("ttng.warp_group_dot "), mma=ttgir.count("#mma"))
+                                 wgmma=ttgir.count("ttng.warp_group_dot "))
 
 
 RECORDER = Recorder()

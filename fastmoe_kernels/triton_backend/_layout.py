@@ -66,9 +66,15 @@ class ExpertMatrices:
         return (off, cols, rows) if transpose else (off, rows, cols)
 
 
+_ALIGN_CACHE: Dict[tuple, Tuple[int, int, int]] = {}
+
+
 def _matrices(key, offsets, rows, cols, device, *strides_and_max) -> ExpertMatrices:
     off, r, c = _device_arrays(key, offsets, rows, cols, device)
-    return ExpertMatrices(off, r, c, *strides_and_max, (alignment(offsets), alignment(rows), alignment(cols)))
+    # Cached with the index tensors: every launch builds its layout, the hints need computing once.
+    if key not in _ALIGN_CACHE:
+        _ALIGN_CACHE[key] = (alignment(offsets), alignment(rows), alignment(cols))
+    return ExpertMatrices(off, r, c, *strides_and_max, _ALIGN_CACHE[key])
 
 
 def stacked(w: torch.Tensor, row_start: int = 0, num_rows: Optional[int] = None) -> ExpertMatrices:

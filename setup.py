@@ -20,8 +20,18 @@ import sys
 from setuptools import find_packages, setup
 
 CSRC = "csrc"
-CPU_SOURCES = ["csrc/kernels/cpu_kernels.cpp", "csrc/bindings/ops.cpp"]
-CUDA_SOURCES = ["csrc/kernels/cuda_launch.cu", "csrc/bindings/ops_cuda.cpp"]
+
+
+def read_build_list() -> dict:
+    """csrc/build.txt, the one list of sources and flags (the JIT loader and CMake read it too)."""
+    entries = {}
+    with open(os.path.join(CSRC, "build.txt")) as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                key, _, value = line.partition(":")
+                entries.setdefault(key.strip(), []).extend(value.split())
+    return entries
 
 
 def log(message: str) -> None:
@@ -53,23 +63,25 @@ def extension_modules():
         why = "FASTMOE_BUILD_CUDA=0" if mode == "0" else (
             "torch is a CPU build" if torch.version.cuda is None else "no CUDA toolkit (set CUDA_HOME)")
         log(f"building the C++ CPU kernels only ({why})")
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    build = read_build_list()
+    cpu_sources = [os.path.join(CSRC, s) for s in build["cpu_source"]]
+    cuda_sources = [os.path.join(CSRC, s) for s in build["cuda_source"]]
+    cxx = build["cxx_flags"]
     common = dict(
         name="fastmoe_kernels._C",
         include_dirs=[os.path.abspath(CSRC)],
-        extra_link_args=["-fopenmp"],
+        extra_link_args=build["ld_flags"],
     )
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         log(f"building the CPU and CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
         ext = CUDAExtension(
-            sources=CPU_SOURCES + CUDA_SOURCES,
-            extra_compile_args={"cxx": cxx + ["-DFASTMOE_WITH_CUDA"],
-                                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-DFASTMOE_WITH_CUDA"]},
+            sources=cpu_sources + cuda_sources,
+            extra_compile_args={"cxx": cxx + ["-DFASTMOE_WITH_CUDA"], "nvcc": build["nvcc_flags"] + ["-DFASTMOE_WITH_CUDA"]},
             **common,
         )
     else:
-        ext = CppExtension(sources=CPU_SOURCES, extra_compile_args={"cxx": cxx}, **common)
+        ext = CppExtension(sources=cpu_sources, extra_compile_args={"cxx": cxx}, **common)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
@@ -80,7 +92,7 @@ setup(
     packages=find_packages(include=["fastmoe_kernels", "fastmoe_kernels.*"]) + ["fastmoe_kernels.csrc"],
     package_dir={"fastmoe_kernels.csrc": CSRC},
     package_data={"fastmoe_kernels.csrc": ["kernels/*.h", "kernels/*.cuh", "kernels/*.cpp", "kernels/*.cu",
-                                           "bindings/*.h", "bindings/*.cpp", "README.md"]},
+                                           "bindings/*.h", "bindings/*.cpp", "README.md", "build.txt"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -17,9 +17,10 @@ import torch
 
 from fastmoe_kernels._checks import set_value_checks
 from fastmoe_kernels.bench.grids import GRIDS, build_grid
+from fastmoe_kernels.bench.report import OUR_IMPLS as _OUR_IMPLS
 
 OPS_WITH_BACKENDS = ["route", "plan", "permute", "grouped_up", "grouped_down", "unpermute"]
-OUR_IMPLS = ["torch", "triton", "triton-unfused", "cuda"]
+OUR_IMPLS = list(_OUR_IMPLS)
 BASELINES = ["naive-loop", "torch._grouped_mm", "hf-eager", "hf-batched_mm", "hf-grouped_mm", "hf-deepgemm", "hf-sonicmoe"]
 
 

@@ -23,7 +23,9 @@ if [ "$PHASE" = "tests" ]; then
   ( time python3 -m pip install --no-build-isolation --no-deps -e . ) > "$OUT/build.log" 2>&1
   tail -3 "$OUT/build.log"
   python3 -c "import fastmoe_kernels._C as C; print('extension with_cuda =', C.with_cuda)" 2>&1 | tee -a "$OUT/build.log"
-  python3 -m pytest -m gpu tests/ -q -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" -x --maxfail=20 2>&1 | tee "$OUT/gpu-tests.log" | tail -30
+  # --maxfail, not -x: the first run on a GPU should report every failing kernel, not only the first.
+  python3 -m pytest -m gpu tests/ -q -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" --maxfail=20 2>&1 | tee "$OUT/gpu-tests.log" | tail -30
+  python3 -c "import fastmoe_kernels as fm; print(fm.backends.format_describe('cuda')); print(fm.backends.format_describe('cuda', dtype=__import__('torch').bfloat16))" 2>&1 | tee "$OUT/backends.txt"
   python3 -m fastmoe_kernels.bench --grid smoke --out "$OUT/smoke" --quiet 2>&1 | tail -20
   tar czf "$OUT/smoke.tgz" -C "$OUT" smoke && rm -rf "$OUT/smoke"
 else

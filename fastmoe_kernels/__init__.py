@@ -4,9 +4,12 @@
     layer = MoELayer(d_model=512, d_ff=256, num_experts=64, top_k=8)
     y = layer(x)
 """
+import importlib as _importlib
+
 from ._version import __version__
-from ._checks import set_value_checks, value_checks_enabled
-from .backends import BackendUnavailableError, backend_report, describe as describe_backends
+from ._checks import flush_value_checks, set_value_checks, value_checks_enabled
+from . import backends
+from .backends import BackendUnavailableError, backend_report, describe as describe_backends, set_default_backend
 from .config import MoEConfig
 from .dispatch import CapacityDispatcher, DroplessDispatcher
 from .experts import GroupedExperts, SharedExperts
@@ -14,6 +17,31 @@ from .layer import MoELayer, RoutingStats, update_expert_biases
 from .losses import load_balancing_loss, set_aux_loss_scale, z_loss
 from .router import RouterOutput, TopKRouter
 from . import ops, losses
+
+
+def _loader(module: str):
+    """Import ``module`` on the first call; later calls repeat its outcome (a failed build is not retried)."""
+    outcome = []
+
+    def load():
+        if not outcome:
+            try:
+                _importlib.import_module(module, __name__)
+                outcome.append(None)
+            except Exception as exc:  # reported by backends.availability
+                outcome.append(exc)
+        if outcome[0] is not None:
+            raise outcome[0]
+
+    return load
+
+
+# The kernel backends load on first use (importing Triton, or compiling the csrc kernels, takes time).
+# One extension holds both the CUDA kernels and their C++ CPU twins.
+_load_csrc = _loader(".csrc_backend")
+backends.add_loader("triton", _loader(".triton_backend"))
+backends.add_loader("cuda", _load_csrc)
+backends.add_loader("cpp", _load_csrc)
 
 __all__ = [
     "BackendUnavailableError",
@@ -29,10 +57,12 @@ __all__ = [
     "__version__",
     "backend_report",
     "describe_backends",
+    "flush_value_checks",
     "load_balancing_loss",
     "losses",
     "ops",
     "set_aux_loss_scale",
+    "set_default_backend",
     "set_value_checks",
     "update_expert_biases",
     "value_checks_enabled",

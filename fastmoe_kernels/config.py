@@ -15,7 +15,7 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 DROP_POLICIES = ("probs", "position")
 LOAD_BALANCING_TYPES = ("micro_batch", "sequence", "global", "none")
 LOAD_BALANCING_NORMALIZATIONS = ("megatron", "mixtral")
-BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
+BACKEND_NAMES = ("auto", "torch", "triton", "cuda", "cpp")
 
 
 def _fail(field: str, expected: str, got) -> None:
@@ -50,9 +50,9 @@ class MoEConfig:
     (computed as one MLP of width ``num_shared_experts · shared_d_ff``, which is the same function),
     optionally scaled by a per-token sigmoid gate (``shared_expert_gate``, as in Qwen2-MoE).
 
-    Execution: ``backend`` ("auto", "torch", "triton", "cuda"); ``fused_experts`` None runs
-    gather → expert MLPs → combine as one fused op where the backend has one, False forces the
-    separate permute / grouped MLP / unpermute ops.
+    Execution: ``backend`` ("auto", "torch", "triton", "cuda", "cpp"; see :mod:`fastmoe_kernels.backends`);
+    ``fused_experts`` None runs gather → expert MLPs → combine as one fused op where the backend has
+    one, False forces the separate permute / grouped MLP / unpermute ops.
 
     Losses: ``aux_loss_coeff`` scales the Switch/GShard load-balancing loss of type
     ``load_balancing_type`` ("micro_batch", "sequence", "global" or "none") with

@@ -1,4 +1,4 @@
-"""Dispatchers: from routing decisions to the expert-grouped rows and back.
+"""Dispatchers: from routing decisions to the plan of the expert-grouped rows.
 
 ``DroplessDispatcher`` keeps every assignment. ``CapacityDispatcher`` keeps at most
 ``C = ceil(capacity_factor · T · k / E)`` per expert (see ``ops.plan`` for the drop policies).
@@ -9,26 +9,18 @@ from typing import Optional
 
 from torch import Tensor
 
-from .ops import DispatchPlan, make_plan, permute, unpermute
+from .ops import DispatchPlan, make_plan
 from .ops.plan import capacity_from_ratio, capacity_ratio
 
 
 class Dispatcher:
-    """Shared half of both dispatchers: move rows with a plan."""
+    """What both dispatchers are: a plan from routing decisions (the ops move the rows with it)."""
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
 
     def plan(self, expert_idx: Tensor, weight: Tensor, *, backend: Optional[str] = None) -> DispatchPlan:
         raise NotImplementedError
-
-    def dispatch(self, x: Tensor, plan: DispatchPlan, *, backend: Optional[str] = None) -> Tensor:
-        """``x [T, d]`` → ``[R, d]`` grouped by expert."""
-        return permute(x, plan, backend=backend)
-
-    def combine(self, y: Tensor, plan: DispatchPlan, weight: Tensor, *, backend: Optional[str] = None) -> Tensor:
-        """``y [R, d]`` → ``[T, d]``, each token the weighted sum of its kept assignments."""
-        return unpermute(y, plan, weight, backend=backend)
 
 
 class DroplessDispatcher(Dispatcher):

@@ -120,17 +120,6 @@ class GroupedExperts(nn.Module):
         out.load_experts([self.expert_weights(e) for e in experts])
         return out
 
-    @staticmethod
-    def concatenate(parts: Sequence["GroupedExperts"]) -> "GroupedExperts":
-        """One GroupedExperts holding the experts of ``parts`` one after the other."""
-        first = parts[0]
-        weights = [p.expert_weights(e) for p in parts for e in range(p.num_experts)]
-        widths = [w for p in parts for w in p.widths]
-        out = GroupedExperts(first.d_model, widths, first.activation, first.b_up is not None, first.init_std,
-                             device=first.w_up.device, dtype=first.w_up.dtype)
-        out.load_experts(weights)
-        return out
-
     @torch.no_grad()
     def load_experts(self, weights: Sequence[tuple]) -> None:
         """Copy per-expert ``(w_up, w_down, b_up, b_down)`` (as from :meth:`expert_weights`) into this module."""

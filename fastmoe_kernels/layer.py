@@ -7,12 +7,14 @@ from typing import Dict, Optional
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import hf_layout
 from ._checks import FLOAT_DTYPES, check_tensor
 from .config import MoEConfig
 from .dispatch import CapacityDispatcher, Dispatcher, DroplessDispatcher
 from .experts import GroupedExperts, SharedExperts
 from .losses import attach_aux_loss, load_balancing_loss_from_stats, z_loss
 from .ops import routing_stats as routing_stats_op
+from .parallel import ExpertParallelExchange
 from .router import RouterOutput, TopKRouter
 
 
@@ -67,8 +69,6 @@ class MoELayer(nn.Module):
         self.expert_parallel = None
         widths = config.expert_widths
         if expert_parallel_group is not None:
-            from .parallel import ExpertParallelExchange
-
             self.expert_parallel = ExpertParallelExchange(config.num_experts, expert_parallel_group)
             widths = tuple(widths[e] for e in self.expert_parallel.local)
         self.experts = GroupedExperts(config.d_model, widths, config.activation, config.bias, config.init_std, **factory)
@@ -218,15 +218,15 @@ class MoELayer(nn.Module):
     def from_transformers(cls, block: nn.Module, **overrides) -> "MoELayer":
         """An MoELayer with the weights and routing of a Hugging Face transformers sparse-MoE block
         (Mixtral, Qwen2/Qwen3-MoE, OLMoE, DeepSeek-V3, …); ``overrides`` set other config fields."""
-        from .integrations.transformers import from_transformers
-
-        return from_transformers(block, **overrides)
+        router_weight = hf_layout.block_router_weight(block)
+        layer = cls(MoEConfig(**hf_layout.config_fields(block, **overrides)), device=router_weight.device,
+                    dtype=hf_layout.expert_weights(block.experts)[0].dtype)
+        hf_layout.load_block(layer, block)
+        return layer
 
     def to_transformers(self, block: nn.Module) -> nn.Module:
         """Copy this layer's weights into a transformers sparse-MoE ``block`` of the same shape."""
-        from .integrations.transformers import to_transformers
-
-        return to_transformers(self, block)
+        return hf_layout.store_block(self, block)
 
     def extra_repr(self) -> str:
         cfg = self.config

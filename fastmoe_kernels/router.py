@@ -38,7 +38,8 @@ class TopKRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(E, config.d_model, device=device, dtype=dtype))
         if config.expert_bias:
             self.register_buffer("expert_bias", torch.zeros(E, device=device, dtype=torch.float32))
-            self.register_buffer("tokens_since_update", torch.zeros(E, device=device, dtype=torch.float32), persistent=False)
+            # Integer counts: exact, and left alone by module.to(dtype) (a bf16 count stops at 256).
+            self.register_buffer("tokens_since_update", torch.zeros(E, device=device, dtype=torch.int64), persistent=False)
         else:
             self.expert_bias = None
         self.reset_parameters()
@@ -68,8 +69,12 @@ class TopKRouter(nn.Module):
         expert_idx, weight = out[0], out[1]
         if self.expert_bias is not None and self.training:
             with torch.no_grad():
-                counts = torch.bincount(expert_idx.reshape(-1).long(), minlength=cfg.num_experts)
-                self.tokens_since_update.add_(counts.to(torch.float32))
+                # scatter_add, not bincount: bincount reads the ids' maximum back to the host (a sync).
+                # Only ids in range count: a router kernel given NaN logits (which the value check
+                # reports, possibly a call later) may emit any id.
+                ids = expert_idx.reshape(-1).long()
+                valid = (ids >= 0) & (ids < cfg.num_experts)
+                self.tokens_since_update.scatter_add_(0, ids.clamp(0, cfg.num_experts - 1), valid.long())
         return RouterOutput(logits, expert_idx, weight, out[2] if return_probs else None)
 
     @torch.no_grad()
@@ -82,6 +87,7 @@ class TopKRouter(nn.Module):
         counts = self.tokens_since_update.clone()
         if group is not None:
             dist.all_reduce(counts, group=group)
+        counts = counts.to(torch.float32)
         delta = expert_bias_delta(counts, self.config.expert_bias_update_rate)
         if counts.sum() == 0:
             delta.zero_()

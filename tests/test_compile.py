@@ -1,37 +1,87 @@
-"""torch.compile(layer) traces the custom ops (fullgraph: no graph break) and matches eager."""
+"""torch.compile(layer): one graph (fullgraph, no graph break) on every backend the CPU has, forward
+and backward, in every dispatch mode; equal to eager; and reused across batch sizes."""
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
-from fastmoe_kernels import MoELayer
+from fastmoe_kernels import MoELayer, backends
 
 MODES = {
     "dropless": dict(),
+    "capacity-probs": dict(capacity_factor=1.0, drop_policy="probs"),
+    "capacity-position": dict(capacity_factor=0.9, drop_policy="position"),
     "capacity-pad-shared-zloss": dict(capacity_factor=1.0, pad_to_capacity=True, num_shared_experts=1, z_loss_coeff=1e-3),
-    "heterogeneous-capacity-position": dict(d_ff=[4, 8, 12, 8], capacity_factor=0.9, drop_policy="position"),
+    "heterogeneous-bias": dict(d_ff=[4, 8, 12, 8], bias=True),
+    "unfused": dict(fused_experts=False),
+    "sigmoid-groups-expert-bias": dict(score_func="sigmoid", num_groups=2, topk_groups=1, expert_bias=True),
 }
+BACKENDS = ["torch", "cpp", "triton"]
 
 
+def available(backend: str) -> None:
+    ok, why = backends.availability(backend, torch.device("cpu"))
+    if not ok:
+        pytest.skip(f"backend {backend!r} unavailable on the CPU here: {why}")
+
+
+def eager_and_compiled(layer, compiled, x):
+    results = []
+    for fn in (compiled, layer):
+        xx = x.clone().requires_grad_()
+        layer.zero_grad()
+        y = fn(xx)
+        aux = [v.clone() for _, v in sorted(layer.aux_losses.items())]
+        y.square().sum().backward()
+        results.append([y.detach(), xx.grad] + [p.grad.clone() for p in layer.parameters()] + aux)
+    return results
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", list(MODES))
-def test_compiled_layer_matches_eager(mode):
+def test_one_graph_forward_and_backward_on_every_backend(backend, mode, monkeypatch):
+    available(backend)
+    torch._dynamo.reset()
+    monkeypatch.setattr(backends, "_resolved", {})  # resolution happens while dynamo traces
+    fields = dict(d_model=16, d_ff=8, num_experts=4, top_k=2, backend=backend)
+    fields.update(MODES[mode])
+    layer = MoELayer(**fields)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, backend=counter, fullgraph=True)  # fullgraph: a graph break raises
+    got, want = eager_and_compiled(layer, compiled, torch.randn(2, 7, 16))
+    assert counter.frame_count == 1
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_compiled_layer_is_reused_across_batch_sizes(backend):
+    """Dynamic shapes: one compile serves every token count (no recompile per size)."""
+    available(backend)
+    torch._dynamo.reset()
+    layer = MoELayer(d_model=16, d_ff=8, num_experts=4, top_k=2, capacity_factor=1.25, backend=backend)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, backend=counter, fullgraph=True, dynamic=True)
+    compiles = []
+    for tokens in (5, 9, 17, 33, 64):
+        got, want = eager_and_compiled(layer, compiled, torch.randn(tokens, 16))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+        compiles.append(counter.frame_count)
+    # The first call compiles (dynamo may restart its analysis once inside that compile); no size after
+    # it compiles again.
+    assert compiles == [compiles[0]] * len(compiles) and compiles[0] <= 2
+
+
+@pytest.mark.parametrize("mode", ["dropless", "capacity-pad-shared-zloss", "heterogeneous-bias"])
+def test_inductor_matches_eager(mode):
+    """The default compiler (Inductor) too, with the aux losses."""
     torch._dynamo.reset()
     fields = dict(d_model=16, d_ff=8, num_experts=4, top_k=2)
     fields.update(MODES[mode])
     layer = MoELayer(**fields)
     compiled = torch.compile(layer, fullgraph=True)
     for shape in [(2, 8, 16), (3, 5, 16)]:  # the second shape exercises a re-trace / dynamic shapes
-        x = torch.randn(*shape, requires_grad=True)
-        y_c = compiled(x)
-        aux_c = {k: v.clone() for k, v in layer.aux_losses.items()}
-        y_c.square().sum().backward()
-        grads_c = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
-        x.grad = None
-        layer.zero_grad()
-        y_e = layer(x)
-        y_e.square().sum().backward()
-        grads_e = [x.grad] + [p.grad for p in layer.parameters()]
-        torch.testing.assert_close(y_c, y_e)
-        for a, b in zip(grads_c, grads_e):
+        got, want = eager_and_compiled(layer, compiled, torch.randn(*shape))
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
             torch.testing.assert_close(a, b)
-        for k in aux_c:
-            torch.testing.assert_close(aux_c[k], layer.aux_losses[k])
-        layer.zero_grad()

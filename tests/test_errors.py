@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fastmoe_kernels import BackendUnavailableError, MoEConfig, MoELayer, losses, set_value_checks
+from fastmoe_kernels import BackendUnavailableError, backends, MoEConfig, MoELayer, losses, set_value_checks
 from fastmoe_kernels.ops import grouped_gemm, make_plan, permute, route_topk, routing_stats, unpermute
 
 
@@ -177,11 +177,14 @@ def test_backend_checks(monkeypatch):
     x = torch.randn(4, 8)
     with pytest.raises(ValueError, match="backend"):
         route_topk(x, 2, backend="cupy")
+    monkeypatch.setattr(backends, "_env_backend", None)  # FASTMOE_BACKEND is read again
+    monkeypatch.setattr(backends, "_resolved", {})
     monkeypatch.setenv("FASTMOE_BACKEND", "bogus")
     with pytest.raises(ValueError, match="FASTMOE_BACKEND"):
         route_topk(x, 2)
     monkeypatch.setenv("FASTMOE_BACKEND", "torch")
     route_topk(x, 2)
+    monkeypatch.setattr(backends, "_env_backend", None)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(BackendUnavailableError, match="triton.*CUDA"):
         route_topk(x, 2, backend="triton")

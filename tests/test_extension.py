@@ -12,21 +12,21 @@ import torch
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
-# Runs in a subprocess: load the cuda backend, run a plan + gather on the CPU, print a checksum.
+# Runs in a subprocess: load the csrc kernels (backend cpp), run a plan + gather on the CPU, print a checksum.
 PROBE = textwrap.dedent("""
     import logging, sys, torch
     logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="LOG %(message)s")
     from fastmoe_kernels import backends, ops
-    ok, why = backends.availability("cuda", torch.device("cpu"))
+    ok, why = backends.availability("cpp", torch.device("cpu"))
     print("AVAILABLE", ok, why)
     if ok:
-        import fastmoe_kernels.cuda_backend as cb
+        import fastmoe_kernels.csrc_backend as cb
         print("MODULE", cb.extension.__name__)
         g = torch.Generator().manual_seed(0)
         idx = torch.randint(0, 8, (64, 2), generator=g).int()
-        plan = ops.make_plan(idx, 8, backend="cuda")
+        plan = ops.make_plan(idx, 8, backend="cpp")
         x = torch.randn(64, 16, generator=g)
-        print("CHECKSUM", float(ops.permute(x, plan, backend="cuda").sum()))
+        print("CHECKSUM", float(ops.permute(x, plan, backend="cpp").sum()))
 """)
 
 
@@ -40,7 +40,7 @@ def run_probe(env_overrides, cwd=REPO, pythonpath=None):
 
 @pytest.mark.slow
 def test_kernels_compile_with_nvrtc():
-    from fastmoe_kernels.cuda_backend.nvrtc import KERNEL_INSTANCES, compile_to_ptx, find_libnvrtc
+    from fastmoe_kernels.csrc_backend.nvrtc import KERNEL_INSTANCES, compile_to_ptx, find_libnvrtc
 
     if find_libnvrtc() is None:
         pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc, or a CUDA toolkit, enables this check)")
@@ -102,9 +102,9 @@ def test_no_compiler_falls_back_with_one_log_line(tmp_path):
 def cuda_ops():
     from fastmoe_kernels import backends
 
-    ok, why = backends.availability("cuda", torch.device("cpu"))
+    ok, why = backends.availability("cpp", torch.device("cpu"))
     if not ok:
-        pytest.skip(f"cuda backend unavailable: {why}")
+        pytest.skip(f"cpp backend unavailable: {why}")
     return torch.ops.fastmoe_C
 
 
@@ -141,3 +141,19 @@ def test_cpp_ops_never_touch_out_of_range_rows(cuda_ops):
     combined = torch.full((2, 4), float("nan"))
     cuda_ops.combine(y, row, None, False, combined)
     torch.testing.assert_close(combined, torch.stack([y[0], y[2]]))
+
+
+def test_one_list_of_sources_and_strict_floating_point():
+    """csrc/build.txt is the one list setup.py, the JIT loader and CMake read; its flags keep the row
+    kernels' sums bit-identical on CPU and GPU (no fast-math, no fused multiply-add contraction)."""
+    from fastmoe_kernels.csrc_backend._loader import csrc_dir, read_build_list
+
+    build = read_build_list(csrc_dir())
+    assert "--use_fast_math" not in build["nvcc_flags"] and "-fmad=false" in build["nvcc_flags"]
+    assert "-ffp-contract=off" in build["cxx_flags"]
+    sources = build["cpu_source"] + build["cuda_source"]
+    assert sources and all((csrc_dir() / s).is_file() for s in sources)
+    for reader in ("setup.py", "CMakeLists.txt"):
+        text = (REPO / reader).read_text()
+        assert "build.txt" in text, reader
+        assert not any(s in text for s in sources), f"{reader} lists sources of its own"

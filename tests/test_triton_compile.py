@@ -53,9 +53,16 @@ def test_every_layer_kernel_compiles_and_the_gemm_loop_is_pipelined(arch, tmp_pa
     kernels = json.loads(report.read_text())[f"sm_{arch}"]["kernels"]
     names = {k["kernel"] for k in kernels}
     # Every kernel family the layer launches, forward and backward, was reached and compiled.
-    for family in ("_route_topk_fwd_kernel", "_route_topk_bwd_kernel", "_block_count_kernel", "_place_kernel",
-                   "_gather_kernel", "_combine_kernel", "_rowdot_kernel", "_stats_kernel",
-                   "_grouped_matmul_kernel", "_grouped_wgrad_kernel"):
+    for family in ("_route_topk_fwd_kernel", "_route_topk_bwd_kernel", "_chunk_count_kernel", "_chunk_scan_kernel",
+                   "_expert_offsets_kernel", "_place_kernel", "_gather_kernel", "_combine_kernel", "_rowdot_kernel",
+                   "_stats_kernel", "_grouped_matmul_kernel", "_up_projection_kernel", "_activation_backward_kernel",
+                   "_grouped_wgrad_kernel"):
         assert family in names, f"{family} was never compiled: {sorted(names)}"
     if arch == 90:
-        assert any(k["wgmma"] for k in kernels if k["kernel"] == "_grouped_matmul_kernel"), "no wgmma on sm_90"
+        for gemm in ("_grouped_matmul_kernel", "_up_projection_kernel", "_activation_backward_kernel"):
+            assert any(k["wgmma"] for k in kernels if k["kernel"] == gemm), f"{gemm}: no wgmma on sm_90"
+    # Every autotuned launch kept configs whose real shared memory fits (the pruner's estimate holds).
+    for k in kernels:
+        for tuning in k["tuning"]:
+            if tuning["kept"]:
+                assert k["shared"] <= {80: 166912, 90: 232448}[arch], k

@@ -11,9 +11,12 @@ so the layer's outputs are meaningless here; only the compiled kernels are check
 
     python tests/triton_compile.py --arch 90 [--arch 80] [--json out.json]
 
-Exits non-zero when a kernel fails to compile, a kernel has no config that fits the target's
-shared memory or spills registers in every config, or a grouped GEMM's K loop is not
-software-pipelined; prints one line per compiled kernel.
+Exits non-zero when a kernel fails to compile; when a config that the autotuner's pruner keeps does
+not fit the target's shared memory (the pruner's estimate is too low), or variants that share an
+autotune key keep different configs (a config tuned on one would be reused for the other: the
+backward's shared-memory crash of a key that ignored a second operand); when a kernel has no
+usable config; or when a grouped GEMM's K loop is not software-pipelined. Prints one line per
+compiled kernel.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 from collections import defaultdict
+from typing import Optional
 
 os.environ.pop("TRITON_INTERPRET", None)  # must precede `import triton`: compile, do not interpret
 os.environ["FASTMOE_CHECKS"] = "0"  # value checks would read the (never written) kernel outputs
@@ -37,7 +41,9 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction, _patch_lang  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-GEMM_KERNELS = ("_grouped_matmul_kernel", "_grouped_wgrad_kernel")
+GEMM_KERNELS = ("_grouped_matmul_kernel", "_up_projection_kernel", "_activation_backward_kernel", "_grouped_wgrad_kernel")
+# A spill of a few registers outside the K loop costs nothing measurable; more makes a config unusable.
+SPILL_TOLERANCE = 64
 # Opt-in shared memory per block (bytes): A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
 SHARED_LIMIT = {80: 166912, 90: 232448}
 
@@ -62,16 +68,20 @@ class Recorder:
     def __init__(self):
         self.kernels = {}  # (name, config text) -> record
         self.failures = []
+        self.pruned = 0  # configs the pruners dropped (over the target's shared memory, or spilling accumulators)
 
-    def add(self, fn: JITFunction, compiled, kwargs: dict):
+    def add(self, fn: JITFunction, compiled, kwargs: dict, tuning: Optional[dict] = None):
         meta = compiled.metadata
         consts = {k: v for k, v in kwargs.items() if k.isupper() and isinstance(v, (int, bool, str))}
         key = (fn.__name__, json.dumps(consts, sort_keys=True), meta.num_warps, meta.num_stages)
         if key in self.kernels:
+            if tuning:
+                self.kernels[key].setdefault("tuning", []).append(tuning)
             return
         regs, spills = cubin_resources(compiled.asm.get("cubin"))
         ttgir = compiled.asm.get("ttgir", "")
         self.kernels[key] = dict(kernel=fn.__name__, constexprs=consts, num_warps=meta.num_warps,
+                                 tuning=[tuning] if tuning else [],
                                  num_stages=meta.num_stages, shared=meta.shared, registers=regs, spill_bytes=spills,
                                  # Software pipelining shows as asynchronous global→shared copies.
                                  async_copies=ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy"),
@@ -89,7 +99,7 @@ def _interpreter(fn: JITFunction) -> InterpretedFunction:
     return _interpreted[fn]
 
 
-def _compile(fn: JITFunction, args, kwargs) -> None:
+def _compile(fn: JITFunction, args, kwargs, tuning: Optional[dict] = None) -> None:
     kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
     try:
         compiled = _jit_run(fn, *args, grid=None, warmup=True, **kwargs)
@@ -97,7 +107,16 @@ def _compile(fn: JITFunction, args, kwargs) -> None:
         consts = {k: v for k, v in kwargs.items() if k.isupper()}
         RECORDER.failures.append(f"{fn.__name__} {consts}: {type(exc).__name__}: {str(exc)[:2000]}")
         return
-    RECORDER.add(fn, compiled, kwargs)
+    RECORDER.add(fn, compiled, kwargs, tuning)
+
+
+def autotune_key(tuner: Autotuner, args, kwargs) -> str:
+    """The key under which Triton's autotuner caches a tuned config: the values of the ``key``
+    arguments, then the dtypes of every tensor argument (Triton's own rule)."""
+    named = {k: v for k, v in {**dict(zip(tuner.arg_names, args)), **kwargs}.items() if k in tuner.arg_names}
+    key = [named[k] for k in tuner.keys if k in named]
+    key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+    return json.dumps([str(k) for k in key])
 
 
 def _compile_then_interpret(self, *args, grid, warmup, **kwargs):
@@ -109,14 +128,26 @@ def _compile_then_interpret(self, *args, grid, warmup, **kwargs):
 
 
 def _compile_every_config(self, *args, **kwargs):
-    # Compile each config (not only the winner of a benchmark); interpret with the first.
+    # Compile every config the pruner keeps for this launch (not only a benchmark's winner), noting its
+    # autotune key; count the pruned ones (never launched, so not compiled); interpret with the first.
     self.nargs = dict(zip(self.arg_names, args))
-    configs = self.prune_configs(kwargs)
-    for config in configs:
-        _compile(self.fn, args, {**kwargs, **config.all_kwargs()})
+    kept = self.prune_configs(kwargs)
+    key = autotune_key(self, args, kwargs)
+    RECORDER.pruned += len(self.configs) - len(kept)
+    for config in kept:
+        tuning = dict(key=key, kept=True, estimate=_estimate(self, config, args, kwargs))
+        _compile(self.fn, args, {**kwargs, **config.all_kwargs()}, tuning)
     self.nargs = None
     launch = {k: v for k, v in kwargs.items() if k != "warmup"}
-    _interpreter(self.fn).run(*args, warmup=False, **launch, **configs[0].all_kwargs())
+    _interpreter(self.fn).run(*args, warmup=False, **launch, **kept[0].all_kwargs())
+
+
+def _estimate(tuner: Autotuner, config, args, kwargs) -> Optional[int]:
+    """The pruner's shared-memory estimate for ``config`` at this launch (None without a pruner)."""
+    prune = getattr(tuner.early_config_prune, "estimate", None)
+    if prune is None:
+        return None
+    return prune(config, {**dict(zip(tuner.arg_names, args)), **kwargs})
 
 
 def _call_helper(self, *args, **kwargs):
@@ -178,12 +209,62 @@ def drive_layer(dtype: torch.dtype) -> None:
         dict(num_shared_experts=1, shared_d_ff=64, shared_expert_gate=True, normalize_topk=False),
     ]
     for extra in variants:
-        kw = dict(d_model=d, d_ff=32, num_experts=4, top_k=2, backend="triton")
-        kw.update(extra)
-        layer = MoELayer(**kw).to(dtype)
-        x = torch.randn(T, d, dtype=dtype, requires_grad=True)
-        y = layer(x)
-        y.backward(torch.ones_like(y))
+        _train_step(MoELayer, T, d, dtype, extra)
+    # The int64-offset variants (weights whose in-matrix offsets pass 2³¹) compile and pipeline too.
+    from fastmoe_kernels.triton_backend._layout import ExpertMatrices
+
+    int32_offsets = ExpertMatrices.offsets_64
+    ExpertMatrices.offsets_64 = property(lambda self: True)
+    try:
+        for extra in (dict(), dict(activation="geglu", bias=True, d_ff=[32, 64, 48, 16], fused_experts=False)):
+            _train_step(MoELayer, T, d, dtype, extra)
+    finally:
+        ExpertMatrices.offsets_64 = int32_offsets
+
+
+def _train_step(layer_cls, T: int, d: int, dtype: torch.dtype, extra: dict) -> None:
+    kw = dict(d_model=d, d_ff=32, num_experts=4, top_k=2, backend="triton")
+    kw.update(extra)
+    layer = layer_cls(**kw).to(dtype)
+    x = torch.randn(T, d, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    y.backward(torch.ones_like(y))
+
+
+def _variant(record: dict) -> str:
+    """A launch's constexprs without the tile sizes: which variant of a kernel it compiled."""
+    return json.dumps({k: v for k, v in record["constexprs"].items() if k not in ("BM", "BN", "BK")}, sort_keys=True)
+
+
+def check_configs(rows, limit: int) -> list:
+    """What would break or mislead autotuning on this target (see the module docstring)."""
+    problems = []
+    kept_by_key = defaultdict(lambda: defaultdict(set))  # (kernel, key) -> variant -> kept configs
+    usable = defaultdict(bool)  # (kernel, variant) -> some kept config fits without spilling
+    for r in rows:
+        r["fits"] = r["shared"] <= limit
+        config = (r["constexprs"].get("BM"), r["constexprs"].get("BN"), r["constexprs"].get("BK"),
+                  r["num_warps"], r["num_stages"])
+        variant = _variant(r)
+        if not r["tuning"]:  # not autotuned: its one config must fit
+            usable[(r["kernel"], variant)] |= r["fits"]
+        for t in r["tuning"]:
+            if not t["kept"]:
+                continue
+            kept_by_key[(r["kernel"], t["key"])][variant].add(config)
+            usable[(r["kernel"], variant)] |= r["fits"] and (r["spill_bytes"] or 0) <= SPILL_TOLERANCE
+            if not r["fits"]:
+                problems.append(f"{r['kernel']}: a kept config needs {r['shared']} bytes of shared memory > {limit} "
+                                f"(the pruner estimated {t['estimate']}) {r['constexprs']}")
+    for (kernel, key), variants in kept_by_key.items():
+        if len({frozenset(v) for v in variants.values()}) > 1:
+            problems.append(f"{kernel}: variants sharing autotune key {key} keep different configs "
+                            f"({len(variants)} variants): a config tuned on one would be reused for another")
+    for (kernel, variant), ok in usable.items():
+        if not ok:
+            problems.append(f"{kernel}: no kept config fits in shared memory without spilling more than "
+                            f"{SPILL_TOLERANCE} bytes {variant}")
+    return problems
 
 
 def main(argv=None) -> int:
@@ -197,6 +278,7 @@ def main(argv=None) -> int:
 
     from fastmoe_kernels import backends
     import fastmoe_kernels.triton_backend  # noqa: F401 - registers the triton kernels
+    from fastmoe_kernels.triton_backend import _common
 
     _prepare_interpreters([m for m in list(sys.modules)
                            if m.startswith(("fastmoe_kernels.triton_backend.", "triton.language"))])
@@ -206,42 +288,46 @@ def main(argv=None) -> int:
     Autotuner.run = _compile_every_config
     # The triton backend refuses CPU tensors unless interpreted; here nothing is launched.
     backends.availability = lambda backend, device: (True, "")
+    backends.set_default_backend("triton")
     print(f"triton {triton.__version__}, torch {torch.__version__}, targets sm_{arches}, dtypes {dtypes}")
     report = {}
     status = 0
     for arch in arches:
         RECORDER.kernels.clear()
         RECORDER.failures.clear()
+        RECORDER.pruned = 0
         triton.runtime.driver.set_active(CompileOnlyDriver(arch))
+        limit = SHARED_LIMIT.get(arch, SHARED_LIMIT[80])
+        _common.shared_memory_override = limit  # what the pruners compare with on this target
         for dtype in dtypes:
             drive_layer(dtype)
         rows = sorted(RECORDER.kernels.values(), key=lambda r: (r["kernel"], r["constexprs"].get("BM", 0)))
-        limit = SHARED_LIMIT.get(arch, SHARED_LIMIT[80])
-        fits = defaultdict(list)
+        problems = check_configs(rows, limit)
         for r in rows:
-            r["fits"] = r["shared"] <= limit
-            fits[r["kernel"]].append(r["fits"] and not r["spill_bytes"])
+            kept = any(t["kept"] for t in r["tuning"]) if r["tuning"] else True
+            estimate = max((t["estimate"] or 0 for t in r["tuning"]), default=None)
             print(f"sm_{arch} {r['kernel']:<28} warps={r['num_warps']} stages={r['num_stages']} "
-                  f"shared={r['shared']:>6} async={r['async_copies']} wgmma={r['wgmma']} regs={r['registers']} spills={r['spill_bytes']} "
+                  f"shared={r['shared']:>6} estimate={estimate} async={r['async_copies']} wgmma={r['wgmma']} "
+                  f"regs={r['registers']} spills={r['spill_bytes']} {'' if kept else 'PRUNED '}"
                   f"{'' if r['fits'] else 'EXCEEDS SHARED MEMORY '}{r['constexprs']}")
         for failure in RECORDER.failures:
             print(f"sm_{arch} COMPILE FAILURE {failure}")
-        unusable = [name for name, ok in fits.items() if not any(ok)]
-        for name in unusable:
-            print(f"sm_{arch} {name}: no config fits in shared memory without spilling")
+        for problem in problems:
+            print(f"sm_{arch} {problem}")
         # A GEMM whose sizes and offsets are multiples of 8 elements must have its K loop
         # software-pipelined (asynchronous copies); one that is not has lost an alignment or
         # contiguity fact. (Odd widths cannot be vector-loaded, so they are exempt.)
         unpipelined = [r for r in rows if r["kernel"] in GEMM_KERNELS and r["async_copies"] == 0
-                       and min(v for k, v in r["constexprs"].items() if k.endswith("_ALIGN")) >= 8]
+                       and min(v for k, v in r["constexprs"].items() if k.endswith("_ALIGN")) >= 8
+                       and any(t["kept"] for t in r["tuning"])]
         for r in unpipelined:
             print(f"sm_{arch} {r['kernel']}: K loop not pipelined (no async copies) {r['constexprs']}")
-        print(f"sm_{arch}: {len(rows)} kernels compiled, {len(RECORDER.failures)} failures, "
-              f"{sum(not r['fits'] for r in rows)} configs over the shared-memory limit (the autotuner skips them), "
+        print(f"sm_{arch}: {len(rows)} kernels compiled ({RECORDER.pruned} launch configs pruned before compiling), "
+              f"{len(RECORDER.failures)} failures, {len(problems)} config problems, "
               f"{sum(bool(r['spill_bytes']) for r in rows)} with spills, {len(unpipelined)} GEMMs not pipelined")
-        if RECORDER.failures or unusable or unpipelined or not rows:
+        if RECORDER.failures or problems or unpipelined or not rows:
             status = 1
-        report[f"sm_{arch}"] = dict(kernels=rows, failures=list(RECORDER.failures))
+        report[f"sm_{arch}"] = dict(kernels=rows, failures=list(RECORDER.failures), problems=problems)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

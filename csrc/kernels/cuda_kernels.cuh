@@ -448,8 +448,9 @@ __global__ void routing_stats_partial_kernel(const float* __restrict__ probs, co
                                              i64 tokens_per_segment, int E, int k, int tokens_per_block,
                                              int blocks_per_segment, float* __restrict__ partial_tokens,
                                              float* __restrict__ partial_probs) {
-  const int segment = blockIdx.y;
-  const int block = blockIdx.x;
+  // One flat grid axis (a grid's y axis stops at 65,535; one segment per sequence can pass it).
+  const int segment = int(blockIdx.x / unsigned(blocks_per_segment));
+  const int block = int(blockIdx.x % unsigned(blocks_per_segment));
   const i64 first = i64(segment) * tokens_per_segment + i64(block) * tokens_per_block;
   const i64 end_local = (i64(block) + 1) * tokens_per_block < tokens_per_segment ? (i64(block) + 1) * tokens_per_block
                                                                                  : tokens_per_segment;

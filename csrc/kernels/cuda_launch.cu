@@ -293,7 +293,7 @@ cudaError_t routing_stats(const float* probs, const int* idx, i64 num_tokens, in
   const i64 blocks = stats_blocks(num_tokens, num_segments);
   float* partial_tokens = static_cast<float*>(workspace);
   float* partial_probs = partial_tokens + size_t(num_segments) * size_t(blocks) * size_t(E);
-  const dim3 grid{unsigned(blocks), unsigned(num_segments), 1u};
+  const unsigned grid = unsigned(blocks * num_segments);
   routing_stats_partial_kernel<<<grid, 256, 0, stream>>>(probs, idx, per_segment, E, k, kStatsTokensPerBlock,
                                                          int(blocks), partial_tokens, partial_probs);
   const i64 outputs = i64(num_segments) * E;

@@ -29,7 +29,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="smoke (seconds), quick (minutes on a CPU) or full (GPU); default: full on a GPU, else quick")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", default=None, help="output folder (default: fastmoe-bench-out/<date>)")
-    p.add_argument("--backends", default=None, help="comma-separated subset of torch,triton,cuda")
+    p.add_argument("--backends", default=None, help="comma-separated subset of torch,triton,cuda,cpp")
     p.add_argument("--sweeps", default=None, help="comma-separated sweeps to run (default: all)")
     p.add_argument("--no-ops", action="store_true", help="skip the per-op breakdown")
     p.add_argument("--no-baselines", action="store_true", help="skip the baselines")

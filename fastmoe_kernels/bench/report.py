@@ -6,6 +6,8 @@ from collections import defaultdict
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 OP_ORDER = ["route", "plan", "permute", "grouped_up", "grouped_down", "unpermute"]
+# Our implementations as the results name them: each backend, and Triton with the experts unfused.
+OUR_IMPLS = ("torch", "triton", "triton-unfused", "cuda", "cpp")
 SWEEP_AXES = {  # sweep → (row field on the x axis, label, log scale)
     "experts": ("num_experts", "number of experts E (fixed active params)", True),
     "top_k": ("top_k", "top-k (sparsity E/k falls; fixed total params)", True),
@@ -15,10 +17,6 @@ SWEEP_AXES = {  # sweep → (row field on the x axis, label, log scale)
     "d_model": ("d_model", "d_model", True),
     "capacity": ("capacity_factor", "capacity factor", False),
 }
-
-
-def _get(row: Mapping, key: str):
-    return row.get(key) if isinstance(row, Mapping) else getattr(row, key)
 
 
 def _rows(rows: Iterable) -> List[Dict[str, object]]:
@@ -48,7 +46,7 @@ def headline(rows: Iterable, mode: str = "fwd+bwd") -> List[Dict[str, object]]:
         if r["case"] == case and r["sweep"] == sweep and r["mode"] == mode and r["op"] in ("layer", "experts"):
             table.append({k: r[k] for k in ("op", "impl", "median_ms", "tflops", "dense_ratio", "peak_mem_mb")})
     best_baseline = min((t["median_ms"] for t in table if t["op"] == "experts" and t["impl"] not in
-                         ("torch", "triton", "triton-unfused", "cuda")), default=None)
+                         OUR_IMPLS), default=None)
     for t in table:
         t["vs_best_baseline"] = (best_baseline / t["median_ms"]) if (best_baseline and t["op"] == "experts") else None
     table.sort(key=lambda t: (t["op"], t["median_ms"]))
@@ -86,7 +84,7 @@ def plot_all(rows: Iterable, folder: pathlib.Path) -> List[pathlib.Path]:
         fig, (ax_t, ax_r) = plt.subplots(1, 2, figsize=(12, 4.5))
         series = defaultdict(list)
         for r in sel:
-            if r["op"] == "layer" or r["impl"] not in ("torch", "triton", "triton-unfused", "cuda"):
+            if r["op"] == "layer" or r["impl"] not in OUR_IMPLS:
                 series[f"{r['op']}:{r['impl']}"].append((r[field], r["median_ms"], r["dense_ratio"]))
         for name, pts in sorted(series.items()):
             pts.sort()

@@ -56,6 +56,3 @@ def preset(name: str, **overrides) -> Accounting:
     args.update(overrides)
     return account(**args)
 
-
-def preset_args(name: str) -> dict:
-    return dict(PRESETS[name.lower()]["args"])

@@ -1,5 +1,5 @@
 """The op layer: one function per op, each a torch.library custom op with a backward and a
-fake (meta) implementation, dispatching to the ``torch`` / ``triton`` / ``cuda`` backends."""
+fake (meta) implementation; ``backends.resolve`` picks the implementation of each kernel."""
 from .grouped_gemm import grouped_gemm
 from .grouped_mlp import grouped_mlp
 from .moe_mlp import moe_mlp

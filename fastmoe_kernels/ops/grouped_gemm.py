@@ -25,8 +25,9 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from .._shapes import grouped_gemm_output_width
 from .._checks import (
-    FLOAT_DTYPES, INDEX_DTYPES, accum_dtype, check_choice, check_tensor, value_checks_enabled,
+    FLOAT_DTYPES, INDEX_DTYPES, accum_dtype, check_choice, check_tensor, check_values,
 )
 
 PACKINGS = ("", "n", "k")
@@ -51,19 +52,11 @@ def expert_bias(bias: Tensor, e: int, widths: Sequence[int], packed: str, starts
     return bias[starts[e]:starts[e] + widths[e]] if packed == "n" else bias[e]
 
 
-def output_width(a: Tensor, b: Tensor, trans_b: bool, widths: Sequence[int], packed: str) -> int:
-    if packed == "n":
-        return max(widths) if widths else 0
-    if packed == "k":
-        return b.shape[0] if trans_b else b.shape[1]
-    return b.shape[1] if trans_b else b.shape[2]
-
-
 def grouped_gemm_reference(
     a: Tensor, b: Tensor, offsets: Tensor, trans_b: bool, bias: Optional[Tensor], widths: List[int], packed: str
 ) -> Tensor:
     """Reference forward: a loop over experts (one host sync to read ``offsets``)."""
-    out = a.new_zeros(a.shape[0], output_width(a, b, trans_b, widths, packed))
+    out = a.new_zeros(a.shape[0], grouped_gemm_output_width(b, trans_b, widths, packed))
     bounds = offsets.tolist()
     starts = _starts(widths)
     for e in range(len(bounds) - 1):
@@ -106,24 +99,24 @@ def grouped_gemm_wgrad_reference(
     return grad_b, grad_bias
 
 
-backends.register_kernel("grouped_gemm", "torch")(grouped_gemm_reference)
-backends.register_kernel("grouped_gemm_wgrad", "torch")(grouped_gemm_wgrad_reference)
+backends.register("grouped_gemm", "torch")(grouped_gemm_reference)
+backends.register("grouped_gemm_wgrad", "torch")(grouped_gemm_wgrad_reference)
 
 
 @torch.library.custom_op("fastmoe::grouped_gemm", mutates_args=())
 def _grouped_gemm_op(
     a: Tensor, b: Tensor, offsets: Tensor, trans_b: bool, bias: Optional[Tensor], widths: List[int], packed: str,
-    backend: str,
+    backend_names: str,
 ) -> Tensor:
     # Value checks live inside the op, where torch.compile does not trace them.
-    if value_checks_enabled():
-        _check_offsets("grouped_gemm", offsets, a.shape[0])
-    return backends.get_kernel("grouped_gemm", backend)(a, b, offsets, trans_b, bias, widths, packed)
+    check_offsets("grouped_gemm", offsets, a.shape[0])
+    forward = backend_names.split(",")[0]
+    return backends.get_kernel("grouped_gemm", forward)(a, b, offsets, trans_b, bias, widths, packed)
 
 
 @_grouped_gemm_op.register_fake
-def _(a, b, offsets, trans_b, bias, widths, packed, backend):
-    return a.new_empty((a.shape[0], output_width(a, b, trans_b, widths, packed)))
+def _(a, b, offsets, trans_b, bias, widths, packed, backend_names):
+    return a.new_empty((a.shape[0], grouped_gemm_output_width(b, trans_b, widths, packed)))
 
 
 @torch.library.custom_op("fastmoe::grouped_gemm_wgrad", mutates_args=())
@@ -147,24 +140,27 @@ def _(a, grad, offsets, trans_b, has_bias, widths, packed, b_shape, backend):
 
 
 def _setup(ctx, inputs, output):
-    a, b, offsets, trans_b, bias, widths, packed, backend = inputs
+    a, b, offsets, trans_b, bias, widths, packed, backend_names = inputs
     ctx.save_for_backward(a, b, offsets)
-    ctx.trans_b, ctx.widths, ctx.packed, ctx.backend = trans_b, widths, packed, backend
+    ctx.trans_b, ctx.widths, ctx.packed, ctx.backend_names = trans_b, widths, packed, backend_names
     ctx.has_bias = bias is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
 def _backward(ctx, grad):
     a, b, offsets = ctx.saved_tensors
+    forward, dgrad, wgrad, dgrad_wgrad = ctx.backend_names.split(",")
     grad = grad.contiguous()
     grad_a = grad_b = grad_bias = None
     if ctx.needs_input_grad[0]:
+        # The input gradient is the same op with trans_b and the packing flipped (its own backward
+        # flips them back).
         grad_a = _grouped_gemm_op(
-            grad, b, offsets, not ctx.trans_b, None, ctx.widths, _FLIP[ctx.packed], ctx.backend
+            grad, b, offsets, not ctx.trans_b, None, ctx.widths, _FLIP[ctx.packed], ",".join([dgrad, forward, dgrad_wgrad, wgrad])
         )
     if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[4]):
         grad_b, grad_bias = _grouped_gemm_wgrad_op(
-            a, grad, offsets, ctx.trans_b, ctx.has_bias, ctx.widths, ctx.packed, list(b.shape), ctx.backend
+            a, grad, offsets, ctx.trans_b, ctx.has_bias, ctx.widths, ctx.packed, list(b.shape), wgrad
         )
         grad_b = grad_b.to(b.dtype)
         grad_bias = grad_bias.to(ctx.bias_dtype) if ctx.has_bias else None
@@ -172,6 +168,18 @@ def _backward(ctx, grad):
 
 
 _grouped_gemm_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _resolve_all(requested: Optional[str], a: Tensor, K: int, N: int, packed: str) -> str:
+    """Backends of the forward, the input gradient, the weight gradient and the latter's twin for
+    the input gradient's own backward, comma-separated (an op argument)."""
+    def resolve(kernel, packing, k_dim, n_dim):
+        return backends.resolve(kernel, requested, a.device, a.dtype, packed=packing, k_dim=k_dim, n_dim=n_dim,
+                                element_size=a.element_size())
+
+    flipped = _FLIP[packed]
+    return ",".join([resolve("grouped_gemm", packed, K, N), resolve("grouped_gemm", flipped, N, K),
+                     resolve("grouped_gemm_wgrad", packed, K, N), resolve("grouped_gemm_wgrad", flipped, N, K)])
 
 
 def grouped_gemm(
@@ -220,12 +228,21 @@ def grouped_gemm(
         check_tensor(where, "b", b, ndim=2, shape=expected)
     if bias is not None:
         check_tensor(where, "bias", bias, dtypes=FLOAT_DTYPES, ndim=len(bias_shape), shape=bias_shape, device=a.device)
-    backend_name = backends.resolve("grouped_gemm", backend, a.device)
-    return _grouped_gemm_op(a.contiguous(), b, offsets, bool(trans_b), bias, widths, packed, backend_name)
+    N = grouped_gemm_output_width(b, trans_b, widths, packed)
+    names = _resolve_all(backend, a, int(K), int(N), packed)
+    return _grouped_gemm_op(a.contiguous(), b, offsets, bool(trans_b), bias, widths, packed, names)
 
 
-def _check_offsets(where: str, offsets: Tensor, num_rows: int) -> None:
-    if offsets.numel() and (bool((offsets[1:] < offsets[:-1]).any()) or int(offsets[0]) < 0 or int(offsets[-1]) > num_rows):
-        raise ValueError(
-            f"{where}: `offsets` must be non-decreasing within [0, R={num_rows}], got {offsets.tolist()[:16]}..."
-        )
+def check_offsets(where: str, offsets: Tensor, num_rows: int) -> None:
+    """Value check: ``offsets`` non-decreasing within [0, num_rows]."""
+    if offsets.numel() == 0:
+        return
+
+    def stats():
+        bad = (offsets[1:] < offsets[:-1]).any() | (offsets[0] < 0) | (offsets[-1] > num_rows)
+        return torch.cat([bad.long().reshape(1), offsets[:16].long()])
+
+    def message(values):
+        return f"{where}: `offsets` must be non-decreasing within [0, R={num_rows}], got {values[1:]}..."
+
+    check_values(offsets.device, stats, message)

@@ -9,8 +9,8 @@ Weights (out × in, like nn.Linear and Hugging Face's experts):
   experts, expert 0 first, then (gated only) their up rows — and ``w_down [d, Σf]``; biases
   ``b_up [m·Σf]`` in the same order, ``b_down [E, d]``.
 
-A backend may register a fused ``grouped_mlp`` kernel (activation in the GEMM epilogue, recompute in
-the backward); otherwise this composes ``grouped_gemm`` and the activation, which is the reference.
+It composes ``grouped_gemm`` (each product on the backend resolution picks) and the activation; the
+fused form of the experts, with the activation in the GEMM epilogue, is ``moe_mlp``.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from typing import Optional, Sequence
 
 from torch import Tensor
 
-from .. import backends
 from ..activations import apply_activation, apply_gated, is_gated
 from .grouped_gemm import grouped_gemm
 
@@ -36,10 +35,6 @@ def grouped_mlp(
     backend: Optional[str] = None,
 ) -> Tensor:
     """Apply expert e's MLP to rows ``offsets[e]:offsets[e+1]`` of ``x``. Differentiable."""
-    name = backends.resolve("grouped_mlp", backend, x.device)
-    if name != "torch":
-        fused = backends.get_kernel("grouped_mlp", name)
-        return fused(x, w_up, w_down, offsets, activation, b_up, b_down, widths, name)
     if widths is None:
         h = grouped_gemm(x, w_up, offsets, trans_b=True, bias=b_up, backend=backend)
         a = apply_activation(h, activation)

@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..activations import is_gated
+from ..activations import apply_activation, is_gated
+from .grouped_gemm import grouped_gemm_reference
 from .grouped_mlp import grouped_mlp
-from .permute import permute, unpermute
+from .permute import combine_reference, permute, permute_reference, unpermute
 from .plan import DispatchPlan
 
 
@@ -33,14 +34,15 @@ def _hidden_width(w_down: Tensor, widths: List[int]) -> int:
 def _moe_mlp_op(
     x: Tensor, w_up: Tensor, w_down: Tensor, b_up: Optional[Tensor], b_down: Optional[Tensor], weight: Tensor,
     row: Tensor, assignment: Tensor, offsets: Tensor, activation: str, widths: List[int], save_for_backward: bool,
-    backend: str,
+    backend: str, backward_backend: str,
 ) -> tuple[Tensor, Tensor]:
     fn = backends.get_kernel("moe_mlp", backend)
     return fn(x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, activation, widths, save_for_backward)
 
 
 @_moe_mlp_op.register_fake
-def _(x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, activation, widths, save_for_backward, backend):
+def _(x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, activation, widths, save_for_backward, backend,
+      backward_backend):
     m = 2 if is_gated(activation) else 1
     h_shape = (assignment.shape[0], m * _hidden_width(w_down, widths)) if save_for_backward else (0,)
     return torch.empty_like(x), x.new_empty(h_shape)
@@ -65,9 +67,9 @@ def _(grad_out, x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets,
 
 
 def _setup(ctx, inputs, output):
-    x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, activation, widths, _save, backend = inputs
+    x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, activation, widths, _save, _fwd, backward = inputs
     ctx.save_for_backward(x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, output[1])
-    ctx.activation, ctx.widths, ctx.backend = activation, widths, backend
+    ctx.activation, ctx.widths, ctx.backend = activation, widths, backward
 
 
 def _backward(ctx, grad_out, _grad_h):
@@ -78,10 +80,69 @@ def _backward(ctx, grad_out, _grad_h):
     )
     grad_x, grad_w_up, grad_w_down, grad_b_up, grad_b_down, grad_weight = grads
     return (grad_x, grad_w_up, grad_w_down, grad_b_up if b_up is not None else None,
-            grad_b_down if b_down is not None else None, grad_weight, None, None, None, None, None, None, None)
+            grad_b_down if b_down is not None else None, grad_weight, None, None, None, None, None, None, None, None)
 
 
 _moe_mlp_op.register_autograd(_backward, setup_context=_setup)
+
+
+def moe_mlp_reference(x, plan, weight, w_up, w_down, activation="swiglu", b_up=None, b_down=None, *, widths=None,
+                      backend=None) -> Tensor:
+    """The definition: permute → grouped_mlp → unpermute, each op on the backend resolution picks."""
+    x_perm = permute(x, plan, backend=backend)
+    y_perm = grouped_mlp(x_perm, w_up, w_down, plan.offsets, activation, b_up, b_down, widths=widths, backend=backend)
+    return unpermute(y_perm, plan, weight, backend=backend)
+
+
+# ---- the fused kernels' contract, as references -------------------------------------------------
+# ops.moe_mlp runs the composition above itself when resolution picks "torch" (so that each of its
+# ops can still run on the backend resolution picks for it); these two are the specification of the
+# fused kernels' own signature, which the kernel tests compare against.
+def _pre_activation(x_perm, w_up, b_up, offsets, activation, widths):
+    """``[gate | up]`` (or the one projection) of each row, ``[R, m·max f]``."""
+    if not widths:
+        return grouped_gemm_reference(x_perm, w_up, offsets, True, b_up, [], "")
+    total = sum(widths)
+    halves = [(w_up[:total], None if b_up is None else b_up[:total])]
+    if is_gated(activation):
+        halves.append((w_up[total:], None if b_up is None else b_up[total:]))
+    return torch.cat([grouped_gemm_reference(x_perm, w, offsets, True, b, widths, "n") for w, b in halves], dim=1)
+
+
+def _expert_outputs(x, w_up, w_down, b_up, b_down, row, assignment, offsets, activation, widths):
+    k = row.shape[1]
+    src = torch.where(assignment >= 0, torch.div(assignment, k, rounding_mode="floor"), -1)
+    h = _pre_activation(permute_reference(x, src), w_up.to(x.dtype), None if b_up is None else b_up.to(x.dtype),
+                        offsets, activation, widths)
+    y = grouped_gemm_reference(apply_activation(h, activation), w_down.to(x.dtype), offsets, True,
+                               None if b_down is None else b_down.to(x.dtype), widths, "k" if widths else "")
+    return h, y
+
+
+def moe_mlp_fused_reference(x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, activation, widths, save):
+    """``(out [T, d], h)``: the combined expert outputs, and the pre-activation ``[R, m·f]`` when ``save``."""
+    h, y = _expert_outputs(x, w_up, w_down, b_up, b_down, row, assignment, offsets, activation, widths)
+    return combine_reference(y, row, weight), (h if save else x.new_empty(0))
+
+
+def moe_mlp_backward_reference(grad_out, x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, h,
+                               activation, widths):
+    """Gradients of ``moe_mlp_fused_reference``'s output: ``(x, w_up, w_down, b_up, b_down, weight)``,
+    empty tensors for absent biases."""
+    inputs = [t for t in (x, w_up, w_down, b_up, b_down, weight) if t is not None]
+
+    def output(*tensors):
+        it = iter(tensors)
+        args = [next(it) if t is not None else None for t in (x, w_up, w_down, b_up, b_down, weight)]
+        return moe_mlp_fused_reference(*args, row, assignment, offsets, activation, widths, False)[0]
+
+    with torch.enable_grad():
+        grads = iter(torch.autograd.functional.vjp(output, tuple(inputs), grad_out)[1])
+    return tuple(next(grads) if t is not None else x.new_empty(0) for t in (x, w_up, w_down, b_up, b_down, weight))
+
+
+backends.register("moe_mlp", "torch")(moe_mlp_fused_reference)
+backends.register("moe_mlp_backward", "torch")(moe_mlp_backward_reference)
 
 
 def moe_mlp(
@@ -103,15 +164,14 @@ def moe_mlp(
     ``fused`` None uses the fused kernels when the backend has them, False forces the composition
     of permute / grouped_mlp / unpermute (the benchmark suite compares the two).
     """
-    name = backends.resolve("moe_mlp", backend, x.device)
-    if fused is False or name == "torch" or x.dtype == torch.float64:
-        x_perm = permute(x, plan, backend=backend)
-        y_perm = grouped_mlp(x_perm, w_up, w_down, plan.offsets, activation, b_up, b_down, widths=widths, backend=backend)
-        return unpermute(y_perm, plan, weight, backend=backend)
+    name = "torch" if fused is False else backends.resolve("moe_mlp", backend, x.device, x.dtype)
+    if name == "torch":
+        return moe_mlp_reference(x, plan, weight, w_up, w_down, activation, b_up, b_down, widths=widths, backend=backend)
+    backward = backends.resolve("moe_mlp_backward", backend, x.device, x.dtype)
     tensors = [t for t in (x, w_up, w_down, b_up, b_down, weight) if t is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     out, _ = _moe_mlp_op(
         x.contiguous(), w_up, w_down, b_up, b_down, weight.contiguous(), plan.row, plan.assignment, plan.offsets,
-        activation, list(widths) if widths is not None else [], needs_grad, name,
+        activation, list(widths) if widths is not None else [], needs_grad, name, backward,
     )
     return out

@@ -62,19 +62,19 @@ def unpermute_backward_reference(
     return grad_y.to(y.dtype), grad_weight
 
 
-backends.register_kernel("permute", "torch")(permute_reference)
-backends.register_kernel("combine", "torch")(combine_reference)
-backends.register_kernel("unpermute_backward", "torch")(unpermute_backward_reference)
+backends.register("permute", "torch")(permute_reference)
+backends.register("combine", "torch")(combine_reference)
+backends.register("unpermute_backward", "torch")(unpermute_backward_reference)
 
 
 # ---- permute ---------------------------------------------------------------------------------
 @torch.library.custom_op("fastmoe::permute", mutates_args=())
-def _permute_op(x: Tensor, src: Tensor, row: Tensor, backend: str) -> Tensor:
+def _permute_op(x: Tensor, src: Tensor, row: Tensor, backend: str, backward_backend: str) -> Tensor:
     return backends.get_kernel("permute", backend)(x, src)
 
 
 @_permute_op.register_fake
-def _(x, src, row, backend):
+def _(x, src, row, backend, backward_backend):
     return x.new_empty((src.shape[0], x.shape[1]))
 
 
@@ -89,15 +89,15 @@ def _(y, row, weight, backend):
 
 
 def _permute_setup(ctx, inputs, output):
-    _x, _src, row, backend = inputs
+    _x, _src, row, _backend, backward_backend = inputs
     ctx.save_for_backward(row)
-    ctx.backend = backend
+    ctx.backend = backward_backend
 
 
 def _permute_backward(ctx, grad):
     (row,) = ctx.saved_tensors
     no_weight = grad.new_empty(0, dtype=torch.float32)
-    return _combine_op(grad.contiguous(), row, no_weight, ctx.backend), None, None, None
+    return _combine_op(grad.contiguous(), row, no_weight, ctx.backend), None, None, None, None
 
 
 _permute_op.register_autograd(_permute_backward, setup_context=_permute_setup)
@@ -105,12 +105,13 @@ _permute_op.register_autograd(_permute_backward, setup_context=_permute_setup)
 
 # ---- unpermute -------------------------------------------------------------------------------
 @torch.library.custom_op("fastmoe::unpermute", mutates_args=())
-def _unpermute_op(y: Tensor, row: Tensor, weight: Tensor, assignment: Tensor, backend: str) -> Tensor:
+def _unpermute_op(y: Tensor, row: Tensor, weight: Tensor, assignment: Tensor, backend: str,
+                  backward_backend: str) -> Tensor:
     return backends.get_kernel("combine", backend)(y, row, weight)
 
 
 @_unpermute_op.register_fake
-def _(y, row, weight, assignment, backend):
+def _(y, row, weight, assignment, backend, backward_backend):
     return y.new_empty((row.shape[0], y.shape[1]))
 
 
@@ -127,16 +128,16 @@ def _(grad_out, y, row, weight, assignment, backend):
 
 
 def _unpermute_setup(ctx, inputs, output):
-    y, row, weight, assignment, backend = inputs
+    y, row, weight, assignment, _backend, backward_backend = inputs
     ctx.save_for_backward(y, row, weight, assignment)
-    ctx.backend = backend
+    ctx.backend = backward_backend
     ctx.weight_dtype = weight.dtype
 
 
 def _unpermute_backward(ctx, grad_out):
     y, row, weight, assignment = ctx.saved_tensors
     grad_y, grad_weight = _unpermute_backward_op(grad_out.contiguous(), y, row, weight, assignment, ctx.backend)
-    return grad_y, None, grad_weight.to(ctx.weight_dtype), None, None
+    return grad_y, None, grad_weight.to(ctx.weight_dtype), None, None, None
 
 
 _unpermute_op.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
@@ -156,8 +157,9 @@ def permute(x: Tensor, plan: DispatchPlan, *, backend: Optional[str] = None) -> 
     check_tensor(where, "x", x, ndim=2, dtypes=FLOAT_DTYPES)
     _check_plan(where, plan, x.device)
     check_tensor(where, "x", x, shape=(plan.row.shape[0], None))
-    backend_name = backends.resolve("permute", backend, x.device)
-    return _permute_op(x.contiguous(), plan.src, plan.row, backend_name)
+    forward = backends.resolve("permute", backend, x.device, x.dtype)
+    backward = backends.resolve("combine", backend, x.device, x.dtype)
+    return _permute_op(x.contiguous(), plan.src, plan.row, forward, backward)
 
 
 def unpermute(y: Tensor, plan: DispatchPlan, weight: Tensor, *, backend: Optional[str] = None) -> Tensor:
@@ -170,5 +172,6 @@ def unpermute(y: Tensor, plan: DispatchPlan, weight: Tensor, *, backend: Optiona
     _check_plan(where, plan, y.device)
     check_tensor(where, "y", y, shape=(plan.num_rows, None))
     check_tensor(where, "weight", weight, ndim=2, dtypes=FLOAT_DTYPES, shape=tuple(plan.row.shape), device=y.device)
-    backend_name = backends.resolve("combine", backend, y.device)
-    return _unpermute_op(y.contiguous(), plan.row, weight.contiguous(), plan.assignment, backend_name)
+    forward = backends.resolve("combine", backend, y.device, y.dtype)
+    backward = backends.resolve("unpermute_backward", backend, y.device, y.dtype)
+    return _unpermute_op(y.contiguous(), plan.row, weight.contiguous(), plan.assignment, forward, backward)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from .._shapes import num_plan_rows
 from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_ids_in_range, check_int, check_tensor
 
 DROP_POLICIES = ("probs", "position")
@@ -46,15 +47,6 @@ def capacity_from_ratio(num_tokens, num_experts: int, top_k: int, ratio: tuple[i
 def expert_capacity(num_tokens, num_experts: int, top_k: int, capacity_factor: float):
     """``C = ceil(capacity_factor · T · k / E)`` (GShard / Megatron-Core), computed exactly."""
     return capacity_from_ratio(num_tokens, num_experts, top_k, capacity_ratio(capacity_factor))
-
-
-def num_plan_rows(num_tokens, top_k: int, num_experts: int, capacity: int, pad: bool):
-    """R, the number of rows of the permuted layout (static: never depends on the routing)."""
-    if capacity < 0:
-        return num_tokens * top_k
-    if pad:
-        return num_experts * capacity
-    return torch.sym_min(num_tokens * top_k, num_experts * capacity)
 
 
 @dataclass
@@ -158,7 +150,7 @@ def make_plan_reference(
     return counts.to(i32), routed[:E].to(i32), offsets.to(i32), row.view(T, k).to(i32), assignment[:R].to(i32)
 
 
-backends.register_kernel("make_plan", "torch")(make_plan_reference)
+backends.register("make_plan", "torch")(make_plan_reference)
 
 
 @torch.library.custom_op("fastmoe::make_plan", mutates_args=())
@@ -222,7 +214,7 @@ def make_plan(
             check_tensor(where, "weight", weight, ndim=2, dtypes=FLOAT_DTYPES, shape=(T, k), device=expert_idx.device)
     if isinstance(T, int) and T * k >= 2**31:
         raise ValueError(f"{where}: T·k = {T * k} assignments exceeds the int32 row index range")
-    backend_name = backends.resolve("make_plan", backend, expert_idx.device)
+    backend_name = backends.resolve("make_plan", backend, expert_idx.device, None, num_experts=int(num_experts))
     counts, routed, offsets, row, assignment = _make_plan_op(
         expert_idx, num_experts, capacity, drop_policy, weight if capacity >= 0 and drop_policy == "probs" else None,
         bool(pad), backend_name,

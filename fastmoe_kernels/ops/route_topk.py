@@ -125,8 +125,8 @@ def route_topk_backward_reference(
     return grad_logits.to(logits.dtype)
 
 
-backends.register_kernel("route_topk", "torch")(route_topk_reference)
-backends.register_kernel("route_topk_backward", "torch")(route_topk_backward_reference)
+backends.register("route_topk", "torch")(route_topk_reference)
+backends.register("route_topk_backward", "torch")(route_topk_backward_reference)
 
 
 @torch.library.custom_op("fastmoe::route_topk", mutates_args=())
@@ -141,6 +141,7 @@ def _route_topk_op(
     scaling: float,
     return_probs: bool,
     backend: str,
+    backward_backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     check_finite("route_topk", "logits", logits)
     fn = backends.get_kernel("route_topk", backend)
@@ -148,7 +149,8 @@ def _route_topk_op(
 
 
 @_route_topk_op.register_fake
-def _(logits, k, score, normalize, expert_bias, num_groups, topk_groups, scaling, return_probs, backend):
+def _(logits, k, score, normalize, expert_bias, num_groups, topk_groups, scaling, return_probs, backend,
+      backward_backend):
     T, E = logits.shape
     idx = logits.new_empty((T, k), dtype=torch.int32)
     weight = logits.new_empty((T, k), dtype=_router_dtype(logits))
@@ -177,11 +179,11 @@ def _(grad_weight, grad_probs, logits, expert_idx, score, normalize, scaling, ba
 
 
 def _setup_context(ctx, inputs, output):
-    logits, _k, score, normalize, _bias, _g, _tg, scaling, return_probs, backend = inputs
+    logits, _k, score, normalize, _bias, _g, _tg, scaling, return_probs, _backend, backward_backend = inputs
     expert_idx = output[0]
     ctx.save_for_backward(logits, expert_idx)
     ctx.score, ctx.normalize, ctx.scaling = score, normalize, scaling
-    ctx.return_probs, ctx.backend = return_probs, backend
+    ctx.return_probs, ctx.backend = return_probs, backward_backend
 
 
 def _backward(ctx, _grad_idx, grad_weight, grad_probs):
@@ -194,7 +196,7 @@ def _backward(ctx, _grad_idx, grad_weight, grad_probs):
         grad_weight.contiguous(), grad_probs.contiguous(), logits, expert_idx,
         ctx.score, ctx.normalize, ctx.scaling, ctx.backend,
     )
-    return grad_logits, None, None, None, None, None, None, None, None, None
+    return grad_logits, None, None, None, None, None, None, None, None, None, None
 
 
 _route_topk_op.register_autograd(_backward, setup_context=_setup_context)
@@ -224,7 +226,7 @@ def route_topk(
         num_groups, topk_groups: group-limited routing (both or neither).
         scaling_factor: multiplies the weights (DeepSeek-V3's routed scaling factor).
         return_probs: also return ``probs [T, E]`` fp32 for the load-balancing loss.
-        backend: "torch", "triton", "cuda" or "auto" (default: ``FASTMOE_BACKEND`` or auto).
+        backend: "torch", "triton", "cuda", "cpp" or "auto" (see :mod:`fastmoe_kernels.backends`).
 
     Returns:
         ``(expert_idx [T, k] int32, weight [T, k] float32)``, plus ``probs`` when asked (both
@@ -252,10 +254,12 @@ def route_topk(
         )
     if not scaling_factor > 0:
         raise ValueError(f"{where}: `scaling_factor` must be > 0, got {scaling_factor}")
-    backend_name = backends.resolve("route_topk", backend, logits.device)
+    facts = dict(num_experts=int(E), top_k=int(k))
+    forward = backends.resolve("route_topk", backend, logits.device, logits.dtype, **facts)
+    backward = backends.resolve("route_topk_backward", backend, logits.device, logits.dtype, **facts)
     expert_idx, weight, probs = _route_topk_op(
         logits, k, score, bool(normalize), expert_bias, num_groups, topk_groups, float(scaling_factor),
-        bool(return_probs), backend_name,
+        bool(return_probs), forward, backward,
     )
     if return_probs:
         return expert_idx, weight, probs

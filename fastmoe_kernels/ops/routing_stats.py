@@ -32,7 +32,7 @@ def routing_stats_reference(probs: Tensor, expert_idx: Tensor, num_segments: int
     return tokens, probs.view(S, T // S, E).mean(dim=1)
 
 
-backends.register_kernel("routing_stats", "torch")(routing_stats_reference)
+backends.register("routing_stats", "torch")(routing_stats_reference)
 
 
 @torch.library.custom_op("fastmoe::routing_stats", mutates_args=())
@@ -76,5 +76,5 @@ def routing_stats(
     T = probs.shape[0]
     if isinstance(T, int) and T % num_segments:
         raise ValueError(f"{where}: `num_segments`={num_segments} must divide the number of tokens T={T}")
-    backend_name = backends.resolve("routing_stats", backend, probs.device)
+    backend_name = backends.resolve("routing_stats", backend, probs.device, probs.dtype)
     return _routing_stats_op(probs.contiguous(), expert_idx.contiguous(), num_segments, backend_name)

@@ -1,9 +1,9 @@
 """Launch helpers shared by the Triton kernels (host side)."""
 from __future__ import annotations
 
+import contextlib
 import functools
-import os
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -13,7 +13,7 @@ from .. import backends
 
 def interpreted() -> bool:
     """True when kernels run in Triton's CPU interpreter (tests on machines without a GPU)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return backends.triton_interpreted()
 
 
 def next_pow2(n: int) -> int:
@@ -29,19 +29,86 @@ def persistent_programs(device: torch.device, max_tiles: int) -> int:
     """Programs of a persistent launch: enough to fill every SM twice, never more than the tiles."""
     if device.type != "cuda":
         return max(1, min(4, max_tiles))
-    return max(1, min(2 * _sm_count(device.index or 0), max_tiles))
+    return max(1, min(2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()), max_tiles))
+
+
+# Opt-in shared memory per block by compute capability (bytes), for targets without a device to ask.
+SHARED_MEMORY_BY_ARCH = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+
+
+@functools.lru_cache(maxsize=None)
+def _device_shared_memory(index: int) -> int:
+    props = triton.runtime.driver.active.utils.get_device_properties(index)
+    return int(props["max_shared_mem"])
+
+
+# Set by tools that compile for a GPU this machine does not have (tests/triton_compile.py).
+shared_memory_override: Optional[int] = None
+
+
+def shared_memory_limit() -> int:
+    """Shared memory one program may use on the current device (no limit in the interpreter)."""
+    if shared_memory_override is not None:
+        return shared_memory_override
+    if interpreted():
+        return 1 << 30
+    return _device_shared_memory(torch.cuda.current_device())
+
+
+def fp32_matmul_uses_tf32() -> bool:
+    """Whether torch lets fp32 matmuls use TF32, read through the API that torch itself uses.
+
+    ``torch.backends.cuda.matmul.fp32_precision`` reflects both the new API and the legacy
+    ``allow_tf32`` / ``set_float32_matmul_precision``; reading the legacy flag after a user set the new
+    API raises ("mix of the legacy and new APIs"), so it is read only where the new one is missing.
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is not None:
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 data multiply in full fp32 unless torch itself allows TF32 for matmuls."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    """fp32 data multiply in full fp32 unless torch allows TF32 for fp32 matmuls."""
+    if dtype == torch.float32 and not fp32_matmul_uses_tf32():
         return "ieee"
     return "tf32"
 
 
-def register(kernel: str) -> Callable[[Callable], Callable]:
-    """Register ``fn`` as the triton implementation of ``kernel`` (float64 runs the reference)."""
-    return backends.register_accelerated(kernel, "triton")
+def on_device(device: torch.device):
+    """Make ``device`` current for a launch: Triton launches on the current device and stream, not on
+    the device of the tensors it is given (tensors on cuda:1 with cuda:0 current would fault)."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device.index)
+
+
+def _first_device(args) -> Optional[torch.device]:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+    return None
+
+
+def register(kernel: str, *, applies: Optional[Callable[..., Optional[str]]] = None) -> Callable[[Callable], Callable]:
+    """Register ``fn`` as the triton implementation of ``kernel``: CUDA tensors (CPU tensors too, which
+    ``backends.availability`` allows only under the interpreter), fp16/bf16/fp32 data; every launch
+    runs on the device of its first tensor argument."""
+    devices = ("cuda", "cpu")
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def launch_on_tensor_device(*args, **kwargs):
+            device = _first_device(args)
+            with on_device(device) if device is not None else contextlib.nullcontext():
+                return fn(*args, **kwargs)
+
+        backends.register(kernel, "triton", devices=devices, dtypes=backends.KERNEL_FLOAT_DTYPES,
+                          applies=applies)(launch_on_tensor_device)
+        return fn
+
+    return wrap
 
 
 ACTIVATION_CODES = {"none": 0, "swiglu": 1, "geglu": 2, "gelu": 3, "relu": 4}

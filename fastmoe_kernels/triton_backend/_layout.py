@@ -54,6 +54,13 @@ class ExpertMatrices:
     max_cols: int
     align: Tuple[int, int, int]  # alignment() of the offsets, of the row counts, of the column counts
 
+    @property
+    def offsets_64(self) -> bool:
+        """Whether an element offset inside one expert's matrix can pass 2³¹: then the kernels compute
+        it in int64 (in int32 it would wrap — packed weights have a row stride of Σ widths)."""
+        span = max(self.max_rows - 1, 0) * abs(self.stride_r) + max(self.max_cols - 1, 0) * abs(self.stride_c)
+        return span >= 2**31
+
     def as_b(self, transpose: bool):
         """(offset, k_size, n_size, stride_k, stride_n, K_MAX, N_MAX) for ``B_e = M_e`` or ``M_eᵀ``."""
         if transpose:
@@ -113,7 +120,7 @@ class ExpertVectors:
 def stacked_vectors(bias: torch.Tensor, start: int = 0) -> ExpertVectors:
     """``bias [E, N]``: expert e's vector starts at row e, column ``start``."""
     E = bias.shape[0]
-    key = ("vstack", E, bias.stride(0), start)
+    key = ("vstack", E, bias.stride(0), bias.stride(1), start)
     off, _, _ = _device_arrays(key, [e * bias.stride(0) + start * bias.stride(1) for e in range(E)], [0] * E, [0] * E, bias.device)
     return ExpertVectors(off, bias.stride(1))
 

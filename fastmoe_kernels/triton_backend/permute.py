@@ -7,6 +7,8 @@ is accumulated in fp32 and written once, in a fixed order: deterministic, no ato
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -22,15 +24,18 @@ def _block_d(d: int) -> int:
 
 @triton.jit
 def _gather_kernel(
-    x_ptr, index_ptr, scale_ptr, out_ptr, R, D, stride_x, stride_out,
+    x_ptr, index_ptr, scale_ptr, out_ptr, R, D, stride_x, stride_out, num_x_rows, num_scales,
     DIV: tl.constexpr, SCALED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """out[r] = x[index[r] // DIV] (· scale[index[r]]), zeros where index[r] < 0."""
+    """out[r] = x[index[r] // DIV] (· scale[index[r]]), zeros where index[r] < 0 or points past x (or
+    the scales): an index out of range is never read."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     rmask = rows < R
     idx = tl.load(index_ptr + rows, mask=rmask, other=-1)
-    valid = idx >= 0
+    valid = (idx >= 0) & (idx // DIV < num_x_rows)
+    if SCALED:
+        valid = valid & (idx < num_scales)
     src = tl.where(valid, idx // DIV, 0).to(tl.int64)
     cmask = cols < D
     v = tl.load(x_ptr + src[:, None] * stride_x + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0)
@@ -43,10 +48,14 @@ def _gather_kernel(
 
 @triton.jit
 def _combine_kernel(
-    y_ptr, row_ptr, w_ptr, out_ptr, T, D, stride_y, stride_out,
+    y_ptr, row_ptr, w_ptr, out_ptr, assignment_ptr, num_rows, T, D, stride_y, stride_out, num_y_rows,
     K: tl.constexpr, WEIGHTED: tl.constexpr, ORDERED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """out[t] = Σ_j w[t,j] · y[row[t,j]] (ORDERED: y[t·K + j]), skipping row[t,j] < 0; fp32 sum."""
+    """out[t] = Σ_j w[t,j] · y[row[t,j]] (ORDERED: y[t·K + j]), skipping row[t,j] < 0 and rows past y;
+    fp32 sum. ORDERED, slot t·K + j holds a result only if the plan's row for it points back to it
+    (``assignment[row[t,j]] == t·K + j``; the kernels that fill the slots go by ``assignment``): a plan
+    whose two halves disagree (changed after make_plan) drops the assignment instead of reading a
+    slot nothing wrote."""
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     tmask = tokens < T
@@ -54,10 +63,13 @@ def _combine_kernel(
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     for j in tl.static_range(K):
         r = tl.load(row_ptr + tokens * K + j, mask=tmask, other=-1)
-        valid = r >= 0
         if ORDERED:
             src = (tokens * K + j).to(tl.int64)
+            valid = (r >= 0) & (r < num_rows) & (src < num_y_rows)
+            back = tl.load(assignment_ptr + r, mask=tmask & valid, other=-1)
+            valid = valid & (back == tokens * K + j)
         else:
+            valid = (r >= 0) & (r < num_y_rows)
             src = tl.where(valid, r, 0).to(tl.int64)
         v = tl.load(y_ptr + src[:, None] * stride_y + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0)
         if WEIGHTED:
@@ -71,15 +83,16 @@ def _combine_kernel(
 
 @triton.jit
 def _rowdot_kernel(
-    g_ptr, y_ptr, row_ptr, out_ptr, T, D, stride_g, stride_y,
+    g_ptr, y_ptr, row_ptr, out_ptr, T, D, stride_g, stride_y, num_y_rows,
     K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """out[t, j] = <g[t], y[row[t,j]]> in fp32 (0 where row[t,j] < 0): the routing-weight gradient."""
+    """out[t, j] = <g[t], y[row[t,j]]> in fp32 (0 where row[t,j] < 0 or past y): the routing-weight
+    gradient."""
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = tokens < T
     for j in tl.static_range(K):
         r = tl.load(row_ptr + tokens * K + j, mask=tmask, other=-1)
-        valid = r >= 0
+        valid = (r >= 0) & (r < num_y_rows)
         src = tl.where(valid, r, 0).to(tl.int64)
         acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -99,12 +112,17 @@ def gather(x: torch.Tensor, index: torch.Tensor, num_rows: int, *, div: int = 1,
     block_r = max(1, 4096 // block_d)
     grid = (triton.cdiv(num_rows, block_r), triton.cdiv(x.shape[1], block_d))
     _gather_kernel[grid](x, index, scale if scale is not None else x, out, num_rows, x.shape[1], x.stride(0), out.stride(0),
+                         x.shape[0], scale.numel() if scale is not None else 0,
                          DIV=div, SCALED=scale is not None, BLOCK_R=block_r, BLOCK_D=block_d)
     return out
 
 
-def combine(y: torch.Tensor, row: torch.Tensor, weight, *, ordered: bool = False, out_dtype=None) -> torch.Tensor:
+def combine(y: torch.Tensor, row: torch.Tensor, weight, *, assignment: Optional[torch.Tensor] = None,
+            out_dtype=None) -> torch.Tensor:
+    """``out[t] = Σ_j w[t,j] · y[row[t,j]]``; with ``assignment`` (the plan's), y holds one slot per
+    assignment (``y[t·K + j]``, the fused path's layout) instead of the plan's rows."""
     T, K = row.shape
+    ordered = assignment is not None
     out = empty(T, y.shape[1], dtype=out_dtype or y.dtype, device=y.device)
     if T == 0 or y.shape[1] == 0:
         return out.zero_()
@@ -112,7 +130,8 @@ def combine(y: torch.Tensor, row: torch.Tensor, weight, *, ordered: bool = False
     block_t = max(1, 2048 // block_d)
     grid = (triton.cdiv(T, block_t), triton.cdiv(y.shape[1], block_d))
     weighted = weight is not None and weight.numel() > 0
-    _combine_kernel[grid](y, row, weight if weighted else y, out, T, y.shape[1], y.stride(0), out.stride(0),
+    _combine_kernel[grid](y, row, weight if weighted else y, out, assignment if ordered else row,
+                          assignment.shape[0] if ordered else 0, T, y.shape[1], y.stride(0), out.stride(0), y.shape[0],
                           K=K, WEIGHTED=weighted, ORDERED=ordered, BLOCK_T=block_t, BLOCK_D=block_d)
     return out
 
@@ -124,7 +143,7 @@ def rowdot(g: torch.Tensor, y: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
         return out
     block_d = _block_d(g.shape[1])
     block_t = max(1, 2048 // block_d)
-    _rowdot_kernel[(triton.cdiv(T, block_t),)](g, y, row, out, T, g.shape[1], g.stride(0), y.stride(0),
+    _rowdot_kernel[(triton.cdiv(T, block_t),)](g, y, row, out, T, g.shape[1], g.stride(0), y.stride(0), y.shape[0],
                                               K=K, BLOCK_T=block_t, BLOCK_D=block_d)
     return out
 

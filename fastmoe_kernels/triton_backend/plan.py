@@ -1,18 +1,24 @@
-"""Dispatch plan by counting, not by a global sort.
+"""Dispatch plan by counting, not by a global sort, with no host synchronisation.
 
-Two kernels around one small cumulative sum:
-1. ``_block_count``: each program takes BLOCK_A consecutive assignments, and from a one-hot
-   ``[BLOCK_A, E+1]`` tile computes each assignment's rank among the earlier ones of the block with
-   the same key, and the block's per-key counts.
-2. ``torch.cumsum`` over blocks turns block counts into each block's base per key (deterministic).
-3. ``_place``: rank within the expert (in token order) = block base + rank in block, which gives
+The key of an assignment is its expert, or the sentinel E when it is dropped or out of range. Four
+launches:
+
+1. ``_chunk_count_kernel``: each program owns one chunk of consecutive assignments, walked in tiles
+   of BLOCK_A; from a one-hot ``[BLOCK_A, KEYS]`` tile it gets each assignment's rank among the
+   earlier ones of its chunk with the same key, and the chunk's per-key counts. Chunks are as few as
+   keep the GPU busy (at most MAX_CHUNKS), so the count matrix stays small.
+2. ``_chunk_scan_kernel``: programs own tiles of keys and scan their counts down the chunks: each
+   chunk's base per key (exclusive), and each key's total.
+3. ``_expert_offsets_kernel``: one program turns the totals into the counts per expert (routed, and
+   kept under a capacity), each expert's first row and the offsets.
+4. ``_place_kernel``: rank within the expert (in token order) = chunk base + rank in chunk, which gives
    the destination row (dropless, capacity with "position" dropping, padded or not) and the row's
    assignment id.
 
-The key of an assignment is its expert, or the sentinel E when it is dropped or out of range, so
-kept assignments are laid out in token order within each expert, exactly like the reference.
+Kept assignments are thus laid out in token order within each expert, exactly like the reference.
 "probs" dropping needs the assignments ranked by weight inside each expert: that ranking uses
-torch's sort (as Megatron-Core does), then the same counting kernels lay out the kept ones.
+torch's sort (as Megatron-Core does) on top of a first counting pass, then the same kernels lay out
+the kept ones.
 """
 from __future__ import annotations
 
@@ -21,77 +27,132 @@ import triton
 import triton.language as tl
 
 from .._alloc import empty
-
-from ..ops.plan import num_plan_rows
+from .._shapes import num_plan_rows
 from ._common import next_pow2, register
+
+MAX_CHUNKS = 4096
 
 
 @triton.jit
-def _block_count_kernel(
-    key_ptr, rank_ptr, counts_ptr, A, KEYS: tl.constexpr, KEYS_PAD: tl.constexpr, BLOCK_A: tl.constexpr,
+def _chunk_count_kernel(
+    key_ptr, rank_ptr, counts_ptr, A, CHUNK,
+    KEYS: tl.constexpr, KEYS_PAD: tl.constexpr, BLOCK_A: tl.constexpr,
 ):
-    block = tl.program_id(0)
-    a = block * BLOCK_A + tl.arange(0, BLOCK_A)
-    amask = a < A
-    key = tl.load(key_ptr + a, mask=amask, other=KEYS_PAD)  # out-of-range lanes match no key
+    chunk = tl.program_id(0)
     cols = tl.arange(0, KEYS_PAD)
-    onehot = (key[:, None] == cols[None, :]).to(tl.int32)
-    inclusive = tl.cumsum(onehot, 0)
-    rank = tl.sum(tl.where(onehot > 0, inclusive - 1, 0), 1)
-    tl.store(rank_ptr + a, rank, mask=amask)
-    tl.store(counts_ptr + block * KEYS + cols, tl.sum(onehot, 0), mask=cols < KEYS)
+    running = tl.zeros((KEYS_PAD,), dtype=tl.int32)
+    for start in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, A), BLOCK_A):
+        a = start + tl.arange(0, BLOCK_A)
+        amask = a < A
+        key = tl.load(key_ptr + a, mask=amask, other=KEYS_PAD)  # lanes past the end match no key
+        onehot = (key[:, None] == cols[None, :]).to(tl.int32)
+        before = tl.cumsum(onehot, 0) - onehot + running[None, :]  # same-key assignments earlier in the chunk
+        tl.store(rank_ptr + a, tl.sum(tl.where(onehot > 0, before, 0), 1), mask=amask)
+        running += tl.sum(onehot, 0)
+    tl.store(counts_ptr + chunk * KEYS + cols, running, mask=cols < KEYS)
+
+
+@triton.jit
+def _chunk_scan_kernel(
+    counts_ptr, base_ptr, totals_ptr, num_chunks,
+    KEYS: tl.constexpr, KEY_TILE: tl.constexpr, CHUNK_TILE: tl.constexpr,
+):
+    keys = tl.program_id(0) * KEY_TILE + tl.arange(0, KEY_TILE)
+    kmask = keys < KEYS
+    running = tl.zeros((KEY_TILE,), dtype=tl.int32)
+    for c0 in range(0, num_chunks, CHUNK_TILE):
+        chunks = c0 + tl.arange(0, CHUNK_TILE)
+        mask = (chunks < num_chunks)[:, None] & kmask[None, :]
+        offs = chunks.to(tl.int64)[:, None] * KEYS + keys[None, :]
+        n = tl.load(counts_ptr + offs, mask=mask, other=0)
+        tl.store(base_ptr + offs, tl.cumsum(n, 0) - n + running[None, :], mask=mask)
+        running += tl.sum(n, 0)
+    tl.store(totals_ptr + keys, running, mask=kmask)
+
+
+@triton.jit
+def _expert_offsets_kernel(
+    totals_ptr, counts_ptr, routed_ptr, start_ptr, offsets_ptr, capacity,
+    E: tl.constexpr, E_PAD: tl.constexpr, LIMIT: tl.constexpr, PAD: tl.constexpr,
+):
+    e = tl.arange(0, E_PAD)
+    emask = e < E
+    routed = tl.load(totals_ptr + e, mask=emask, other=0)
+    counts = routed
+    if LIMIT:
+        counts = tl.minimum(routed, capacity)
+    start = tl.cumsum(counts, 0) - counts
+    tl.store(routed_ptr + e, routed, mask=emask)
+    tl.store(counts_ptr + e, counts, mask=emask)
+    tl.store(start_ptr + e, start, mask=emask)
+    if PAD:
+        tl.store(offsets_ptr + e, e * capacity, mask=emask)
+        tl.store(offsets_ptr + E, E * capacity)
+    else:
+        tl.store(offsets_ptr + e, start, mask=emask)
+        tl.store(offsets_ptr + E, tl.sum(counts, 0))
 
 
 @triton.jit
 def _place_kernel(
-    key_ptr, rank_ptr, base_ptr, start_ptr, row_ptr, assignment_ptr, A, capacity,
+    key_ptr, rank_ptr, base_ptr, start_ptr, row_ptr, assignment_ptr, A, CHUNK, capacity, num_rows,
     KEYS: tl.constexpr, BLOCK_A: tl.constexpr, LIMIT: tl.constexpr, PAD: tl.constexpr,
 ):
-    block = tl.program_id(0)
-    a = block * BLOCK_A + tl.arange(0, BLOCK_A)
-    amask = a < A
-    key = tl.load(key_ptr + a, mask=amask, other=KEYS - 1)
-    kept = amask & (key < KEYS - 1)  # key KEYS-1 is the sentinel
-    position = tl.load(rank_ptr + a, mask=amask, other=0) + tl.load(base_ptr + block * KEYS + key, mask=kept, other=0)
-    if LIMIT:
-        kept = kept & (position < capacity)
-    if PAD:
-        row = key * capacity + position
-    else:
-        row = tl.load(start_ptr + key, mask=kept, other=0) + position
-    row = tl.where(kept, row, -1)
-    tl.store(row_ptr + a, row, mask=amask)
-    tl.store(assignment_ptr + row, a, mask=kept)
+    chunk = tl.program_id(0)
+    for first in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, A), BLOCK_A):
+        a = first + tl.arange(0, BLOCK_A)
+        amask = a < A
+        key = tl.load(key_ptr + a, mask=amask, other=KEYS - 1)
+        kept = amask & (key < KEYS - 1)  # key KEYS-1 is the sentinel
+        position = tl.load(rank_ptr + a, mask=amask, other=0) + tl.load(base_ptr + chunk * KEYS + key, mask=kept, other=0)
+        if LIMIT:
+            kept = kept & (position < capacity)
+        if PAD:
+            row = key * capacity + position
+        else:
+            row = tl.load(start_ptr + key, mask=kept, other=0) + position
+        kept = kept & (row < num_rows)  # holds by construction; a guard against any write out of bounds
+        row = tl.where(kept, row, -1)
+        tl.store(row_ptr + a, row, mask=amask)
+        tl.store(assignment_ptr + row, a, mask=kept)
 
 
 def _block_a(keys_pad: int) -> int:
     return max(16, min(256, 8192 // keys_pad))
 
 
-def _count_and_place(key, E, capacity, limit, pad, R, device):
-    """Shared tail: per-block counts → bases → rows. ``key`` holds E for dropped assignments."""
-    A = key.shape[0]
-    keys = E + 1
-    keys_pad = next_pow2(keys)
-    block_a = _block_a(keys_pad)
-    num_blocks = max(1, triton.cdiv(A, block_a))
-    rank = empty(A, dtype=torch.int32, device=device)
-    block_counts = empty(num_blocks, keys, dtype=torch.int32, device=device)
-    if A:
-        _block_count_kernel[(num_blocks,)](key, rank, block_counts, A, KEYS=keys, KEYS_PAD=keys_pad, BLOCK_A=block_a)
-    else:
-        block_counts.zero_()
-    inclusive = torch.cumsum(block_counts, 0, dtype=torch.int32)
-    base = inclusive - block_counts
-    per_key = inclusive[-1]
-    counts = per_key[:E].clamp(max=capacity) if limit else per_key[:E]
-    start = torch.cumsum(counts, 0, dtype=torch.int32) - counts
-    row = empty(A, dtype=torch.int32, device=device)
-    assignment = torch.full((R,), -1, dtype=torch.int32, device=device)
-    if A:
-        _place_kernel[(num_blocks,)](key, rank, base, start, row, assignment, A, max(capacity, 0),
-                                    KEYS=keys, BLOCK_A=block_a, LIMIT=limit, PAD=pad)
-    return counts, start, row, assignment
+class _Counts:
+    """Per-chunk ranks and counts of a key array, scanned: what both layouts and "probs" need."""
+
+    def __init__(self, key: torch.Tensor, num_keys: int):
+        device = key.device
+        self.A = key.shape[0]
+        self.keys = num_keys
+        keys_pad = next_pow2(num_keys)
+        self.block_a = _block_a(keys_pad)
+        tiles = max(1, triton.cdiv(self.A, self.block_a))
+        self.chunk = self.block_a * triton.cdiv(tiles, min(tiles, MAX_CHUNKS))
+        self.num_chunks = max(1, triton.cdiv(self.A, self.chunk))
+        self.rank = empty(self.A, dtype=torch.int32, device=device)
+        counts = empty(self.num_chunks, num_keys, dtype=torch.int32, device=device)
+        self.base = empty(self.num_chunks, num_keys, dtype=torch.int32, device=device)
+        self.totals = empty(num_keys, dtype=torch.int32, device=device)
+        _chunk_count_kernel[(self.num_chunks,)](key, self.rank, counts, self.A, self.chunk,
+                                                KEYS=num_keys, KEYS_PAD=keys_pad, BLOCK_A=self.block_a)
+        key_tile = min(32, keys_pad)
+        _chunk_scan_kernel[(triton.cdiv(num_keys, key_tile),)](
+            counts, self.base, self.totals, self.num_chunks,
+            KEYS=num_keys, KEY_TILE=key_tile, CHUNK_TILE=max(1, min(128, 4096 // key_tile)))
+
+
+def _ranks_by_weight(key: torch.Tensor, weight: torch.Tensor, routed: torch.Tensor, E: int) -> torch.Tensor:
+    """Each assignment's rank inside its expert by descending weight (ties: lower index first)."""
+    by_weight = torch.sort(weight.reshape(-1), descending=True, stable=True).indices
+    order = by_weight[torch.sort(key[by_weight], stable=True).indices]
+    routed_start = torch.cumsum(routed, 0) - routed
+    rank = torch.empty(key.shape[0], dtype=torch.int64, device=key.device)
+    rank[order] = torch.arange(key.shape[0], device=key.device) - routed_start[key[order].long()]
+    return rank
 
 
 @register("make_plan")
@@ -99,25 +160,34 @@ def make_plan_triton(expert_idx, num_experts, capacity, drop_policy, weight, pad
     T, k = expert_idx.shape
     E = num_experts
     device = expert_idx.device
-    flat = expert_idx.reshape(-1).to(torch.int32)
+    flat = expert_idx.reshape(-1)
     valid = (flat >= 0) & (flat < E)
-    key = torch.where(valid, flat, E).contiguous()
+    key = torch.where(valid, flat, E).to(torch.int32).contiguous()
     R = num_plan_rows(T, k, E, capacity, pad)
-    routed_full = torch.bincount(key.long(), minlength=E + 1)
     limit = capacity >= 0
+    counts = empty(E, dtype=torch.int32, device=device)
+    routed = empty(E, dtype=torch.int32, device=device)
+    start = empty(E, dtype=torch.int32, device=device)
+    offsets = empty(E + 1, dtype=torch.int32, device=device)
+    row = empty(T * k, dtype=torch.int32, device=device)
+    assignment = torch.full((R,), -1, dtype=torch.int32, device=device)
+    first = _Counts(key, E + 1)
     if limit and drop_policy == "probs":
-        # Keep each expert's `capacity` highest-weight assignments (ties: lower index), then lay
-        # the kept ones out by counting like every other mode.
-        by_weight = torch.sort(weight.reshape(-1), descending=True, stable=True).indices
-        order = by_weight[torch.sort(key[by_weight], stable=True).indices]
-        start_full = torch.cumsum(routed_full, 0) - routed_full
-        rank = empty(key.shape[0], dtype=torch.long, device=device)
-        rank[order] = torch.arange(key.shape[0], device=device) - start_full[key[order].long()]
-        key = torch.where(valid & (rank < capacity), key, E).contiguous()
+        # Keep each expert's `capacity` highest-weight assignments, then lay out the kept ones by
+        # counting like every other mode (their token order within the expert).
+        rank = _ranks_by_weight(key, weight, first.totals[:E + 1], E)
+        routed.copy_(first.totals[:E])
+        key = torch.where(valid & (rank < capacity), key, E).to(torch.int32).contiguous()
+        layout = _Counts(key, E + 1)
+        _expert_offsets_kernel[(1,)](layout.totals, counts, torch.empty_like(routed), start, offsets, max(capacity, 0),
+                                     E=E, E_PAD=next_pow2(E), LIMIT=False, PAD=pad)
         limit = False  # already applied
-    counts, start, row, assignment = _count_and_place(key, E, capacity, limit, pad, R, device)
-    if pad:
-        offsets = torch.arange(E + 1, dtype=torch.int32, device=device) * capacity
     else:
-        offsets = torch.cat([start, (start[-1:] + counts[-1:])]) if E else torch.zeros(1, dtype=torch.int32, device=device)
-    return counts, routed_full[:E].to(torch.int32), offsets.to(torch.int32), row.view(T, k), assignment
+        layout = first
+        _expert_offsets_kernel[(1,)](layout.totals, counts, routed, start, offsets, max(capacity, 0),
+                                     E=E, E_PAD=next_pow2(E), LIMIT=limit, PAD=pad)
+    if layout.A:
+        _place_kernel[(layout.num_chunks,)](key, layout.rank, layout.base, start, row, assignment, layout.A,
+                                           layout.chunk, max(capacity, 0), R,
+                                           KEYS=E + 1, BLOCK_A=layout.block_a, LIMIT=limit, PAD=pad)
+    return counts, routed, offsets, row.view(T, k), assignment

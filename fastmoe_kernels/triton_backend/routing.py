@@ -1,11 +1,14 @@
 """Fused router top-k: scores (softmax | sigmoid), optional bias and group limiting, top-k
 selection, renormalisation and scaling in one kernel; and its backward to the logits.
 
-Each program owns ``BLOCK_T`` tokens and holds their ``[BLOCK_T, E]`` scores in registers. Top-k
-is k rounds of (row max → lowest index attaining it → mask it out), so ties go to the lower index
-exactly like the reference. k ≤ 32 and E ≤ 1024 keep that cheap next to reading the logits.
+Each program owns ``BLOCK_T`` tokens and holds their ``[BLOCK_T, E]`` scores in registers (hence
+E ≤ 1024, which the registration states). Top-k is k rounds of (row max → lowest index attaining it
+→ mask it out), so ties go to the lower index exactly like the reference; cheap next to reading the
+logits for the usual k ≤ 16, linear in k beyond.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -156,12 +159,15 @@ def _block_t(e_pad: int) -> int:
     return max(1, min(64, 4096 // e_pad))
 
 
-@register("route_topk")
+def _fits(num_experts: int = 1, top_k: int = 1, **_) -> Optional[str]:
+    if num_experts > MAX_EXPERTS:
+        return f"triton's router holds a token's scores in registers: E <= {MAX_EXPERTS}, got {num_experts}"
+    return None
+
+
+@register("route_topk", applies=_fits)
 def route_topk_triton(logits, k, score, normalize, expert_bias, num_groups, topk_groups, scaling, return_probs):
     T, E = logits.shape
-    if E > MAX_EXPERTS:
-        from ..ops.route_topk import route_topk_reference
-        return route_topk_reference(logits, k, score, normalize, expert_bias, num_groups, topk_groups, scaling, return_probs)
     device = logits.device
     idx = empty(T, k, dtype=torch.int32, device=device)
     weight = empty(T, k, dtype=torch.float32, device=device)
@@ -180,13 +186,10 @@ def route_topk_triton(logits, k, score, normalize, expert_bias, num_groups, topk
     return idx, weight, probs
 
 
-@register("route_topk_backward")
+@register("route_topk_backward", applies=_fits)
 def route_topk_backward_triton(grad_weight, grad_probs, logits, expert_idx, score, normalize, scaling):
     T, E = logits.shape
     k = expert_idx.shape[1]
-    if E > MAX_EXPERTS:
-        from ..ops.route_topk import route_topk_backward_reference
-        return route_topk_backward_reference(grad_weight, grad_probs, logits, expert_idx, score, normalize, scaling)
     grad_logits = empty(T, E, dtype=logits.dtype, device=logits.device)
     if T == 0:
         return grad_logits

@@ -19,8 +19,9 @@ def _stats_kernel(
     probs_ptr, idx_ptr, tokens_ptr, probsum_ptr, TOKENS_PER_SEGMENT, BLOCKS,
     E: tl.constexpr, E_PAD: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    segment = tl.program_id(0)
-    block = tl.program_id(1)
+    # One flat grid axis: a grid's second axis stops at 65,535 (one segment per sequence can pass it).
+    segment = tl.program_id(0) // BLOCKS
+    block = tl.program_id(0) % BLOCKS
     local = block * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = local < TOKENS_PER_SEGMENT
     tokens = (segment * TOKENS_PER_SEGMENT + local).to(tl.int64)
@@ -48,6 +49,6 @@ def routing_stats_triton(probs, expert_idx, num_segments):
     blocks = triton.cdiv(per_segment, block_t)
     tokens = empty(S, blocks, E, dtype=torch.float32, device=probs.device)
     probsum = empty(S, blocks, E, dtype=torch.float32, device=probs.device)
-    _stats_kernel[(S, blocks)](probs, expert_idx, tokens, probsum, per_segment, blocks,
+    _stats_kernel[(S * blocks,)](probs, expert_idx, tokens, probsum, per_segment, blocks,
                                E=E, E_PAD=e_pad, K=expert_idx.shape[1], BLOCK_T=block_t)
     return tokens.sum(1), (probsum.sum(1) / per_segment).to(probs.dtype)

@@ -1,7 +1,7 @@
 """Kernel-backend tests: every op of the `triton` and `cuda` backends against the `torch` reference.
 
 They run on CUDA when a GPU is visible, otherwise on the CPU (Triton through its interpreter, the
-`cuda` backend through its C++ CPU kernels). fp64 data always runs the reference, so these tests use
+csrc kernels through their C++ twins (backend `cpp`)). fp64 data always runs the reference, so these tests use
 fp32 and fp16 (bf16 only on a GPU: Triton's interpreter computes bf16 dots wrongly).
 """
 import pytest
@@ -9,11 +9,12 @@ import torch
 
 from fastmoe_kernels import backends
 
-KERNEL_BACKENDS = ["triton", "cuda"]
-
-
 def test_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# The csrc kernels are backend "cuda" on a GPU and "cpp" (their C++ twins) on the CPU.
+KERNEL_BACKENDS = ["triton", "cuda" if torch.cuda.is_available() else "cpp"]
 
 
 @pytest.fixture

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -81,4 +83,77 @@ def test_many_small_experts(backend, device):
     b = torch.randn(E, K, N, device=device)
     got, ref = run(backend, a, b, offsets)
     for name, x, y in zip(("out", "grad_a", "grad_b"), got, ref):
+        assert_rel(x, y, torch.float32, what=name)
+
+
+def test_weight_cast_to_the_data_dtype_keeps_its_layout(backend, device):
+    """A strided fp32 weight with fp16 data: the kernel must read the cast copy with the copy's strides."""
+    E, K, N = 3, 24, 16
+    sizes = [5, 9, 4]
+    offsets = offsets_for(sizes, device)
+    a = torch.randn(sum(sizes), K, device=device).half()
+    b = torch.randn(E, K, 2 * N, device=device)[:, :, ::2]  # non-contiguous fp32: .to(fp16) makes a dense copy
+    got, ref = run(backend, a, b, offsets)
+    for name, x, y in zip(("out", "grad_a", "grad_b"), got, ref):
+        assert_rel(x, y, torch.float16, what=name)
+
+
+def test_new_tf32_api(backend, device):
+    """torch's new fp32-precision API must not break the kernels (reading the legacy flag raises)."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        sizes = [6, 3]
+        a = torch.randn(sum(sizes), 16, device=device)
+        b = torch.randn(2, 16, 8, device=device)
+        got, ref = run(backend, a, b, offsets_for(sizes, device))
+        assert_rel(got[0], ref[0], torch.bfloat16, what="out (TF32 allowed)")
+    finally:
+        matmul.fp32_precision = before
+
+
+INT64_PROBE = """
+import os, sys, torch
+from fastmoe_kernels.ops import grouped_gemm
+backend, device = sys.argv[1], sys.argv[2]
+# One weight matrix with a row stride of 1.5 * 2**30 elements (an int32 stride) and three rows: its
+# last row starts past 2**31, an in-matrix offset that wraps in int32 arithmetic (a read far out of
+# bounds). Only the touched pages of the 6 GiB buffer are ever committed.
+storage = torch.empty(3 * 2**30 + 64, dtype=torch.float16, device=device)
+b = storage.as_strided((1, 3, 16), (0, 3 * 2**29, 1))
+b.copy_(torch.randn(1, 3, 16))
+a = torch.randn(7, 3, dtype=torch.float16, device=device)
+offsets = torch.tensor([0, 7], dtype=torch.int32, device=device)
+got = grouped_gemm(a, b, offsets, backend=backend).float()
+ref = a.float() @ b[0].float()
+print("MAXERR", float((got - ref).abs().max()))
+"""
+
+
+def test_offsets_past_int32_inside_one_expert_matrix(backend, device):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, FASTMOE_POISON="1")
+    probe = subprocess.run([sys.executable, "-c", INT64_PROBE, backend, device.type], capture_output=True, text=True,
+                           env=env, timeout=600)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    assert float(probe.stdout.split("MAXERR")[1]) < 1e-2, probe.stdout
+
+
+@pytest.mark.parametrize("packed", ["n", "k"])
+def test_zero_width_experts(backend, device, packed):
+    """An expert of width 0 (a pruned expert, say): no columns, yet its rows and bias gradient are due."""
+    widths, sizes = [0, 4, 8], [3, 5, 4]
+    offsets = offsets_for(sizes, device)
+    R = sum(sizes)
+    if packed == "n":
+        a, b = torch.randn(R, 16, device=device), torch.randn(16, sum(widths), device=device)
+        bias = torch.randn(sum(widths), device=device)
+    else:
+        a, b = torch.randn(R, max(widths), device=device), torch.randn(sum(widths), 16, device=device)
+        bias = torch.randn(len(widths), 16, device=device)
+    got, ref = run(backend, a, b, offsets, bias, widths=widths, packed=packed)
+    for name, x, y in zip(("out", "grad_a", "grad_b", "grad_bias"), got, ref):
         assert_rel(x, y, torch.float32, what=name)

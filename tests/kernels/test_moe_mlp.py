@@ -65,3 +65,43 @@ def test_empty_batch(backend, device):
     out = experts.forward_tokens(x, plan, torch.zeros(0, 2, device=device), backend=backend)
     out.sum().backward()
     assert out.shape == (0, 16)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_routing_weight_gradient_survives_autotuning(backend, device, activation, monkeypatch):
+    """The first backward of a new autotune key benchmarks every config on the real buffers: a narrow
+    config fills more partial-sum rows than the wider winner, which must not leave them stale."""
+    if backend != "triton" or device.type != "cpu":
+        pytest.skip("forces two Triton configs in the interpreter")
+    import triton
+
+    from fastmoe_kernels.triton_backend import activation_backward
+
+    kernel = activation_backward._activation_backward_kernel
+    monkeypatch.setattr(kernel, "configs", [triton.Config(dict(BM=16, BN=16, BK=16), num_warps=1),
+                                            triton.Config(dict(BM=16, BN=32, BK=16), num_warps=1)])
+    timings = iter([2.0, 1.0] * 1000)  # the narrow config runs first and loses
+
+    def bench(fn, quantiles=None, **_):
+        fn()
+        t = next(timings)
+        return [t, t, t]
+
+    monkeypatch.setitem(kernel.__dict__, "do_bench", bench)  # the instance attribute (not the driver's)
+    monkeypatch.setattr(kernel, "cache", {})
+    compare(backend, device, torch.float32, 33, 16, (48,) * 4, activation, False, None)
+    assert {c.kwargs["BN"] for c in kernel.cache.values()} == {32}
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_capacity_zero_drops_everything(backend, device, pad):
+    """Capacity 0 is legal (every assignment dropped): zeros out, zero gradients, no error."""
+    experts = GroupedExperts(16, (16,) * 4, "swiglu", True, device=device)
+    idx, weight = routing(9, 4, 2, device)
+    plan = make_plan(idx, 4, 0, "probs", weight, pad)
+    x = torch.randn(9, 16, device=device, requires_grad=True)
+    w = weight.clone().requires_grad_()
+    out = experts.forward_tokens(x, plan, w, backend=backend)
+    out.sum().backward()
+    assert torch.all(out == 0) and torch.all(x.grad == 0) and torch.all(w.grad == 0)
+    assert all(torch.all(p.grad == 0) for p in experts.parameters())

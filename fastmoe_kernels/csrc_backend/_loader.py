@@ -17,17 +17,22 @@ import os
 import pathlib
 import sys
 from types import ModuleType
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
 logger = logging.getLogger("fastmoe_kernels")
 
-KERNEL_SOURCES = ["kernels/cpu_kernels.cpp", "bindings/ops.cpp"]
-CUDA_SOURCES = ["kernels/cuda_launch.cu", "bindings/ops_cuda.cpp"]
-CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp"]
-NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math"]
-LD_FLAGS = ["-fopenmp"]
+def read_build_list(root: pathlib.Path) -> Dict[str, List[str]]:
+    """``csrc/build.txt``: key → values (sources one per line, flags split on spaces)."""
+    entries: Dict[str, List[str]] = {}
+    for line in (root / "build.txt").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.partition(":")
+        entries.setdefault(key.strip(), []).extend(value.split())
+    return entries
 
 
 def csrc_dir() -> pathlib.Path:
@@ -51,7 +56,7 @@ def cuda_build_wanted() -> bool:
 def _source_digest(root: pathlib.Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*")):
-        if path.suffix in (".h", ".cuh", ".cpp", ".cu"):
+        if path.suffix in (".h", ".cuh", ".cpp", ".cu", ".txt"):
             digest.update(path.relative_to(root).as_posix().encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
@@ -86,20 +91,21 @@ def jit_build(with_cuda: Optional[bool] = None, verbose: bool = False) -> Module
     build_dir = cache_dir(with_cuda)
     build_dir.mkdir(parents=True, exist_ok=True)
     name = "fastmoe_C_jit_cuda" if with_cuda else "fastmoe_C_jit_cpu"
-    sources: List[str] = [str(root / s) for s in KERNEL_SOURCES + (CUDA_SOURCES if with_cuda else [])]
+    build = read_build_list(root)
+    sources: List[str] = [str(root / s) for s in build["cpu_source"] + (build["cuda_source"] if with_cuda else [])]
     cached = any(build_dir.glob(f"{name}*.so"))
     if not cached:
         logger.warning(
-            "fastmoe_kernels: compiling the %s kernels of the cuda backend once (no prebuilt extension); "
+            "fastmoe_kernels: compiling the %s kernels of csrc/ once (no prebuilt extension); "
             "cached in %s", "CPU and CUDA" if with_cuda else "CPU", build_dir,
         )
     defines = ["-DFASTMOE_WITH_CUDA"] if with_cuda else []
     return cpp_extension.load(
         name=name,
         sources=sources,
-        extra_cflags=CXX_FLAGS + defines,
-        extra_cuda_cflags=NVCC_FLAGS + defines,
-        extra_ldflags=LD_FLAGS,
+        extra_cflags=build["cxx_flags"] + defines,
+        extra_cuda_cflags=build["nvcc_flags"] + defines,
+        extra_ldflags=build["ld_flags"],
         extra_include_paths=[str(root)],
         build_directory=str(build_dir),
         with_cuda=with_cuda,

@@ -1,0 +1,163 @@
+"""What the grouped GEMM kernels share: tile configs and their pruning (host), and the tile
+schedule and K loops they are built from (device).
+
+Every grouped GEMM kernel is persistent: its programs walk a tile list built in the kernel from the
+group offsets (:func:`expert_tile`), so many small experts still fill the GPU and no host sync is
+needed. The K loops load operand tiles with masks and accumulate in fp32 with ``tl.dot``.
+
+Autotuning. Triton keys a tuned config on the values of the ``key`` arguments plus the tensors'
+dtypes, not on other constexprs: every constexpr that changes how much shared memory a config needs
+(a second B operand, a second A/B pair) is therefore in its kernel's key, and :func:`pruner` drops the
+configs whose shared memory (estimated for a fully pipelined K loop, which is the most a variant can
+use) exceeds the device's, or whose fp32 tiles alone would spill registers. A config kept for
+one variant therefore fits every variant that shares its key (the sm_90 compile check verifies the
+estimate against the compiler's figures).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Tuple
+
+import triton
+import triton.language as tl
+
+from ._common import interpreted, shared_memory_limit
+from ._jit import pick
+
+# (BM, BN, BK, warps, stages). Hopper-sized tiles first; smaller ones for small groups (fine-grained
+# MoE) and narrow N; the last fits every variant on every GPU (the pruner's fallback).
+MATMUL_TILES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                (64, 64, 64, 4, 4), (64, 256, 64, 8, 3), (32, 128, 64, 4, 4), (32, 64, 32, 4, 2)]
+# wgrad tiles are (BM = rows reduced over, BK × BN = the output tile).
+WGRAD_TILES = [(64, 128, 128, 8, 3), (64, 64, 128, 4, 4), (32, 128, 64, 4, 4), (64, 128, 64, 4, 3),
+               (64, 64, 64, 4, 4), (32, 64, 32, 4, 2)]
+INTERPRETER_TILE = dict(BM=16, BN=16, BK=16)
+
+
+def matmul_configs() -> List[triton.Config]:
+    if interpreted():
+        return [triton.Config(dict(INTERPRETER_TILE), num_warps=1)]
+    return [triton.Config({"BM": m, "BN": n, "BK": k}, num_warps=w, num_stages=s) for m, n, k, w, s in MATMUL_TILES]
+
+
+def wgrad_configs() -> List[triton.Config]:
+    if interpreted():
+        return [triton.Config(dict(INTERPRETER_TILE), num_warps=1)]
+    return [triton.Config({"BM": m, "BK": k, "BN": n}, num_warps=w, num_stages=s) for m, k, n, w, s in WGRAD_TILES]
+
+
+def smallest_bn(configs: List[triton.Config]) -> int:
+    return min(c.kwargs["BN"] for c in configs)
+
+
+# What a variant keeps per K step: (elements of the operand tiles loaded per stage, elements of the
+# fp32 tiles live in registers), given a config's tile sizes and the launch's arguments. Each kernel
+# passes its own.
+Footprint = Callable[[Dict[str, int], Dict[str, object]], Tuple[int, int]]
+
+
+# Shared memory the compiler adds beyond the operand buffers (barriers, alignment): up to 4 KiB in the
+# sm_90 compile check; twice that is kept in hand.
+SHARED_MEMORY_SLACK = 8192
+
+
+def shared_memory_estimate(config: triton.Config, element_size: int, stage_elements: int, output_elements: int) -> int:
+    """An upper bound on the bytes of shared memory of a fully pipelined K loop (one buffer per stage
+    and operand tile), or of the epilogue's fp32 output-tile layout conversion if larger (it reuses
+    the pipeline's buffers)."""
+    return max(config.num_stages * stage_elements * element_size, output_elements * 4) + SHARED_MEMORY_SLACK
+
+
+def registers_fit(config: triton.Config, register_elements: int) -> bool:
+    """fp32 tiles beyond 128 registers per thread spill (sm_90 compile check)."""
+    return register_elements <= 128 * 32 * config.num_warps
+
+
+def pruner(footprint: Footprint, operand_tensor: str, output_tile: Tuple[str, str] = ("BM", "BN")):
+    """An ``early_config_prune`` keeping the configs that fit (see the module docstring);
+    ``operand_tensor`` names the argument whose element size the operand tiles have, ``output_tile``
+    the two tile sizes of the kernel's output tile."""
+
+    def estimate(config: triton.Config, args: Dict[str, object]) -> int:
+        tiles = config.kwargs
+        return shared_memory_estimate(config, args[operand_tensor].element_size(), footprint(tiles, args)[0],
+                                      tiles[output_tile[0]] * tiles[output_tile[1]])
+
+    def prune(configs, named_args, **kwargs):
+        if len(configs) == 1:
+            return configs
+        args = {**named_args, **kwargs}
+        limit = shared_memory_limit()
+        kept = [c for c in configs if estimate(c, args) <= limit and registers_fit(c, footprint(c.kwargs, args)[1])]
+        return kept or configs[-1:]
+
+    prune.estimate = estimate  # for the compile check, which compares it with the compiler's figure
+    return prune
+
+
+# ---- device helpers --------------------------------------------------------------------------------
+@triton.jit
+def expert_tile(tile, n_tiles, e_range, lo_v, hi_v, mt_v, mend_v, BM: tl.constexpr):
+    """(expert, rows [BM], valid rows, N tile) of GEMM tile ``tile`` of the persistent schedule
+    (``group_table``'s per-expert vectors; M tiles of all experts in order, each with every N tile)."""
+    tile_n = tile % n_tiles
+    tile_m = tile // n_tiles
+    e = tl.sum((mend_v <= tile_m).to(tl.int32), 0)
+    rows = pick(lo_v, e_range, e) + (tile_m - pick(mend_v - mt_v, e_range, e)) * BM + tl.arange(0, BM)
+    return e, rows, rows < pick(hi_v, e_range, e), tile_n
+
+
+@triton.jit
+def b_offsets(kk, cols, stride_bk, stride_bn, OFFSETS_64: tl.constexpr):
+    """Element offsets of a [BK, BN] tile of B inside one expert's matrix (int64 when they can pass
+    2³¹, which packed heterogeneous weights can: their column stride is Σ widths)."""
+    if OFFSETS_64:
+        return kk.to(tl.int64)[:, None] * stride_bk + cols.to(tl.int64)[None, :] * stride_bn
+    else:
+        return kk[:, None] * stride_bk + cols[None, :] * stride_bn
+
+
+@triton.jit
+def k_loop(acc, a_row_ptrs, stride_ak, a_valid, b_base, stride_bk, stride_bn, cols, ncol, k_end, k_size,
+           PRECISION: tl.constexpr, BK: tl.constexpr, OFFSETS_64: tl.constexpr):
+    """acc += A[rows, :k_size] @ B_e[:k_size, cols], stepping K to ``k_end`` (0 skips the loop)."""
+    for k0 in range(0, k_end, BK):
+        kk = k0 + tl.arange(0, BK)
+        kmask = kk < k_size
+        a = tl.load(a_row_ptrs + kk[None, :] * stride_ak, mask=a_valid[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_base + b_offsets(kk, cols, stride_bk, stride_bn, OFFSETS_64),
+                    mask=kmask[:, None] & ncol[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def k_loop_two_b(acc, acc2, a_row_ptrs, stride_ak, a_valid, b_base, b2_base, stride_bk, stride_bn, cols, ncol,
+                 k_end, k_size, PRECISION: tl.constexpr, BK: tl.constexpr, OFFSETS_64: tl.constexpr):
+    """acc += A @ B_e and acc2 += A @ B2_e over one read of A (the gate and up halves of an MLP)."""
+    for k0 in range(0, k_end, BK):
+        kk = k0 + tl.arange(0, BK)
+        kmask = kk < k_size
+        a = tl.load(a_row_ptrs + kk[None, :] * stride_ak, mask=a_valid[:, None] & kmask[None, :], other=0.0)
+        offs = b_offsets(kk, cols, stride_bk, stride_bn, OFFSETS_64)
+        bmask = kmask[:, None] & ncol[None, :]
+        acc = tl.dot(a, tl.load(b_base + offs, mask=bmask, other=0.0), acc, input_precision=PRECISION)
+        acc2 = tl.dot(a, tl.load(b2_base + offs, mask=bmask, other=0.0), acc2, input_precision=PRECISION)
+    return acc, acc2
+
+
+@triton.jit
+def k_loop_two_ab(acc, a_row_ptrs, a2_col, stride_ak, a_valid, b_base, b2_base, stride_bk, stride_bn, cols, ncol,
+                  k_end, k_size, PRECISION: tl.constexpr, BK: tl.constexpr, OFFSETS_64: tl.constexpr):
+    """acc += [A | A2] @ [B_e; B2_e], A2 being A's columns from ``a2_col`` (the input gradient of a
+    gated MLP: [dgate | dup] @ [W_gate; W_up])."""
+    for k0 in range(0, k_end, BK):
+        kk = k0 + tl.arange(0, BK)
+        kmask = kk < k_size
+        amask = a_valid[:, None] & kmask[None, :]
+        offs = b_offsets(kk, cols, stride_bk, stride_bn, OFFSETS_64)
+        bmask = kmask[:, None] & ncol[None, :]
+        a = tl.load(a_row_ptrs + kk[None, :] * stride_ak, mask=amask, other=0.0)
+        acc = tl.dot(a, tl.load(b_base + offs, mask=bmask, other=0.0), acc, input_precision=PRECISION)
+        a2 = tl.load(a_row_ptrs + (a2_col + kk[None, :]) * stride_ak, mask=amask, other=0.0)
+        acc = tl.dot(a2, tl.load(b2_base + offs, mask=bmask, other=0.0), acc, input_precision=PRECISION)
+    return acc

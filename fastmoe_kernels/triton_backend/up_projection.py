@@ -1,0 +1,136 @@
+"""The experts' up projection with the activation in its epilogue.
+
+``out[r] = act(x[src(r)] @ W_gate_eᵀ + b) (· (x[src(r)] @ W_up_eᵀ + b_up) when gated)`` for the rows r
+of each expert group e. Rows of x are read through the plan's assignment index (ScatterMoE-style
+fused gather: the permuted copy of x is never materialised); gate and up are computed in one pass
+over A with two accumulators; the pre-activation ``[gate | up]`` is written to ``h`` only when the
+backward needs it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import dot_precision, next_pow2, persistent_programs
+from ._gemm import expert_tile, k_loop, k_loop_two_b, matmul_configs, pruner
+from ._jit import act_fwd, gather_rows, group_table
+from ._layout import ExpertMatrices, ExpertVectors
+
+
+def _footprint(t, args):
+    b_tiles = 2 if args["GATED"] else 1  # the gate and up matrices share each A tile
+    return t["BM"] * t["BK"] + b_tiles * t["BK"] * t["BN"], b_tiles * t["BM"] * t["BN"]
+
+
+@triton.autotune(configs=matmul_configs(), key=["N_OUT", "K_MAX", "M_BUCKET", "E", "GATED"],
+                 prune_configs_by={"early_config_prune": pruner(_footprint, "x_ptr")})
+@triton.jit
+def _up_projection_kernel(
+    # A rows: x[x_row_index[r] // X_ROW_DIV] (nothing where the index is < 0 or past x's rows)
+    x_ptr, x_row_index_ptr, num_x_rows, stride_xm, stride_xk,
+    # expert e's gate (and up) matrix at w_ptr + gate_offset[e] (up_offset[e]), k_size[e] × n_size[e]
+    w_ptr, gate_offset_ptr, up_offset_ptr, k_size_ptr, n_size_ptr, stride_wk, stride_wn,
+    bias_ptr, gate_bias_offset_ptr, up_bias_offset_ptr, stride_bias,
+    out_ptr, stride_om, stride_on,
+    # the pre-activation kept for the backward: gate at column n, up at column h_up_col + n
+    h_ptr, stride_hm, stride_hn, h_up_col,
+    offsets_ptr, num_rows, N_OUT, K_MAX, M_BUCKET,
+    E: tl.constexpr, E_PAD: tl.constexpr, X_ROW_DIV: tl.constexpr,
+    GATE_ALIGN: tl.constexpr, UP_ALIGN: tl.constexpr, K_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr,
+    ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_H: tl.constexpr,
+    OFFSETS_64: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    e_range, lo_v, hi_v, mt_v, mend_v = group_table(offsets_ptr, num_rows, E, E_PAD, BM)
+    n_tiles = tl.cdiv(N_OUT, BN)
+    for tile in range(tl.program_id(0), tl.sum(mt_v, 0) * n_tiles, tl.num_programs(0)):
+        e, rows, rmask, tile_n = expert_tile(tile, n_tiles, e_range, lo_v, hi_v, mt_v, mend_v, BM)
+        cols = tile_n * BN + tl.arange(0, BN)
+        # Alignment hints on the loaded sizes and offsets: see grouped_gemm.py.
+        k_size = tl.multiple_of(tl.load(k_size_ptr + e), K_ALIGN)
+        n_size = tl.multiple_of(tl.load(n_size_ptr + e), N_ALIGN)
+        ncol = cols < n_size
+        x_rows, x_valid = gather_rows(x_row_index_ptr, rows, rmask, num_x_rows, X_ROW_DIV, True)
+        x_row_ptrs = x_ptr + x_rows[:, None] * stride_xm
+        gate_base = w_ptr + tl.multiple_of(tl.load(gate_offset_ptr + e), GATE_ALIGN)
+        k_end = tl.where(tile_n * BN < n_size, k_size, 0)
+        gate = tl.zeros((BM, BN), dtype=tl.float32)
+        up = tl.zeros((BM, BN), dtype=tl.float32)
+        if GATED:
+            up_base = w_ptr + tl.multiple_of(tl.load(up_offset_ptr + e), UP_ALIGN)
+            gate, up = k_loop_two_b(gate, up, x_row_ptrs, stride_xk, x_valid, gate_base, up_base, stride_wk,
+                                    stride_wn, cols, ncol, k_end, k_size, PRECISION, BK, OFFSETS_64)
+        else:
+            gate = k_loop(gate, x_row_ptrs, stride_xk, x_valid, gate_base, stride_wk, stride_wn, cols, ncol, k_end,
+                          k_size, PRECISION, BK, OFFSETS_64)
+        if HAS_BIAS:
+            bias_base = bias_ptr + cols * stride_bias
+            gate += tl.load(bias_base + tl.load(gate_bias_offset_ptr + e), mask=ncol, other=0.0).to(tl.float32)[None, :]
+            if GATED:
+                up += tl.load(bias_base + tl.load(up_bias_offset_ptr + e), mask=ncol, other=0.0).to(tl.float32)[None, :]
+        mask = rmask[:, None] & (cols < N_OUT)[None, :]
+        if STORE_H:
+            h_offs = rows.to(tl.int64)[:, None] * stride_hm + cols[None, :] * stride_hn
+            tl.store(h_ptr + h_offs, gate.to(h_ptr.dtype.element_ty), mask=mask)
+            if GATED:
+                tl.store(h_ptr + h_offs + h_up_col * stride_hn, up.to(h_ptr.dtype.element_ty), mask=mask)
+        out = act_fwd(gate, ACT)
+        if GATED:
+            out = out * up
+        out_offs = rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
+        tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def up_projection(
+    x: torch.Tensor,
+    x_row_index: torch.Tensor,
+    x_row_div: int,
+    w: torch.Tensor,
+    gate: ExpertMatrices,
+    up: Optional[ExpertMatrices],
+    offsets: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    activation: int,
+    bias: Optional[torch.Tensor] = None,
+    gate_bias: Optional[ExpertVectors] = None,
+    up_bias: Optional[ExpertVectors] = None,
+    h: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``out [R, f]`` = the activation of each row's up projection (gated when ``up`` is given),
+    reading x's rows through ``x_row_index // x_row_div``; the pre-activation goes to ``h [R, m·f]``
+    (gate columns, then up columns) when given. Written in place and returned."""
+    E = offsets.shape[0] - 1
+    num_rows, f = out.shape
+    if num_rows == 0 or f == 0:
+        return out
+    gate_offset, k_size, n_size, stride_wk, stride_wn, k_max, _ = gate.as_b(True)
+    gate_align, k_align, n_align = gate.b_align(True)
+    up_offset = gate_offset if up is None else up.as_b(True)[0]
+    up_align = gate_align if up is None else up.b_align(True)[0]
+    h_t = h if h is not None else out
+    device = x.device
+
+    def grid(meta):
+        max_tiles = (triton.cdiv(num_rows, meta["BM"]) + E) * triton.cdiv(f, meta["BN"])
+        return (persistent_programs(device, max_tiles),)
+
+    _up_projection_kernel[grid](
+        x_ptr=x, x_row_index_ptr=x_row_index, num_x_rows=x.shape[0], stride_xm=x.stride(0), stride_xk=x.stride(1),
+        w_ptr=w, gate_offset_ptr=gate_offset, up_offset_ptr=up_offset, k_size_ptr=k_size, n_size_ptr=n_size,
+        stride_wk=stride_wk, stride_wn=stride_wn,
+        bias_ptr=bias if bias is not None else out,
+        gate_bias_offset_ptr=gate_bias.offset if gate_bias is not None else gate_offset,
+        up_bias_offset_ptr=(up_bias or gate_bias).offset if gate_bias is not None else gate_offset,
+        stride_bias=gate_bias.stride if gate_bias is not None else 0,
+        out_ptr=out, stride_om=out.stride(0), stride_on=out.stride(1),
+        h_ptr=h_t, stride_hm=h_t.stride(0), stride_hn=h_t.stride(1), h_up_col=f,
+        offsets_ptr=offsets, num_rows=num_rows, N_OUT=f, K_MAX=k_max, M_BUCKET=next_pow2(max(1, num_rows // E)),
+        E=E, E_PAD=next_pow2(E), X_ROW_DIV=x_row_div,
+        GATE_ALIGN=gate_align, UP_ALIGN=up_align, K_ALIGN=k_align, N_ALIGN=n_align,
+        ACT=activation, GATED=up is not None, HAS_BIAS=bias is not None, STORE_H=h is not None,
+        OFFSETS_64=gate.offsets_64 or (up is not None and up.offsets_64), PRECISION=dot_precision(x.dtype),
+    )
+    return out

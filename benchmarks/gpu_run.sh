@@ -3,8 +3,9 @@
 # fit a 10-minute call. Writes everything under $OUT (default ./gpu-out), archived, so that few
 # files come back:
 #
-#   bash benchmarks/gpu_run.sh tests   # build the CUDA extension, pytest -m gpu tests/, layer smoke
-#   bash benchmarks/gpu_run.sh bench   # pytest benchmarks/ on the full grid (+ pytest-benchmark JSON, plots, report)
+#   bash benchmarks/gpu_run.sh tests      # build the CUDA extension, pytest -m gpu tests/, layer smoke
+#   bash benchmarks/gpu_run.sh sanitize   # compute-sanitizer memcheck over the GPU kernel tests (slow: run after tests)
+#   bash benchmarks/gpu_run.sh bench      # pytest benchmarks/ on the full grid (+ pytest-benchmark JSON, plots, report)
 #
 # Then copy $OUT/bench/* into benchmarks/results/<device>-<date>/ and commit it.
 set -uo pipefail
@@ -28,6 +29,17 @@ if [ "$PHASE" = "tests" ]; then
   python3 -c "import fastmoe_kernels as fm; print(fm.backends.format_describe('cuda')); print(fm.backends.format_describe('cuda', dtype=__import__('torch').bfloat16))" 2>&1 | tee "$OUT/backends.txt"
   python3 -m fastmoe_kernels.bench --grid smoke --out "$OUT/smoke" --quiet 2>&1 | tail -20
   tar czf "$OUT/smoke.tgz" -C "$OUT" smoke && rm -rf "$OUT/smoke"
+elif [ "$PHASE" = "sanitize" ]; then
+  # Every kernel's reads and writes checked by compute-sanitizer (memcheck), on the kernel tests' small
+  # shapes; the extension must be built (the tests phase does it).
+  SANITIZER="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
+  if [ ! -x "$SANITIZER" ]; then
+    echo "compute-sanitizer not found (no CUDA toolkit on this machine): sanitize phase skipped" | tee "$OUT/sanitize.log"
+  else
+    "$SANITIZER" --tool memcheck --error-exitcode 1 --print-limit 20 \
+      python3 -m pytest -m gpu tests/kernels tests/test_gpu.py -q -p no:cacheprovider --maxfail=5 \
+      -k "not autotuning and not cuda_graph" 2>&1 | tee "$OUT/sanitize.log" | tail -30
+  fi
 else
   python3 -m pytest benchmarks/ --grid full --bench-out "$OUT/bench" --benchmark-json "$OUT/bench/pytest-benchmark.json" \
     -q -p no:cacheprovider 2>&1 | tee "$OUT/bench.log" | tail -15

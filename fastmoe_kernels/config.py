@@ -6,6 +6,7 @@ either a config or the same fields as keyword arguments.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -16,6 +17,7 @@ DROP_POLICIES = ("probs", "position")
 LOAD_BALANCING_TYPES = ("micro_batch", "sequence", "global", "none")
 LOAD_BALANCING_NORMALIZATIONS = ("megatron", "mixtral")
 BACKEND_NAMES = ("auto", "torch", "triton", "cuda", "cpp")
+MAX_CAPACITY_FACTOR = 1e6
 
 
 def _fail(field: str, expected: str, got) -> None:
@@ -24,6 +26,26 @@ def _fail(field: str, expected: str, got) -> None:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    """A finite real number (NaN and ±inf are not: a NaN coefficient silently switches a loss off)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_number(field: str, value, *, low: float, high: float = math.inf, low_open: bool = False,
+                  high_open: bool = False) -> None:
+    ok = _is_number(value) and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        if high == math.inf:
+            _fail(field, f"a finite number {'>' if low_open else '>='} {low:g}", value)
+        lo, hi = ("(" if low_open else "[") + f"{low:g}", f"{high:g}" + (")" if high_open else "]")
+        _fail(field, f"a finite number in {lo}, {hi}", value)
+
+
+def _check_bool(field: str, value, optional: bool = False) -> None:
+    if not (isinstance(value, bool) or (optional and value is None)):
+        _fail(field, "True or False" + (" or None" if optional else ""), value)
 
 
 @dataclass(frozen=True)
@@ -110,25 +132,27 @@ class MoEConfig:
         if self.score_func not in SCORE_FUNCS:
             _fail("score_func", f"one of {SCORE_FUNCS}", self.score_func)
         self._validate_groups()
-        if not self.routed_scaling_factor > 0:
-            _fail("routed_scaling_factor", "a positive float", self.routed_scaling_factor)
-        if self.expert_bias_update_rate < 0:
-            _fail("expert_bias_update_rate", "a float >= 0", self.expert_bias_update_rate)
-        if not 0 <= self.router_jitter < 1:
-            _fail("router_jitter", "a float in [0, 1)", self.router_jitter)
-        if self.router_noise_std < 0:
-            _fail("router_noise_std", "a float >= 0", self.router_noise_std)
-        if self.capacity_factor is not None and not (
-            isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0
-        ):
-            _fail("capacity_factor", "None (dropless) or a float > 0", self.capacity_factor)
+        for name in ("bias", "normalize_topk", "expert_bias", "pad_to_capacity", "shared_expert_gate",
+                     "aux_loss_in_backward"):
+            _check_bool(name, getattr(self, name))
+        _check_bool("fused_experts", self.fused_experts, optional=True)
+        _check_number("routed_scaling_factor", self.routed_scaling_factor, low=0, low_open=True)
+        _check_number("expert_bias_update_rate", self.expert_bias_update_rate, low=0)
+        _check_number("router_jitter", self.router_jitter, low=0, high=1, high_open=True)
+        _check_number("router_noise_std", self.router_noise_std, low=0)
+        if self.capacity_factor is not None and not (_is_number(self.capacity_factor)
+                                                     and 0 < self.capacity_factor <= MAX_CAPACITY_FACTOR):
+            # A capacity past T·k drops nothing, whatever its size; a factor this large is a typo
+            # (and would make a padded layout astronomically large).
+            _fail("capacity_factor", f"None (dropless) or a finite number in (0, {MAX_CAPACITY_FACTOR:g}]",
+                  self.capacity_factor)
         if self.drop_policy not in DROP_POLICIES:
             _fail("drop_policy", f"one of {DROP_POLICIES}", self.drop_policy)
         if self.pad_to_capacity and self.capacity_factor is None:
             _fail("pad_to_capacity", "False when capacity_factor is None (dropless)", True)
         self._validate_shared()
-        if self.aux_loss_coeff < 0 or self.z_loss_coeff < 0:
-            _fail("aux_loss_coeff/z_loss_coeff", "floats >= 0", (self.aux_loss_coeff, self.z_loss_coeff))
+        _check_number("aux_loss_coeff", self.aux_loss_coeff, low=0)
+        _check_number("z_loss_coeff", self.z_loss_coeff, low=0)
         if self.load_balancing_type not in LOAD_BALANCING_TYPES:
             _fail("load_balancing_type", f"one of {LOAD_BALANCING_TYPES}", self.load_balancing_type)
         if self.load_balancing_normalization not in LOAD_BALANCING_NORMALIZATIONS:
@@ -139,8 +163,8 @@ class MoEConfig:
             )
         if self.backend not in BACKEND_NAMES:
             _fail("backend", f"one of {BACKEND_NAMES}", self.backend)
-        if self.init_std is not None and not self.init_std > 0:
-            _fail("init_std", "None or a float > 0", self.init_std)
+        if self.init_std is not None and not (_is_number(self.init_std) and self.init_std > 0):
+            _fail("init_std", "None or a finite number > 0", self.init_std)
 
     def _validate_d_ff(self) -> None:
         if _is_int(self.d_ff):

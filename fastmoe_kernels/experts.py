@@ -57,7 +57,23 @@ class GroupedExperts(nn.Module):
             up_bias_shape = (m * total,)
         self.b_up = nn.Parameter(torch.empty(up_bias_shape, **factory)) if bias else None
         self.b_down = nn.Parameter(torch.empty(E, d, **factory)) if bias else None
+        # Saved with the weights: packed weights of other widths can have the same shape (e.g. [8, 24]
+        # and [24, 8]), and loading them would put each expert's weights in another's place.
+        self.register_buffer("expert_widths", torch.tensor(self.widths, dtype=torch.int64, device=device))
         self.reset_parameters()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "expert_widths"
+        if key in state_dict:
+            saved = tuple(int(w) for w in state_dict[key].tolist())
+            if saved != self.widths:
+                raise ValueError(f"GroupedExperts: the checkpoint's expert widths {list(saved)} differ from this "
+                                 f"module's {list(self.widths)}; loading would give experts each other's weights")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if key not in state_dict and key in missing_keys:
+            missing_keys.remove(key)  # a checkpoint from before the widths were saved
 
     @property
     def gated(self) -> bool:

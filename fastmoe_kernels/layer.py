@@ -1,9 +1,11 @@
 """MoELayer: a drop-in replacement for a dense MLP block."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, Optional
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
@@ -14,7 +16,7 @@ from .dispatch import CapacityDispatcher, Dispatcher, DroplessDispatcher
 from .experts import GroupedExperts, SharedExperts
 from .losses import attach_aux_loss, load_balancing_loss_from_stats, z_loss
 from .ops import routing_stats as routing_stats_op
-from .parallel import ExpertParallelExchange
+from .parallel.expert_parallel import DEFAULT_TIMEOUT_S, ExpertParallelExchange, collective
 from .router import RouterOutput, TopKRouter
 
 
@@ -50,11 +52,13 @@ class MoELayer(nn.Module):
     ``expert_parallel_group``: shard the experts over a ``torch.distributed`` group (see
     :mod:`fastmoe_kernels.parallel`): this rank holds experts ``[r·E/W, (r+1)·E/W)``, the router and
     the shared experts are replicated, tokens travel by all-to-all, and the load-balancing loss counts
-    tokens over the whole group.
+    tokens over the whole group. Before the first exchange the ranks check that they built the same
+    layer (a mismatch raises ``ExpertParallelError`` naming the fields); every exchange waits at most
+    ``expert_parallel_timeout`` seconds (then ``ExpertParallelError``).
     """
 
     def __init__(self, config: Optional[MoEConfig] = None, /, *, device=None, dtype=None,
-                 expert_parallel_group=None, **fields):
+                 expert_parallel_group=None, expert_parallel_timeout: float = DEFAULT_TIMEOUT_S, **fields):
         super().__init__()
         if config is None:
             config = MoEConfig(**fields)
@@ -62,6 +66,8 @@ class MoELayer(nn.Module):
             raise TypeError(f"MoELayer: `config` must be a MoEConfig, got {type(config).__name__}")
         elif fields:
             config = config.replace(**fields)
+        if dtype is not None and dtype not in FLOAT_DTYPES:
+            raise TypeError(f"MoELayer: `dtype` must be one of float16/bfloat16/float32/float64, got {dtype}")
         self.config = config
         self.backend: Optional[str] = config.backend
         factory = dict(device=device, dtype=dtype)
@@ -69,7 +75,8 @@ class MoELayer(nn.Module):
         self.expert_parallel = None
         widths = config.expert_widths
         if expert_parallel_group is not None:
-            self.expert_parallel = ExpertParallelExchange(config.num_experts, expert_parallel_group)
+            self.expert_parallel = ExpertParallelExchange(
+                config.num_experts, expert_parallel_group, _fingerprint(config, dtype), expert_parallel_timeout)
             widths = tuple(widths[e] for e in self.expert_parallel.local)
         self.experts = GroupedExperts(config.d_model, widths, config.activation, config.bias, config.init_std, **factory)
         if self.expert_parallel is not None:
@@ -135,7 +142,11 @@ class MoELayer(nn.Module):
                 group = self.expert_parallel.group  # an expert's load comes from every rank's tokens
             if group is not None:
                 tokens = tokens.clone()
-                dist.all_reduce(tokens, group=group)
+                if self.expert_parallel is not None and group is self.expert_parallel.group:
+                    collective(dist.all_reduce, tokens, group=group, what="the load-balancing counts' all-reduce",
+                               timeout_s=self.expert_parallel.timeout_s)
+                else:
+                    dist.all_reduce(tokens, group=group)
             lb = load_balancing_loss_from_stats(
                 tokens, prob_mean, cfg.top_k, normalization=cfg.load_balancing_normalization
             )
@@ -187,12 +198,13 @@ class MoELayer(nn.Module):
         return int(total - expert_params + self.config.top_k * expert_params / self.config.num_experts)
 
     # ---- expert parallelism ---------------------------------------------------------------------
-    def to_expert_parallel(self, group) -> "MoELayer":
-        """This rank's shard of this (full) layer: its block of experts, the router and shared experts."""
+    def to_expert_parallel(self, group, timeout: float = DEFAULT_TIMEOUT_S) -> "MoELayer":
+        """This rank's shard of this (full) layer: its block of experts, the router and shared experts
+        (``timeout``: seconds any exchange may wait)."""
         if self.expert_parallel is not None:
             raise ValueError("to_expert_parallel: the layer is already expert-parallel")
         shard = MoELayer(self.config, device=self.router.weight.device, dtype=self.router.weight.dtype,
-                         expert_parallel_group=group)
+                         expert_parallel_group=group, expert_parallel_timeout=timeout)
         shard.backend = self.backend
         _load_all_but_experts(shard, self)
         shard.experts.load_experts([self.experts.expert_weights(e) for e in shard.expert_parallel.local])
@@ -232,6 +244,14 @@ class MoELayer(nn.Module):
         cfg = self.config
         mode = "dropless" if cfg.dropless else f"capacity_factor={cfg.capacity_factor}, drop_policy={cfg.drop_policy}"
         return f"top_k={cfg.top_k}, score={cfg.score_func}, {mode}, backend={self.backend}"
+
+
+def _fingerprint(config: MoEConfig, dtype) -> str:
+    """What the ranks of an expert-parallel group must agree on: every config field but the backend
+    (ranks may run different kernels), and the parameters' dtype."""
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k != "backend"}
+    fields["dtype"] = str(dtype or torch.get_default_dtype())
+    return ";".join(f"{k}={v}" for k, v in sorted(fields.items()))
 
 
 def _load_all_but_experts(dst: MoELayer, src: MoELayer) -> None:

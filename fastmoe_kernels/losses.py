@@ -22,13 +22,14 @@ Router z-loss (ST-MoE, arXiv 2202.08906): ``L_z = mean_t (logsumexp_e logits[t, 
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_tensor
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_int, check_tensor
 from .ops.routing_stats import routing_stats
 
 NORMALIZATIONS = ("megatron", "mixtral")
@@ -78,6 +79,11 @@ def load_balancing_loss(
     check_tensor(where, "probs", probs, ndim=2, dtypes=FLOAT_DTYPES, shape=(None, None))
     check_tensor(where, "expert_idx", expert_idx, ndim=2, dtypes=INDEX_DTYPES, shape=(probs.shape[0], None), device=probs.device)
     check_choice(where, "normalization", normalization, NORMALIZATIONS)
+    check_int(where, "num_sequences", num_sequences, low=1)
+    if isinstance(probs.shape[0], int) and probs.shape[0] % num_sequences:
+        raise ValueError(f"{where}: `num_sequences`={num_sequences} must divide the number of tokens T={probs.shape[0]}")
+    if not math.isfinite(coeff):
+        raise ValueError(f"{where}: `coeff` must be finite, got {coeff}")
     if num_sequences > 1 and group is not None:
         raise ValueError(f"{where}: `num_sequences` > 1 (per-sequence) and `group` (global) are exclusive")
     tokens, prob_mean = routing_stats(probs, expert_idx, num_sequences)
@@ -90,6 +96,8 @@ def load_balancing_loss(
 def z_loss(logits: Tensor, coeff: float = 1.0) -> Tensor:
     """Router z-loss ``coeff · mean_t (logsumexp_e logits[t, e])²`` in fp32 (0 for an empty batch)."""
     check_tensor("z_loss", "logits", logits, ndim=2, dtypes=FLOAT_DTYPES, shape=(None, None))
+    if not math.isfinite(coeff):
+        raise ValueError(f"z_loss: `coeff` must be finite, got {coeff}")
     if logits.shape[0] == 0:
         return logits.new_zeros((), dtype=torch.float32)
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32

@@ -125,3 +125,45 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             json.dump(failures, fh)
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def mismatch_worker(rank: int, world: int, init: str, out_dir: str) -> None:
+    """Rank 1 builds a padded-capacity layer, rank 0 a dropless one: both must raise a named error
+    (before any exchange that the mismatch would deadlock or crash)."""
+    outcome = "no error"
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+        extra = dict(capacity_factor=1.0, pad_to_capacity=True) if rank == 1 else {}
+        layer = MoELayer(d_model=8, d_ff=8, num_experts=4, top_k=2, expert_parallel_group=dist.group.WORLD,
+                         expert_parallel_timeout=60, **extra)
+        layer(torch.randn(5, 8))
+    except Exception as exc:  # noqa: BLE001 - the test reads what happened
+        outcome = f"{type(exc).__name__}: {exc}"
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump([outcome], f)
+    os._exit(0)
+
+
+def frozen_peer_worker(rank: int, world: int, init: str, out_dir: str) -> None:
+    """Rank 1 never enters the exchange: rank 0 must raise within its timeout, not wait 30 minutes."""
+    outcome = "no error"
+    import time
+
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+        layer = MoELayer(d_model=8, d_ff=8, num_experts=4, top_k=2, expert_parallel_group=dist.group.WORLD,
+                         expert_parallel_timeout=3)
+        if rank == 0:
+            started = time.time()
+            try:
+                layer(torch.randn(5, 8))
+            finally:
+                outcome_time = time.time() - started
+            outcome = f"no error after {outcome_time:.1f} s"
+        else:
+            time.sleep(20)
+    except Exception as exc:  # noqa: BLE001
+        outcome = f"{type(exc).__name__}: {exc}"
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump([outcome], f)
+    os._exit(0)

@@ -188,3 +188,35 @@ def test_backend_checks(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(BackendUnavailableError, match="triton.*CUDA"):
         route_topk(x, 2, backend="triton")
+
+
+def test_layer_dtype_must_be_floating():
+    with pytest.raises(TypeError, match="`dtype`"):
+        MoELayer(d_model=8, d_ff=4, num_experts=4, top_k=2, dtype=torch.complex64)
+
+
+def test_loss_errors_name_the_users_argument():
+    probs, idx = torch.softmax(torch.randn(6, 4), -1), torch.randint(0, 4, (6, 2))
+    with pytest.raises(ValueError, match="`num_sequences`"):
+        losses.load_balancing_loss(probs, idx, num_sequences=0)
+    with pytest.raises(ValueError, match="`num_sequences`"):
+        losses.load_balancing_loss(probs, idx, num_sequences=4)
+    with pytest.raises(ValueError, match="`coeff`"):
+        losses.z_loss(torch.randn(3, 4), coeff=float("nan"))
+
+
+def test_checkpoint_of_other_expert_widths_is_refused():
+    a = MoELayer(d_model=8, d_ff=[8, 24, 16, 16], num_experts=4, top_k=2)
+    b = MoELayer(d_model=8, d_ff=[16, 16, 8, 24], num_experts=4, top_k=2)  # same parameter shapes
+    with pytest.raises(ValueError, match=r"expert widths \[8, 24, 16, 16\] differ"):
+        b.load_state_dict(a.state_dict())
+    older = {k: v for k, v in a.state_dict().items() if k != "experts.expert_widths"}
+    MoELayer(d_model=8, d_ff=[8, 24, 16, 16], num_experts=4, top_k=2).load_state_dict(older)  # accepted
+
+
+def test_capacity_beyond_int32_means_the_same_everywhere():
+    idx = torch.tensor([[0], [0], [1], [0]])
+    plan = make_plan(idx, 2, 2**40, "position")
+    assert plan.counts.tolist() == [3, 1] and plan.capacity == 2**40
+    with pytest.raises(ValueError, match="`capacity`"):
+        make_plan(idx, 2, 2**40, "position", pad=True)

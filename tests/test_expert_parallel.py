@@ -46,3 +46,32 @@ def test_layer_rejects_indivisible_expert_count(tmp_path):
             layer.gather_full()
     finally:
         dist.destroy_process_group()
+
+
+def run_workers(target, tmp_path, world=2, limit=120):
+    ctx = mp.start_processes(target, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=False,
+                             start_method="spawn")
+    started = time.time()
+    while not ctx.join(timeout=2):
+        if time.time() - started > limit:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"workers did not finish in {limit} s")
+    return {r: json.loads((tmp_path / f"rank{r}.json").read_text())[0] for r in range(world)}, time.time() - started
+
+
+def test_ranks_with_different_layers_raise_instead_of_deadlocking(tmp_path):
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    outcomes, _ = run_workers(ep_worker.mismatch_worker, tmp_path)
+    for rank, outcome in outcomes.items():
+        assert outcome.startswith("ExpertParallelError") and "capacity_factor" in outcome and "pad_to_capacity" in outcome, \
+            f"rank {rank}: {outcome}"
+
+
+def test_a_frozen_peer_is_reported_within_the_timeout(tmp_path):
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    outcomes, elapsed = run_workers(ep_worker.frozen_peer_worker, tmp_path)
+    assert outcomes[0].startswith("ExpertParallelError") and "did not complete within 3 s" in outcomes[0], outcomes[0]
+    assert elapsed < 60

@@ -92,8 +92,12 @@ __global__ void route_topk_kernel(const T* __restrict__ logits, i64 num_tokens, 
 #pragma unroll
   for (int i = 0; i < VPL; ++i) {
     const int e = lane + 32 * i;
-    key[i] = e < E ? (keyed ? score[i] + (bias != nullptr ? bias[e] : 0.f) : logit[i]) : neg_inf();
+    key[i] = e < E ? selection_key(keyed ? score[i] + (bias != nullptr ? bias[e] : 0.f) : logit[i]) : neg_inf();
   }
+  // allowed[i]: expert lane + 32·i is in one of the token's topk_groups best groups (all, without groups).
+  bool allowed[VPL];
+#pragma unroll
+  for (int i = 0; i < VPL; ++i) allowed[i] = true;
   if (num_groups > 1) {
     float* gs = group_scores + (threadIdx.x >> 5) * num_groups;
     const int size = E / num_groups;
@@ -120,40 +124,41 @@ __global__ void route_topk_kernel(const T* __restrict__ logits, i64 num_tokens, 
         }
       }
       warp_best(second, second_e);
-      if (lane == 0) gs[g] = size >= 2 ? best + second : best;
+      if (lane == 0) gs[g] = selection_key(size >= 2 ? best + second : best);  // +inf + -inf is NaN
     }
+    __syncwarp();
+    if (lane == 0) mark_best_groups(gs, num_groups, topk_groups);
     __syncwarp();
 #pragma unroll
     for (int i = 0; i < VPL; ++i) {
       const int e = lane + 32 * i;
-      if (e < E) {
-        const int g = e / size;
-        int better = 0;
-        for (int h = 0; h < num_groups; ++h) better += ranks_before(gs[h], h, gs[g], g) ? 1 : 0;
-        if (better >= topk_groups) key[i] = neg_inf();
-      }
+      allowed[i] = e < E && is_taken(gs[e / size]);
     }
   }
+  // k rounds of "best expert not yet taken", experts of the allowed groups first: one warp-wide
+  // reduction among the allowed ones, a second among all only if none is left.
   int my_idx = 0;
   float my_w = 0.f, selected_total = 0.f;
   for (int j = 0; j < k; ++j) {
     float best = neg_inf();
     int best_e = 0x7fffffff;
+    for (int pass = 0; pass < 2 && best_e == 0x7fffffff; ++pass) {
 #pragma unroll
-    for (int i = 0; i < VPL; ++i) {
-      const int e = lane + 32 * i;
-      if (e < E && ranks_before(key[i], e, best, best_e)) {
-        best = key[i];
-        best_e = e;
+      for (int i = 0; i < VPL; ++i) {
+        const int e = lane + 32 * i;
+        if (e < E && !is_taken(key[i]) && (pass == 1 || allowed[i]) && ranks_before(key[i], e, best, best_e)) {
+          best = key[i];
+          best_e = e;
+        }
       }
+      warp_best(best, best_e);
     }
-    warp_best(best, best_e);
     const int owner = best_e & 31;
     float s = 0.f;
     if (lane == owner) {
       s = select_slot(score, best_e >> 5);
 #pragma unroll
-      for (int i = 0; i < VPL; ++i) key[i] = (i == (best_e >> 5)) ? neg_inf() : key[i];
+      for (int i = 0; i < VPL; ++i) key[i] = (i == (best_e >> 5)) ? taken_mark() : key[i];
     }
     s = __shfl_sync(kFullMask, s, owner);
     selected_total += s;

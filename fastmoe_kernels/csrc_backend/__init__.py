@@ -48,6 +48,14 @@ def _register(kernel: str, applies_on_cuda=None, cpp: bool = True):
     return wrap
 
 
+def _ids32(expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int32 ids for the kernels, ids outside [0, E) made -1 first: an int64 id such as 2³² + 1 would
+    otherwise wrap into range when cast (the other backends drop it)."""
+    if expert_idx.dtype != torch.int32:
+        expert_idx = torch.where((expert_idx >= 0) & (expert_idx < num_experts), expert_idx, -1).to(torch.int32)
+    return expert_idx.contiguous()
+
+
 def _routing_fits(num_experts: int = 1, top_k: int = 1, **_) -> Optional[str]:
     if num_experts > MAX_ROUTING_EXPERTS or top_k > MAX_ROUTING_K:
         return (f"the CUDA router holds a token in one warp: E <= {MAX_ROUTING_EXPERTS} and k <= {MAX_ROUTING_K}, "
@@ -88,7 +96,7 @@ def make_plan_csrc(expert_idx, num_experts, capacity, drop_policy, weight, pad):
     row = empty(T, k, dtype=torch.int32, device=dev)
     assignment = empty(R, dtype=torch.int32, device=dev)
     by_weight = capacity >= 0 and drop_policy == "probs"
-    _ops.make_plan(expert_idx.to(torch.int32).contiguous(), num_experts, capacity, by_weight,
+    _ops.make_plan(_ids32(expert_idx, num_experts), num_experts, capacity, by_weight,
                    weight.float().contiguous() if by_weight else None, pad, counts, routed, offsets, row, assignment)
     return counts, routed, offsets, row, assignment
 
@@ -133,8 +141,7 @@ def routing_stats_csrc(probs, expert_idx, num_segments):
     E = probs.shape[1]
     tokens = empty(num_segments, E, dtype=torch.float32, device=probs.device)
     prob_mean = empty(num_segments, E, dtype=torch.float32, device=probs.device)
-    _ops.routing_stats(probs.float().contiguous(), expert_idx.to(torch.int32).contiguous(), num_segments, tokens,
-                       prob_mean)
+    _ops.routing_stats(probs.float().contiguous(), _ids32(expert_idx, E), num_segments, tokens, prob_mean)
     return tokens, prob_mean.to(probs.dtype)
 
 

@@ -16,10 +16,48 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from typing import List
+
 from torch import Tensor
 
+from .._checks import FLOAT_DTYPES, check_choice, check_tensor
 from ..activations import apply_activation, apply_gated, is_gated
+from ..config import ACTIVATIONS
 from .grouped_gemm import grouped_gemm
+
+
+def check_expert_weights(where: str, x: Tensor, w_up: Tensor, w_down: Tensor, b_up: Optional[Tensor],
+                         b_down: Optional[Tensor], activation: str, widths: Optional[Sequence[int]],
+                         num_experts: int) -> Optional[List[int]]:
+    """Check the experts' weights against ``x [·, d]`` and the expert count (layouts in the module
+    docstring); return the widths as a list (None when homogeneous). Errors name the argument."""
+    check_choice(where, "activation", activation, ACTIVATIONS)
+    m = 2 if is_gated(activation) else 1
+    d = x.shape[1]
+    E = num_experts
+    for name, t in (("w_up", w_up), ("w_down", w_down), ("b_up", b_up), ("b_down", b_down)):
+        if t is not None:
+            check_tensor(where, name, t, dtypes=FLOAT_DTYPES, device=x.device)
+    if widths is None:
+        check_tensor(where, "w_up", w_up, ndim=3, shape=(E, None, d))
+        if w_up.shape[1] % m:
+            raise ValueError(f"{where}: `w_up` of a gated activation must be [E, 2·f, d], got {list(w_up.shape)}")
+        f = w_up.shape[1] // m
+        check_tensor(where, "w_down", w_down, ndim=3, shape=(E, d, f))
+        up_bias_shape = (E, m * f)
+    else:
+        widths = list(widths)
+        if len(widths) != E or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in widths):
+            raise ValueError(f"{where}: `widths` must be {E} ints >= 0 (one per expert), got {widths!r}")
+        total = sum(widths)
+        check_tensor(where, "w_up", w_up, ndim=2, shape=(m * total, d))
+        check_tensor(where, "w_down", w_down, ndim=2, shape=(d, total))
+        up_bias_shape = (m * total,)
+    if b_up is not None:
+        check_tensor(where, "b_up", b_up, ndim=len(up_bias_shape), shape=up_bias_shape)
+    if b_down is not None:
+        check_tensor(where, "b_down", b_down, ndim=2, shape=(E, d))
+    return widths
 
 
 def grouped_mlp(
@@ -35,11 +73,14 @@ def grouped_mlp(
     backend: Optional[str] = None,
 ) -> Tensor:
     """Apply expert e's MLP to rows ``offsets[e]:offsets[e+1]`` of ``x``. Differentiable."""
+    where = "grouped_mlp"
+    check_tensor(where, "x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor(where, "offsets", offsets, ndim=1, device=x.device)
+    widths = check_expert_weights(where, x, w_up, w_down, b_up, b_down, activation, widths, offsets.shape[0] - 1)
     if widths is None:
         h = grouped_gemm(x, w_up, offsets, trans_b=True, bias=b_up, backend=backend)
         a = apply_activation(h, activation)
         return grouped_gemm(a, w_down, offsets, trans_b=True, bias=b_down, backend=backend)
-    widths = list(widths)
     total = sum(widths)
     packed_n = dict(trans_b=True, widths=widths, packed="n", backend=backend)
     if is_gated(activation):

@@ -21,8 +21,9 @@ from torch import Tensor
 from .. import backends
 from ..activations import apply_activation, is_gated
 from .grouped_gemm import grouped_gemm_reference
-from .grouped_mlp import grouped_mlp
-from .permute import combine_reference, permute, permute_reference, unpermute
+from .._checks import FLOAT_DTYPES, check_tensor
+from .grouped_mlp import check_expert_weights, grouped_mlp
+from .permute import check_plan, combine_reference, permute, permute_reference, unpermute
 from .plan import DispatchPlan
 
 
@@ -164,6 +165,14 @@ def moe_mlp(
     ``fused`` None uses the fused kernels when the backend has them, False forces the composition
     of permute / grouped_mlp / unpermute (the benchmark suite compares the two).
     """
+    where = "moe_mlp"
+    check_tensor(where, "x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    check_plan(where, plan, x.device)
+    check_tensor(where, "x", x, shape=(plan.row.shape[0], None))
+    check_tensor(where, "weight", weight, ndim=2, dtypes=FLOAT_DTYPES, shape=tuple(plan.row.shape), device=x.device)
+    widths = check_expert_weights(where, x, w_up, w_down, b_up, b_down, activation, widths, plan.num_experts)
+    if fused not in (None, True, False):
+        raise TypeError(f"{where}: `fused` must be None, True or False, got {fused!r}")
     name = "torch" if fused is False else backends.resolve("moe_mlp", backend, x.device, x.dtype)
     if name == "torch":
         return moe_mlp_reference(x, plan, weight, w_up, w_down, activation, b_up, b_down, widths=widths, backend=backend)

@@ -26,8 +26,15 @@ def _with_zero_row(t: Tensor) -> Tensor:
     return torch.cat([t, t.new_zeros(1, t.shape[1])])
 
 
+def _kept(index: Tensor, num_rows: int) -> Tensor:
+    """Entries that point at a row: in [0, num_rows). Any other (-1 for none, or out of range in a plan
+    changed after make_plan) reads nothing, as in every kernel."""
+    return (index >= 0) & (index < num_rows)
+
+
 def _redirect(index: Tensor, sentinel: int) -> Tensor:
-    return torch.where(index >= 0, index, sentinel).long()
+    """``index`` with every entry that points at no row sent to ``sentinel`` (a zero row)."""
+    return torch.where(_kept(index, sentinel), index, sentinel).long()
 
 
 def permute_reference(x: Tensor, src: Tensor) -> Tensor:
@@ -36,11 +43,13 @@ def permute_reference(x: Tensor, src: Tensor) -> Tensor:
 
 
 def combine_reference(y: Tensor, row: Tensor, weight: Tensor) -> Tensor:
-    """``out[t] = Σ_j w[t,j] · y[row[t,j]]`` in fp32 (w = 1 when ``weight`` is empty); y's dtype."""
+    """``out[t] = Σ_j w[t,j] · y[row[t,j]]`` in fp32 (w = 1 when ``weight`` is empty); y's dtype. A
+    dropped assignment adds exactly 0, whatever its weight (NaN included)."""
     acc = accum_dtype(y, weight)
     gathered = _with_zero_row(y.to(acc))[_redirect(row, y.shape[0])]  # [T, k, d]
     if weight.numel():
-        gathered = gathered * weight.to(acc).unsqueeze(-1)
+        kept_weight = torch.where(_kept(row, y.shape[0]), weight.to(acc), 0.0)
+        gathered = gathered * kept_weight.unsqueeze(-1)
     return gathered.sum(dim=1).to(y.dtype)
 
 
@@ -52,10 +61,10 @@ def unpermute_backward_reference(
     acc = accum_dtype(grad_out, y, weight)
     g32 = grad_out.to(acc)
     grad_weight = (g32.unsqueeze(1) * _with_zero_row(y.to(acc))[_redirect(row, y.shape[0])]).sum(dim=-1)
-    valid = assignment >= 0
+    valid = _kept(assignment, T * k)
     token = _redirect(torch.where(valid, torch.div(assignment, k, rounding_mode="floor"), -1), T)
     if weight.numel():
-        row_weight = torch.where(valid, weight.reshape(-1).to(acc)[assignment.clamp(min=0).long()], 0.0)
+        row_weight = torch.where(valid, weight.reshape(-1).to(acc)[torch.where(valid, assignment, 0).long()], 0.0)
     else:
         row_weight = valid.to(acc)
     grad_y = _with_zero_row(g32)[token] * row_weight.unsqueeze(-1)
@@ -144,18 +153,23 @@ _unpermute_op.register_autograd(_unpermute_backward, setup_context=_unpermute_se
 
 
 # ---- public API ------------------------------------------------------------------------------
-def _check_plan(where: str, plan: DispatchPlan, device: torch.device) -> None:
+def check_plan(where: str, plan: DispatchPlan, device: torch.device) -> None:
+    """The plan's structure (its values are the kernels' to bound: a changed plan reads nothing out of range)."""
     if not isinstance(plan, DispatchPlan):
         raise TypeError(f"{where}: `plan` must be a DispatchPlan from make_plan, got {type(plan).__name__}")
     if plan.row.device != device:
         raise ValueError(f"{where}: `plan` is on {plan.row.device} but the data is on {device}")
+    check_tensor(where, "plan.row", plan.row, ndim=2, dtypes=(torch.int32,))
+    check_tensor(where, "plan.assignment", plan.assignment, ndim=1, dtypes=(torch.int32,), device=device)
+    check_tensor(where, "plan.offsets", plan.offsets, ndim=1, dtypes=(torch.int32,), device=device,
+                 shape=(plan.counts.shape[0] + 1,))
 
 
 def permute(x: Tensor, plan: DispatchPlan, *, backend: Optional[str] = None) -> Tensor:
     """Gather ``x [T, d]`` into the plan's expert-grouped rows: ``[R, d]``, same dtype. Differentiable."""
     where = "permute"
     check_tensor(where, "x", x, ndim=2, dtypes=FLOAT_DTYPES)
-    _check_plan(where, plan, x.device)
+    check_plan(where, plan, x.device)
     check_tensor(where, "x", x, shape=(plan.row.shape[0], None))
     forward = backends.resolve("permute", backend, x.device, x.dtype)
     backward = backends.resolve("combine", backend, x.device, x.dtype)
@@ -169,7 +183,7 @@ def unpermute(y: Tensor, plan: DispatchPlan, weight: Tensor, *, backend: Optiona
     """
     where = "unpermute"
     check_tensor(where, "y", y, ndim=2, dtypes=FLOAT_DTYPES)
-    _check_plan(where, plan, y.device)
+    check_plan(where, plan, y.device)
     check_tensor(where, "y", y, shape=(plan.num_rows, None))
     check_tensor(where, "weight", weight, ndim=2, dtypes=FLOAT_DTYPES, shape=tuple(plan.row.shape), device=y.device)
     forward = backends.resolve("combine", backend, y.device, y.dtype)

@@ -214,10 +214,18 @@ def make_plan(
             check_tensor(where, "weight", weight, ndim=2, dtypes=FLOAT_DTYPES, shape=(T, k), device=expert_idx.device)
     if isinstance(T, int) and T * k >= 2**31:
         raise ValueError(f"{where}: T·k = {T * k} assignments exceeds the int32 row index range")
+    kernel_capacity = capacity
+    if capacity >= 0 and not pad:
+        # No expert can hold more than the T·k assignments: a larger capacity drops nothing more, and
+        # this keeps every backend's integers in range (a capacity past int32 means the same everywhere).
+        kernel_capacity = torch.sym_min(capacity, T * k)
+    if pad and isinstance(capacity, int) and num_experts * capacity >= 2**31:
+        raise ValueError(f"{where}: `capacity`={capacity} with pad=True gives E·C = {num_experts * capacity} rows, "
+                         "past the int32 row index range")
     backend_name = backends.resolve("make_plan", backend, expert_idx.device, None, num_experts=int(num_experts))
     counts, routed, offsets, row, assignment = _make_plan_op(
-        expert_idx, num_experts, capacity, drop_policy, weight if capacity >= 0 and drop_policy == "probs" else None,
-        bool(pad), backend_name,
+        expert_idx, num_experts, kernel_capacity, drop_policy,
+        weight if capacity >= 0 and drop_policy == "probs" else None, bool(pad), backend_name,
     )
     return DispatchPlan(
         counts=counts, routed_counts=routed, offsets=offsets, row=row, assignment=assignment,

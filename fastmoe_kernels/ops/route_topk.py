@@ -11,6 +11,10 @@ Conventions (the reference below is the specification every backend must match):
   experts in its ``topk_groups`` best groups.
 - ties break to the lower index (expert or group), deterministically; ``expert_idx[t]`` lists the k
   experts by descending key.
+- non-finite keys: a NaN key ranks as -inf; a token never gets an expert (or a group) twice, and the
+  experts of its allowed groups come before every other. So a -inf bias that masks an expert, a +inf
+  one that forces it, or a NaN token (whose NaN weights the value check reports) still give k distinct
+  experts, the same on every backend.
 - ``weight[t, j] = scaling · s[t, idx[t, j]] / (Σ_j' s[t, idx[t, j']] + 1e-20 if normalize else 1)``.
 - ``probs`` (when asked): the per-token distribution the load-balancing loss uses — the softmax
   scores, or the sigmoid scores renormalised to sum to 1 over the experts.
@@ -38,21 +42,27 @@ def _scores(logits32: Tensor, score: str) -> Tensor:
     return torch.softmax(logits32, dim=-1) if score == "softmax" else torch.sigmoid(logits32)
 
 
+def _nan_as_neg_inf(t: Tensor) -> Tensor:
+    return torch.where(torch.isnan(t), float("-inf"), t)
+
+
 def _selection_key(logits32: Tensor, scores: Tensor, expert_bias: Optional[Tensor], num_groups: int) -> Tensor:
     if expert_bias is None and num_groups <= 1:
-        return logits32
-    return scores if expert_bias is None else scores + expert_bias.to(scores.dtype)
+        key = logits32
+    else:
+        key = scores if expert_bias is None else scores + expert_bias.to(scores.dtype)
+    return _nan_as_neg_inf(key)
 
 
-def _limit_to_groups(key: Tensor, num_groups: int, topk_groups: int) -> Tensor:
-    """Mask (to -inf) the experts outside each token's ``topk_groups`` best groups."""
+def _allowed_experts(key: Tensor, num_groups: int, topk_groups: int) -> Tensor:
+    """``[T, E]`` bool: the experts of each token's ``topk_groups`` best groups."""
     T, E = key.shape
     grouped = key.view(T, num_groups, E // num_groups)
     best_in_group = torch.sort(grouped, dim=-1, descending=True, stable=True).values
-    group_score = best_in_group[..., : min(2, E // num_groups)].sum(dim=-1)
+    group_score = _nan_as_neg_inf(best_in_group[..., : min(2, E // num_groups)].sum(dim=-1))  # +inf + -inf
     top_groups = torch.sort(group_score, dim=-1, descending=True, stable=True).indices[:, :topk_groups]
     keep = torch.zeros(T, num_groups, dtype=torch.bool, device=key.device).scatter_(1, top_groups, True)
-    return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(T, E)
+    return keep.unsqueeze(-1).expand(T, num_groups, E // num_groups).reshape(T, E)
 
 
 def route_topk_reference(
@@ -70,9 +80,12 @@ def route_topk_reference(
     logits32 = logits.to(_router_dtype(logits))
     scores = _scores(logits32, score)
     key = _selection_key(logits32, scores, expert_bias, num_groups)
+    # Order by key (ties: lower index), then, stably, the allowed experts first.
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
     if num_groups > 1:
-        key = _limit_to_groups(key, num_groups, topk_groups)
-    expert_idx = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :k]
+        allowed = _allowed_experts(key, num_groups, topk_groups).gather(1, order)
+        order = order.gather(1, torch.sort(allowed.to(torch.int8), dim=-1, descending=True, stable=True).indices)
+    expert_idx = order[:, :k]
     selected = scores.gather(1, expert_idx)
     if normalize:
         selected = selected / (selected.sum(dim=-1, keepdim=True) + NORMALIZE_EPS)

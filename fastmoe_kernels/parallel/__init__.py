@@ -14,7 +14,7 @@ from typing import Iterator
 
 from torch import nn
 
-from .expert_parallel import ExpertParallelExchange, all_to_all, local_expert_range
+from .expert_parallel import ExpertParallelError, ExpertParallelExchange, all_to_all, local_expert_range
 
 
 def is_expert_parameter(param: nn.Parameter) -> bool:
@@ -31,5 +31,5 @@ def replicated_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     return (p for p in model.parameters() if not is_expert_parameter(p))
 
 
-__all__ = ["ExpertParallelExchange", "all_to_all", "expert_parameters", "is_expert_parameter", "local_expert_range",
+__all__ = ["ExpertParallelError", "ExpertParallelExchange", "all_to_all", "expert_parameters", "is_expert_parameter", "local_expert_range",
            "replicated_parameters"]

@@ -15,7 +15,9 @@ by each source rank on its own tokens (C from its own T_r), as a single-device l
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import datetime
+import hashlib
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -23,26 +25,52 @@ from torch import Tensor
 
 from ..ops import DispatchPlan, grouped_mlp, permute, unpermute
 
+DEFAULT_TIMEOUT_S = 600.0  # long enough for a first step's kernel compiles on a slower rank
+
+
+class ExpertParallelError(RuntimeError):
+    """The ranks of an expert-parallel group disagree, or one of them stopped answering."""
+
+
+def wait_or_raise(work, what: str, timeout_s: float) -> None:
+    """Wait for an asynchronous collective at most ``timeout_s`` seconds (backends that bound their
+    waits: gloo; NCCL's own watchdog bounds its collectives), else raise a named error."""
+    try:
+        finished = work.wait(timeout=datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as exc:
+        raise ExpertParallelError(f"expert parallelism: {what} did not complete within {timeout_s:g} s (a rank "
+                                  f"stopped answering, or the ranks run different code): {exc}") from exc
+    if finished is False:
+        raise ExpertParallelError(f"expert parallelism: {what} did not complete within {timeout_s:g} s")
+
+
+def collective(fn: Callable, *args, what: str, timeout_s: float, **kwargs) -> None:
+    """Run ``fn(*args, async_op=True, **kwargs)`` (a torch.distributed collective) with a bounded wait."""
+    wait_or_raise(fn(*args, async_op=True, **kwargs), what, timeout_s)
+
 
 class _AllToAll(torch.autograd.Function):
     """``all_to_all_single`` with uneven splits; its backward is the exchange the other way."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, out_splits: List[int], in_splits: List[int], group) -> Tensor:
-        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+    def forward(ctx, x: Tensor, out_splits: List[int], in_splits: List[int], group, timeout_s: float) -> Tensor:
+        ctx.out_splits, ctx.in_splits, ctx.group, ctx.timeout_s = out_splits, in_splits, group, timeout_s
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        collective(dist.all_to_all_single, out, x.contiguous(), out_splits, in_splits, group=group,
+                   what="the rows' all-to-all", timeout_s=timeout_s)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         back = grad.new_empty((sum(ctx.in_splits), *grad.shape[1:]))
-        dist.all_to_all_single(back, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
-        return back, None, None, None
+        collective(dist.all_to_all_single, back, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group,
+                   what="the gradients' all-to-all", timeout_s=ctx.timeout_s)
+        return back, None, None, None, None
 
 
-def all_to_all(x: Tensor, out_splits: List[int], in_splits: List[int], group) -> Tensor:
-    return _AllToAll.apply(x, out_splits, in_splits, group)
+def all_to_all(x: Tensor, out_splits: List[int], in_splits: List[int], group,
+               timeout_s: float = DEFAULT_TIMEOUT_S) -> Tensor:
+    return _AllToAll.apply(x, out_splits, in_splits, group, timeout_s)
 
 
 def group_info(group) -> Tuple[int, int]:
@@ -59,18 +87,51 @@ def local_expert_range(num_experts: int, group) -> range:
 
 
 class ExpertParallelExchange:
-    """The token exchange of one expert-parallel layer (see the module docstring)."""
+    """The token exchange of one expert-parallel layer (see the module docstring).
 
-    def __init__(self, num_experts: int, group):
+    ``fingerprint``: what every rank of the group must agree on (the layer's config and dtype); the
+    ranks compare it before their first exchange, so that mismatched layers raise instead of
+    deadlocking or crashing in a collective. Every exchange waits at most ``timeout_s`` seconds.
+    """
+
+    def __init__(self, num_experts: int, group, fingerprint: str = "", timeout_s: float = DEFAULT_TIMEOUT_S):
+        if not timeout_s > 0:
+            raise ValueError(f"expert parallelism: `timeout_s` must be > 0, got {timeout_s}")
         self.group = group
         self.rank, self.world = group_info(group)
         self.local = local_expert_range(num_experts, group)
         self.num_experts = num_experts
         self.per_rank = len(self.local)
+        self.fingerprint = fingerprint
+        self.timeout_s = float(timeout_s)
+        self.agreed = False
+
+    def check_agreement(self, device: torch.device) -> None:
+        """Raise ExpertParallelError naming what differs when the ranks' layers disagree (once)."""
+        if self.agreed:
+            return
+        # A fixed-size digest first (a bounded collective); the fingerprints themselves only when they differ.
+        digest = int.from_bytes(hashlib.sha256(self.fingerprint.encode()).digest()[:7], "little")
+        mine = torch.tensor([digest], dtype=torch.int64, device=device)
+        digests = [torch.empty_like(mine) for _ in range(self.world)]
+        collective(dist.all_gather, digests, mine, group=self.group, what="the layers' config check",
+                   timeout_s=self.timeout_s)
+        if len({int(d) for d in digests}) > 1:
+            prints: List[Optional[str]] = [None] * self.world
+            dist.all_gather_object(prints, self.fingerprint, group=self.group)
+            fields = dict(item.split("=", 1) for item in self.fingerprint.split(";") if item)
+            differing = sorted({key for p in prints for key, value in (i.split("=", 1) for i in p.split(";") if i)
+                                if fields.get(key) != value})
+            raise ExpertParallelError(f"expert parallelism: the ranks' layers differ in {differing} (rank {self.rank} "
+                                      f"has {', '.join(f'{k}={fields.get(k)}' for k in differing)}); every rank of "
+                                      "the group must build the same layer")
+        self.agreed = True
 
     def run_experts(self, x: Tensor, plan: DispatchPlan, weight: Tensor, experts, backend: Optional[str]) -> Tensor:
         """Tokens ``x [T, d]`` in, combined expert outputs ``[T, d]`` out, through the local ``experts``."""
+        self.check_agreement(x.device)
         W, E_l = self.world, self.per_rank
+        bounded = dict(group=self.group, timeout_s=self.timeout_s)
         x_rows = permute(x, plan, backend=backend)
         if plan.padded:
             # Fixed [E, C] layout: a rank sends E/W · C rows (padding included) to every rank. C comes
@@ -78,7 +139,7 @@ class ExpertParallelExchange:
             # every rank has the same number of tokens, the usual fixed-shape training step).
             mine = torch.tensor([plan.capacity], dtype=torch.int64, device=x.device)
             capacities = [torch.empty_like(mine) for _ in range(W)]
-            dist.all_gather(capacities, mine, group=self.group)
+            collective(dist.all_gather, capacities, mine, what="the capacities' all-gather", **bounded)
             caps = torch.cat(capacities).cpu().tolist()
             recv_matrix = torch.tensor(caps, dtype=torch.int64, device=x.device).unsqueeze(1).expand(W, E_l).contiguous()
             in_splits = [E_l * plan.capacity] * W
@@ -87,13 +148,14 @@ class ExpertParallelExchange:
         else:
             send_counts = plan.counts.to(torch.int64)
             recv_counts = torch.empty_like(send_counts)
-            dist.all_to_all_single(recv_counts, send_counts, group=self.group)  # rows from each source, per expert
+            # Rows from each source, per expert.
+            collective(dist.all_to_all_single, recv_counts, send_counts, what="the counts' all-to-all", **bounded)
             recv_matrix = recv_counts.view(W, E_l)
             # Uneven splits must be known on the host: one synchronisation per layer.
             host = torch.stack([send_counts.view(W, E_l).sum(1), recv_matrix.sum(1)]).cpu()
             in_splits, out_splits = host[0].tolist(), host[1].tolist()
             sent = x_rows[: sum(in_splits)]  # rows past the kept ones (the capacity tail) stay home
-        received = all_to_all(sent, out_splits, in_splits, self.group)
+        received = all_to_all(sent, out_splits, in_splits, self.group, self.timeout_s)
         # Received rows are grouped by source rank, then local expert; regroup them by local expert.
         expert_of_row = torch.repeat_interleave(torch.arange(E_l, device=x.device).repeat(W), recv_matrix.reshape(-1))
         order = torch.sort(expert_of_row, stable=True).indices
@@ -103,7 +165,7 @@ class ExpertParallelExchange:
                                 experts.b_up, experts.b_down, widths=None if experts.homogeneous else experts.widths,
                                 backend=backend)
         back = torch.empty_like(local_out).index_copy(0, order, local_out)
-        returned = all_to_all(back, in_splits, out_splits, self.group)
+        returned = all_to_all(back, in_splits, out_splits, self.group, self.timeout_s)
         if returned.shape[0] < x_rows.shape[0]:
             # The capacity tail holds no assignment and is never read by the combine.
             returned = torch.cat([returned, returned.new_zeros(x_rows.shape[0] - returned.shape[0], returned.shape[1])])

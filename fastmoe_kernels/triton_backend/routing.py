@@ -34,9 +34,10 @@ def _scores(l, cmask, SIGMOID: tl.constexpr):
 
 
 @triton.jit
-def _limit_to_groups(key, cols, NUM_GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+def _allowed_experts(key, cols, NUM_GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr,
                      G_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
-    """-inf outside each token's TOPK_GROUPS best groups (a group scores its two best keys)."""
+    """[BLOCK_T, E_PAD] bool: the experts of each token's TOPK_GROUPS best groups (a group scores its
+    two best keys; rounds of "best group not yet taken", ties to the lower group)."""
     group_of = cols // GROUP_SIZE
     gcols = tl.arange(0, G_PAD)
     gscore = tl.full((BLOCK_T, G_PAD), float("-inf"), tl.float32)
@@ -49,14 +50,16 @@ def _limit_to_groups(key, cols, NUM_GROUPS: tl.constexpr, TOPK_GROUPS: tl.conste
             score = m1 + m2
         else:
             score = m1
+        score = tl.where(score != score, float("-inf"), score)  # +inf + -inf
         gscore = tl.where((gcols == g)[None, :], score[:, None], gscore)
+    gavail = tl.full((BLOCK_T, G_PAD), 1, tl.int1) & (gcols < NUM_GROUPS)[None, :]
     allowed = tl.zeros((BLOCK_T, E_PAD), tl.int1)
     for _ in tl.static_range(TOPK_GROUPS):
-        m = tl.max(gscore, 1)
-        best = tl.min(tl.where(gscore == m[:, None], gcols[None, :], G_PAD), 1)
+        m = tl.max(tl.where(gavail, gscore, float("-inf")), 1)
+        best = tl.min(tl.where(gavail & (gscore == m[:, None]), gcols[None, :], G_PAD), 1)
         allowed = allowed | (group_of[None, :] == best[:, None])
-        gscore = tl.where(gcols[None, :] == best[:, None], float("-inf"), gscore)
-    return tl.where(allowed, key, float("-inf"))
+        gavail = gavail & (gcols[None, :] != best[:, None])
+    return allowed
 
 
 @triton.jit
@@ -77,22 +80,29 @@ def _route_topk_fwd_kernel(
         key = s
         if HAS_BIAS:
             key = key + tl.load(bias_ptr + cols, mask=cols < E, other=0.0).to(tl.float32)[None, :]
-        key = tl.where(cmask, key, float("-inf"))
     else:
         key = l  # same ranking as the scores, without rounding ties
+    key = tl.where(key != key, float("-inf"), key)  # a NaN key ranks as -inf
+    # Selection: k rounds of "best expert not yet taken" (ties: lower index), the experts of the
+    # allowed groups first — distinct experts even when keys are -inf (see route_topk.py).
+    avail = tl.full((BLOCK_T, E_PAD), 1, tl.int1) & cmask
     if NUM_GROUPS > 1:
-        key = _limit_to_groups(key, cols, NUM_GROUPS, TOPK_GROUPS, E // NUM_GROUPS, G_PAD, E_PAD, BLOCK_T)
+        allowed = _allowed_experts(key, cols, NUM_GROUPS, TOPK_GROUPS, E // NUM_GROUPS, G_PAD, E_PAD, BLOCK_T)
+    else:
+        allowed = avail
     kcols = tl.arange(0, K_PAD)
     sel_idx = tl.zeros((BLOCK_T, K_PAD), tl.int32)
     sel_w = tl.zeros((BLOCK_T, K_PAD), tl.float32)
     for j in tl.static_range(K):
-        m = tl.max(key, 1)
-        best = tl.min(tl.where(key == m[:, None], cols[None, :], E_PAD), 1)
+        preferred = avail & allowed
+        cand = tl.where((tl.max(preferred.to(tl.int32), 1) > 0)[:, None], preferred, avail)
+        m = tl.max(tl.where(cand, key, float("-inf")), 1)
+        best = tl.min(tl.where(cand & (key == m[:, None]), cols[None, :], E_PAD), 1)
         hit = cols[None, :] == best[:, None]
         w = tl.sum(tl.where(hit, s, 0.0), 1)
         sel_idx = tl.where((kcols == j)[None, :], best[:, None], sel_idx)
         sel_w = tl.where((kcols == j)[None, :], w[:, None], sel_w)
-        key = tl.where(hit, float("-inf"), key)
+        avail = avail & (cols[None, :] != best[:, None])
     if NORMALIZE:
         sel_w = sel_w / (tl.sum(sel_w, 1)[:, None] + 1e-20)
     sel_w = sel_w * scaling

@@ -5,6 +5,7 @@
     y = layer(x)
 """
 import importlib as _importlib
+import sys as _sys
 
 from ._version import __version__
 from ._checks import flush_value_checks, set_value_checks, value_checks_enabled
@@ -17,6 +18,11 @@ from .layer import MoELayer, RoutingStats, update_expert_biases
 from .losses import load_balancing_loss, set_aux_loss_scale, z_loss
 from .router import RouterOutput, TopKRouter
 from . import ops, losses
+
+if "transformers" in _sys.modules:
+    # transformers has no plugin entry points; where it is already loaded, make "fastmoe" an experts
+    # implementation now (otherwise importing fastmoe_kernels.integrations.transformers does it).
+    from .integrations import transformers as _transformers_integration  # noqa: F401
 
 
 def _loader(module: str):

@@ -10,9 +10,10 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
-ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
-GATED_ACTIVATIONS = ("swiglu", "geglu")
+from .activations import ACTIVATIONS, GATED_ACTIVATIONS, PARAMETRIC, Activation, as_activation
+
 SCORE_FUNCS = ("softmax", "sigmoid")
+ROUTER_PRECISIONS = ("fp32", "input")
 DROP_POLICIES = ("probs", "position")
 LOAD_BALANCING_TYPES = ("micro_batch", "sequence", "global", "none")
 LOAD_BALANCING_NORMALIZATIONS = ("megatron", "mixtral")
@@ -54,6 +55,9 @@ class MoEConfig:
 
     Shapes: ``d_model`` is the token width; ``d_ff`` the hidden width of each routed expert — an int
     (all experts alike) or a sequence of ``num_experts`` ints (heterogeneous experts).
+    ``activation``: gated ``swiglu``, ``swiglu_oai`` (gpt-oss), ``geglu``, ``geglu_tanh``, or plain
+    ``silu``, ``gelu``, ``gelu_tanh``, ``relu``, ``relu2`` (see :mod:`fastmoe_kernels.activations`);
+    ``activation_alpha`` / ``activation_limit`` set the SwiGLU variants' α and clamp.
 
     Router: ``score_func`` "softmax" (over all experts, then top-k) or "sigmoid" (DeepSeek-V3);
     ``normalize_topk`` renormalises the k selected weights to sum to 1; ``num_groups``/``topk_groups``
@@ -63,6 +67,9 @@ class MoEConfig:
     loss-free balancing bias (selection only; updated by ``MoELayer.update_expert_bias`` at rate
     ``expert_bias_update_rate``); ``router_jitter`` multiplies the router input by U(1-eps, 1+eps)
     and ``router_noise_std`` adds N(0, std²) noise to the logits, both in training only.
+    ``router_precision``: "fp32" (default) computes the logits ``x·Wᵀ`` in fp32; "input" computes
+    them in the input's dtype, as most transformers routers do in bf16, so that routing matches such
+    a model exactly (near-ties otherwise break differently). Scores and top-k are fp32 either way.
 
     Dispatch: ``capacity_factor=None`` is dropless. Otherwise each expert keeps at most
     ``C = ceil(capacity_factor · T · k / E)`` assignments, dropping by lowest weight ("probs") or
@@ -89,6 +96,8 @@ class MoEConfig:
     num_experts: int
     top_k: int
     activation: str = "swiglu"
+    activation_alpha: Optional[float] = None  # swiglu / swiglu_oai: gate·σ(α·gate); None: the default
+    activation_limit: Optional[float] = None  # swiglu / swiglu_oai: the clamp (inf: none); None: the default
     bias: bool = False
     # router
     score_func: str = "softmax"
@@ -100,6 +109,7 @@ class MoEConfig:
     expert_bias_update_rate: float = 1e-3
     router_jitter: float = 0.0
     router_noise_std: float = 0.0
+    router_precision: str = "fp32"
     # dispatch
     capacity_factor: Optional[float] = None
     drop_policy: str = "probs"
@@ -129,8 +139,19 @@ class MoEConfig:
         self._validate_d_ff()
         if self.activation not in ACTIVATIONS:
             _fail("activation", f"one of {ACTIVATIONS}", self.activation)
+        for name in ("activation_alpha", "activation_limit"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if self.activation not in PARAMETRIC:
+                _fail(name, f"None for activation={self.activation!r} (only {PARAMETRIC} take it)", value)
+            if name == "activation_limit" and value == math.inf:
+                continue  # no clamp
+            _check_number(name, value, low=0, low_open=True)
         if self.score_func not in SCORE_FUNCS:
             _fail("score_func", f"one of {SCORE_FUNCS}", self.score_func)
+        if self.router_precision not in ROUTER_PRECISIONS:
+            _fail("router_precision", f"one of {ROUTER_PRECISIONS}", self.router_precision)
         self._validate_groups()
         for name in ("bias", "normalize_topk", "expert_bias", "pad_to_capacity", "shared_expert_gate",
                      "aux_loss_in_backward"):
@@ -228,6 +249,11 @@ class MoEConfig:
     @property
     def gated(self) -> bool:
         return self.activation in GATED_ACTIVATIONS
+
+    @property
+    def activation_spec(self) -> Activation:
+        """The activation with its parameters (the defaults where they are None)."""
+        return as_activation(self.activation, self.activation_alpha, self.activation_limit)
 
     @property
     def dropless(self) -> bool:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .activations import apply_activation, is_gated
+from .activations import ActivationLike, apply_activation, as_activation
 from .ops import DispatchPlan, grouped_mlp, moe_mlp
 
 
@@ -32,17 +32,20 @@ class GroupedExperts(nn.Module):
     """
 
     def __init__(
-        self, d_model: int, widths: Sequence[int], activation: str = "swiglu", bias: bool = False,
+        self, d_model: int, widths: Sequence[int], activation: ActivationLike = "swiglu", bias: bool = False,
         init_std: Optional[float] = None, *, device=None, dtype=None,
     ):
         super().__init__()
         self.d_model = d_model
         self.widths = tuple(int(w) for w in widths)
         self.num_experts = len(self.widths)
-        self.activation = activation
+        self.activation = as_activation(activation)
+        if self.activation.interleaved:
+            raise ValueError("GroupedExperts: its weights hold [gate | up] concatenated; interleaved is a layout of "
+                             "weights read in place (the transformers experts), not of this module")
         self.init_std = init_std
         self.homogeneous = len(set(self.widths)) == 1
-        m = 2 if is_gated(activation) else 1
+        m = 2 if self.activation.gated else 1
         E, d = self.num_experts, d_model
         factory = dict(device=device, dtype=dtype)
         if self.homogeneous:
@@ -77,7 +80,7 @@ class GroupedExperts(nn.Module):
 
     @property
     def gated(self) -> bool:
-        return is_gated(self.activation)
+        return self.activation.gated
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -164,7 +167,7 @@ class GroupedExperts(nn.Module):
 
     def extra_repr(self) -> str:
         widths = self.widths[0] if self.homogeneous else list(self.widths)
-        return f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={widths}, activation={self.activation}"
+        return f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={widths}, activation={self.activation.name}"
 
 
 class SharedExperts(nn.Module):
@@ -177,15 +180,15 @@ class SharedExperts(nn.Module):
     """
 
     def __init__(
-        self, d_model: int, d_ff: int, num_experts: int = 1, activation: str = "swiglu", bias: bool = False,
+        self, d_model: int, d_ff: int, num_experts: int = 1, activation: ActivationLike = "swiglu", bias: bool = False,
         gate: bool = False, init_std: Optional[float] = None, *, device=None, dtype=None,
     ):
         super().__init__()
         self.d_model, self.d_ff, self.num_experts = d_model, d_ff, num_experts
-        self.activation = activation
+        self.activation = as_activation(activation)
         self.init_std = init_std
         hidden = num_experts * d_ff
-        m = 2 if is_gated(activation) else 1
+        m = 2 if self.activation.gated else 1
         factory = dict(device=device, dtype=dtype)
         self.w_up = nn.Parameter(torch.empty(m * hidden, d_model, **factory))
         self.w_down = nn.Parameter(torch.empty(d_model, hidden, **factory))

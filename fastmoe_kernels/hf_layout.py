@@ -1,7 +1,7 @@
 """How Hugging Face transformers lays out MoE blocks, read into our layout and written back.
 
-Duck-typed (transformers is imported only to compare an experts module's gate function with its
-default): the experts module of the experts interface
+Duck-typed (transformers is never imported here; :mod:`.hf_gate` finds what the experts compute):
+the experts module of the experts interface
 (``gate_up_proj [E, 2f, d]`` or transposed ``[E, d, 2f]``, gate and up concatenated or interleaved,
 ``up_proj`` for non-gated experts, biases) and a sparse-MoE block (``.gate`` router with ``.weight``,
 ``.experts``, optional shared experts and shared-expert gate). ``MoELayer.from_transformers`` and
@@ -15,58 +15,27 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-
-def activation_name(module) -> str:
-    """Our activation name for the module's ``act_fn`` (gated or not)."""
-    act = getattr(module, "act_fn", None)
-    cls = type(act).__name__ if act is not None else "None"
-    approximate = getattr(act, "approximate", "none")
-    if cls in ("SiLU", "SiLUActivation"):
-        base = "silu"
-    elif cls in ("GELU", "GELUActivation") and approximate in (None, "none"):
-        base = "gelu"
-    elif cls == "ReLU":
-        base = "relu"
-    else:
-        raise NotImplementedError(
-            f"fastmoe experts: activation {cls} (approximate={approximate!r}) of {type(module).__name__} is not "
-            "supported; supported: SiLU and exact GELU (gated or not), ReLU (not gated)")
-    gated = getattr(module, "has_gate", True)
-    if gated:
-        if base == "relu":
-            raise NotImplementedError("fastmoe experts: gated ReLU (ReGLU) is not supported")
-        return "swiglu" if base == "silu" else "geglu"
-    if base == "silu":
-        raise NotImplementedError("fastmoe experts: non-gated SiLU is not supported")
-    return base
+from .activations import ACTIVATIONS, PARAMETRIC, Activation
+from .hf_gate import identify
 
 
-def check_supported(module) -> None:
-    try:
-        from transformers.integrations.moe import _default_apply_gate
-    except ImportError:  # a transformers without the experts interface's default gate
-        _default_apply_gate = None
-
-    if getattr(module, "has_post_expert_norm", False):
-        raise NotImplementedError(f"fastmoe experts: {type(module).__name__} applies a post-expert norm, which fastmoe "
-                                  "does not support")
-    gate_fn = getattr(type(module), "_apply_gate", _default_apply_gate)
-    if getattr(module, "has_gate", True) and gate_fn is not _default_apply_gate:
-        raise NotImplementedError(
-            f"fastmoe experts: {type(module).__name__} overrides _apply_gate (a custom gating function, e.g. "
-            "gpt-oss's clamped SwiGLU); fastmoe supports the standard act(gate) * up only")
-
-
-def _deinterleave(t: torch.Tensor) -> torch.Tensor:
-    """Rows [g0, u0, g1, u1, …] along dim 1 → [g0, g1, … | u0, u1, …] (differentiable copy)."""
+def deinterleave(t: torch.Tensor) -> torch.Tensor:
+    """Rows [g0, u0, g1, u1, …] along dim 1 → [g0, g1, … | u0, u1, …] (a differentiable copy)."""
     E, two_f = t.shape[0], t.shape[1]
     rest = t.shape[2:]
     return t.reshape(E, two_f // 2, 2, *rest).transpose(1, 2).reshape(E, two_f, *rest)
 
 
+def interleave(t: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`deinterleave`: [g | u] along dim 1 → [g0, u0, g1, u1, …]."""
+    E, two_f = t.shape[0], t.shape[1]
+    rest = t.shape[2:]
+    return t.reshape(E, 2, two_f // 2, *rest).transpose(1, 2).reshape(E, two_f, *rest)
+
+
 def expert_weights(module) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """(w_up [E, m·f, d], w_down [E, d, f], b_up, b_down) of a transformers experts module in our layout,
-    as views (copies only for interleaved gate/up)."""
+    """(w_up [E, m·f, d], w_down [E, d, f], b_up, b_down) of a transformers experts module, as views
+    (gate and up rows stay as the module holds them: concatenated or interleaved)."""
     gated = getattr(module, "has_gate", True)
     up = module.gate_up_proj if gated else module.up_proj
     down = module.down_proj
@@ -76,9 +45,6 @@ def expert_weights(module) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.T
     if getattr(module, "has_bias", False):
         b_up = module.gate_up_proj_bias if gated else module.up_proj_bias
         b_down = module.down_proj_bias
-    if gated and not getattr(module, "is_concatenated", True):
-        up = _deinterleave(up)
-        b_up = _deinterleave(b_up) if b_up is not None else None
     return up, down, b_up, b_down
 
 
@@ -99,7 +65,6 @@ def _parts(block: nn.Module) -> _BlockParts:
     if getattr(router, "bias", None) is not None:
         raise NotImplementedError(f"from_transformers: {type(router).__name__} adds a bias to the router logits; "
                                   "not supported")
-    check_supported(experts)
     shared = getattr(block, "shared_expert", None) or getattr(block, "shared_experts", None)
     return _BlockParts(router, experts, shared, getattr(block, "shared_expert_gate", None))
 
@@ -109,8 +74,44 @@ def block_router_weight(block: nn.Module) -> torch.Tensor:
     return _parts(block).router.weight
 
 
+def block_activation(experts: nn.Module) -> Activation:
+    """The activation of a block's experts, which MoELayer must be able to hold."""
+    name = type(experts).__name__
+    if getattr(experts, "has_post_expert_norm", False):
+        raise NotImplementedError(
+            f"from_transformers: {name} applies a norm after each expert, which MoELayer has not; the model still "
+            "runs on fastmoe's kernels with experts_implementation='fastmoe'")
+    act = identify(experts)
+    if act is None:
+        raise NotImplementedError(
+            f"from_transformers: the gate function of {name} is none of MoELayer's activations "
+            f"({', '.join(ACTIVATIONS)}, with their alpha/limit); the model still runs on fastmoe's kernels with "
+            "experts_implementation='fastmoe'")
+    return act
+
+
+def _activation_fields(act: Activation) -> dict:
+    fields = dict(activation=act.name)
+    if act.name in PARAMETRIC:
+        fields.update(activation_alpha=act.alpha, activation_limit=act.limit)
+    return fields
+
+
+def source_router_precision(router: nn.Module) -> str:
+    """``"input"`` when the router computes its logits in its (low-precision) weights' dtype, as
+    Mixtral's and Qwen's bf16 routers do; ``"fp32"`` when it casts up first (DeepSeek-V3)."""
+    weight = router.weight
+    if weight.dtype in (torch.float32, torch.float64):
+        return "fp32"
+    with torch.no_grad():
+        out = router(torch.zeros(1, weight.shape[1], dtype=weight.dtype, device=weight.device))
+    logits = out[0] if isinstance(out, (tuple, list)) else out
+    return "input" if logits.dtype == weight.dtype else "fp32"
+
+
 def config_fields(block: nn.Module, **overrides) -> dict:
-    """MoEConfig fields of an MoELayer with the block's shape and routing; ``overrides`` win."""
+    """MoEConfig fields of an MoELayer with the block's shape and routing; ``overrides`` win
+    (``router_precision="source"``: as the block's router computes, see :func:`source_router_precision`)."""
     p = _parts(block)
     router, experts = p.router, p.experts
     E, d = router.weight.shape
@@ -118,7 +119,7 @@ def config_fields(block: nn.Module, **overrides) -> dict:
     f = w_down.shape[2]
     sigmoid = hasattr(router, "e_score_correction_bias")
     fields = dict(
-        d_model=d, d_ff=f, num_experts=E, top_k=router.top_k, activation=activation_name(experts),
+        d_model=d, d_ff=f, num_experts=E, top_k=router.top_k, **_activation_fields(block_activation(experts)),
         bias=b_up is not None,
         score_func="sigmoid" if sigmoid else "softmax",
         normalize_topk=bool(getattr(router, "norm_topk_prob", True)),
@@ -133,6 +134,8 @@ def config_fields(block: nn.Module, **overrides) -> dict:
         fields.update(num_shared_experts=1, shared_d_ff=p.shared.gate_proj.out_features,
                       shared_expert_gate=p.shared_gate is not None)
     fields.update(overrides)
+    if fields.get("router_precision") == "source":
+        fields["router_precision"] = source_router_precision(router)
     return fields
 
 
@@ -142,6 +145,9 @@ def load_block(layer, block: nn.Module) -> None:
     router = p.router
     sigmoid = hasattr(router, "e_score_correction_bias")
     w_up, w_down, b_up, b_down = expert_weights(p.experts)
+    if block_activation(p.experts).interleaved:  # MoELayer holds [gate | up]
+        w_up = deinterleave(w_up)
+        b_up = deinterleave(b_up) if b_up is not None else None
     with torch.no_grad():
         layer.router.weight.copy_(router.weight)
         if sigmoid:
@@ -170,11 +176,9 @@ def store_block(layer, block: nn.Module) -> nn.Module:
         gated = getattr(experts, "has_gate", True)
         up = layer.experts.w_up
         b_up = layer.experts.b_up
-        if gated and not getattr(experts, "is_concatenated", True):
-            E, two_f = up.shape[0], up.shape[1]
-            up = up.reshape(E, 2, two_f // 2, -1).transpose(1, 2).reshape(E, two_f, -1)
-            if b_up is not None:
-                b_up = b_up.reshape(E, 2, two_f // 2).transpose(1, 2).reshape(E, two_f)
+        if block_activation(experts).interleaved:
+            up = interleave(up)
+            b_up = interleave(b_up) if b_up is not None else None
         down = layer.experts.w_down
         if getattr(experts, "is_transposed", False):
             up, down = up.transpose(1, 2), down.transpose(1, 2)

@@ -78,14 +78,15 @@ class MoELayer(nn.Module):
             self.expert_parallel = ExpertParallelExchange(
                 config.num_experts, expert_parallel_group, _fingerprint(config, dtype), expert_parallel_timeout)
             widths = tuple(widths[e] for e in self.expert_parallel.local)
-        self.experts = GroupedExperts(config.d_model, widths, config.activation, config.bias, config.init_std, **factory)
+        self.experts = GroupedExperts(config.d_model, widths, config.activation_spec, config.bias, config.init_std,
+                                      **factory)
         if self.expert_parallel is not None:
             for p in self.experts.parameters():
                 p.fastmoe_expert_parallel = True
         self.shared_experts = None
         if config.num_shared_experts:
             self.shared_experts = SharedExperts(
-                config.d_model, config.shared_d_ff, config.num_shared_experts, config.activation, config.bias,
+                config.d_model, config.shared_d_ff, config.num_shared_experts, config.activation_spec, config.bias,
                 config.shared_expert_gate, config.init_std, **factory,
             )
         self.dispatcher: Dispatcher

@@ -1,4 +1,5 @@
-"""TopKRouter: token → (experts, weights). Always computed in fp32 (fp64 for fp64 input)."""
+"""TopKRouter: token → (experts, weights). Computed in fp32 (fp64 for fp64 input); with
+``router_precision="input"`` the logits ``x·Wᵀ`` are computed in the input's dtype first."""
 from __future__ import annotations
 
 import math
@@ -54,11 +55,12 @@ class TopKRouter(nn.Module):
     def forward(self, x: Tensor, *, return_probs: bool = False, backend: Optional[str] = None) -> RouterOutput:
         cfg = self.config
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-        inp = x.to(compute)
+        # "input": the logits rounded to x's dtype, as a bf16 transformers router computes them.
+        inp = x if cfg.router_precision == "input" else x.to(compute)
         if self.training and cfg.router_jitter > 0:
             # Switch Transformer's multiplicative jitter on the router input.
             inp = inp * torch.empty_like(inp).uniform_(1 - cfg.router_jitter, 1 + cfg.router_jitter)
-        logits = F.linear(inp, self.weight.to(compute))
+        logits = F.linear(inp, self.weight.to(inp.dtype)).to(compute)
         if self.training and cfg.router_noise_std > 0:
             logits = logits + torch.randn_like(logits) * cfg.router_noise_std
         out = route_topk(

@@ -10,6 +10,8 @@ from fractions import Fraction
 import torch
 import torch.nn.functional as F
 
+from fastmoe_kernels.activations import as_activation
+
 
 # ---- routing ----------------------------------------------------------------------------------
 def route_token(logits_t, k, score="softmax", normalize=True, bias=None, num_groups=None, topk_groups=None, scaling=1.0):
@@ -154,11 +156,31 @@ def grouped_gemm(a, b, offsets, trans_b=False, bias=None, widths=None, packed=No
 
 
 # ---- whole layer ------------------------------------------------------------------------------
-def act(h, name):
-    if name in ("swiglu", "geglu"):
+def _gate(x, spec):
+    """act(x) from the formulas (independent of fastmoe_kernels.activations)."""
+    name = spec.name
+    if name in ("swiglu", "swiglu_oai", "silu"):
+        x = torch.minimum(x, torch.full_like(x, spec.limit))
+        return x * torch.sigmoid(spec.alpha * x)
+    if name in ("geglu", "gelu"):
+        return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+    if name in ("geglu_tanh", "gelu_tanh"):
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    if name == "relu":
+        return torch.where(x > 0, x, torch.zeros_like(x))
+    assert name == "relu2", name
+    return torch.where(x > 0, x * x, torch.zeros_like(x))
+
+
+def act(h, spec):
+    """The expert activation of ``spec`` (an activations.Activation, or a name with its default
+    parameters) on one token's pre-activation."""
+    spec = as_activation(spec)
+    if spec.gated:
         g, u = h.chunk(2)
-        return (F.silu(g) if name == "swiglu" else F.gelu(g)) * u
-    return F.gelu(h) if name == "gelu" else F.relu(h)
+        u = torch.maximum(torch.minimum(u, torch.full_like(u, spec.limit)), torch.full_like(u, -spec.limit))
+        return _gate(g, spec) * (u + 1 if spec.name == "swiglu_oai" else u)
+    return _gate(h, spec)
 
 
 def expert_mlp(x_t, w_up, w_down, b_up, b_down, activation):
@@ -191,10 +213,10 @@ def moe_layer(layer, x):
             if row[t][j] < 0:
                 continue
             w_up, w_down, b_up, b_down = layer.experts.expert_weights(int(idx[t, j]))
-            acc = acc + weight[t, j] * expert_mlp(x2[t], w_up, w_down, b_up, b_down, cfg.activation).to(compute)
+            acc = acc + weight[t, j] * expert_mlp(x2[t], w_up, w_down, b_up, b_down, cfg.activation_spec).to(compute)
         y_t = acc.to(x.dtype)
         if layer.shared_experts is not None:
-            y_t = y_t + shared_mlp(layer.shared_experts, x2[t], cfg.activation)
+            y_t = y_t + shared_mlp(layer.shared_experts, x2[t], cfg.activation_spec)
         outputs.append(y_t)
     y = torch.stack(outputs) if outputs else x2.new_zeros(0, d)
     return y.reshape(x.shape)
@@ -204,7 +226,7 @@ def shared_mlp(shared, x_t, activation):
     """The shared experts as ``num_experts`` separate MLPs summed (checks the fused form)."""
     n, f = shared.num_experts, shared.d_ff
     hidden = n * f
-    gated = activation in ("swiglu", "geglu")
+    gated = activation.gated
     total = x_t.new_zeros(x_t.shape[0])
     for i in range(n):
         rows = list(range(i * f, (i + 1) * f))

@@ -1,5 +1,6 @@
 """MoELayer against the token-by-token naive layer: outputs and gradients of x and every
 parameter, over expert counts, top-k, dispatch modes, activations, shared and heterogeneous experts."""
+import dataclasses
 import math
 
 import pytest
@@ -51,7 +52,8 @@ def test_matches_naive_over_experts_topk_modes(E, k, mode):
     compare_with_naive(layer, torch.randn(2, 5, 6, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "geglu", "gelu", "relu"])
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "geglu_tanh", "swiglu_oai", "silu", "gelu", "gelu_tanh", "relu",
+                                        "relu2"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("mode", ["dropless", "cap-probs"])
@@ -271,3 +273,15 @@ def test_config_and_kwargs_are_equivalent():
 
 def test_routing_stats_before_forward_is_none():
     assert make().routing_stats is None
+
+
+def test_router_precision_input_rounds_the_logits_to_the_input_dtype():
+    layer = MoELayer(d_model=16, d_ff=8, num_experts=8, top_k=2, router_precision="input").to(torch.bfloat16)
+    x = torch.randn(40, 16).to(torch.bfloat16)
+    out = layer.router(x)
+    assert out.logits.dtype == torch.float32
+    assert torch.equal(out.logits, torch.nn.functional.linear(x, layer.router.weight).float())
+    default = MoELayer(dataclasses.replace(layer.config, router_precision="fp32"))
+    default.load_state_dict(layer.state_dict())
+    x32 = x.float()
+    assert torch.equal(layer.float().router(x32).logits, default.router(x32).logits)  # fp32 input: the same

@@ -1,6 +1,8 @@
 """Hugging Face transformers integration: the "fastmoe" experts implementation against "eager" on
 several architectures (outputs, gradients, training steps), block conversion both ways, the layout
-conventions of the experts interface, and clear errors for unsupported variants."""
+conventions of the experts interface (fused activations and the generic path), activations mapped by
+from_transformers, routing as a bf16 source model, and clear errors for what MoELayer cannot hold.
+Every architecture of the installed transformers: test_transformers_architectures.py."""
 import copy
 import types
 
@@ -172,6 +174,14 @@ def reference_experts(x, idx, w, up, down, b_up, b_down, gated, interleaved, act
     return out
 
 
+class _ReLUSquared(nn.Module):
+    def forward(self, x):
+        return torch.relu(x) ** 2
+
+
+ACT_RELU2 = _ReLUSquared()
+
+
 def make_experts(transposed, concatenated, bias, gated, act):
     @use_experts_implementation(is_transposed=transposed, is_concatenated=concatenated, has_bias=bias, has_gate=gated)
     class Experts(nn.Module):
@@ -236,20 +246,136 @@ def compare_layout(experts, sentinels=False):
         torch.testing.assert_close(a, b, **tol(torch.float32))
 
 
-def test_expert_parallel_sentinels_are_dropped():
-    compare_layout(make_experts(False, True, False, True, nn.SiLU()), sentinels=True)
+@pytest.mark.parametrize("act", [nn.SiLU(), nn.ReLU()], ids=["fused", "generic"])
+def test_expert_parallel_sentinels_are_dropped(act):
+    compare_layout(make_experts(False, True, False, True, act), sentinels=True)
 
 
-def test_unsupported_variants_raise_clearly():
-    gpt_oss = transformers.GptOssConfig(**COMMON, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
-                                        head_dim=16)
-    model = transformers.AutoModelForCausalLM.from_config(gpt_oss)
-    model.set_experts_implementation("fastmoe")
-    with pytest.raises(NotImplementedError, match="_apply_gate"):
-        model(torch.randint(0, 97, (1, 5)))
-    tanh_gelu = make_experts(False, True, False, True, nn.GELU(approximate="tanh"))
-    tanh_gelu.config._experts_implementation = "fastmoe"
-    with pytest.raises(NotImplementedError, match="activation GELU"):
-        tanh_gelu(torch.randn(3, D), torch.zeros(3, 2, dtype=torch.long), torch.rand(3, 2))
+@pytest.mark.parametrize("act", [nn.GELU(approximate="tanh"), nn.SiLU(), nn.ReLU()], ids=["gelu_tanh", "silu", "reglu"])
+@pytest.mark.parametrize("concatenated", [True, False])
+def test_default_gate_with_any_activation(act, concatenated):
+    """GELU-tanh runs fused (geglu_tanh); ReGLU, which none of ours is, runs the generic path."""
+    compare_layout(make_experts(False, concatenated, True, True, act))
+
+
+@pytest.mark.parametrize("act", [nn.GELU(approximate="tanh"), nn.SiLU(), ACT_RELU2], ids=["gelu_tanh", "silu", "relu2"])
+def test_non_gated_activations(act):
+    compare_layout(make_experts(True, True, False, False, act))
+
+
+def test_gpt_oss_model_equals_eager():
+    """gpt-oss: clamped SwiGLU (α=1.702, limit 7) on interleaved gate/up with biases, transposed weights."""
+    cfg = transformers.GptOssConfig(**COMMON, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                                    head_dim=16)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "experts" in name or "router" in name:
+                p.normal_(0, 1.0 if "experts" in name else 0.2)  # pre-activations past the clamp at 7
+    ids = torch.randint(0, 97, (2, 9))
+    logits_e, grads_e = run(model, ids, "eager")
+    logits_f, grads_f = run(model, ids, "fastmoe")
+    torch.testing.assert_close(logits_f, logits_e, **tol(torch.float32))
+    for name in grads_e:
+        torch.testing.assert_close(grads_f[name], grads_e[name], **tol(torch.float32), msg=name)
+
+
+class ClampedSwiGLUExperts(transformers.models.mixtral.modeling_mixtral.MixtralExperts):
+    """Mixtral's experts with gpt-oss's gate on [gate | up] halves, or interleaved ones."""
+
+    alpha, limit = 1.5, 3.0
+    interleaved = False
+
+    def _apply_gate(self, gate_up):
+        gate, up = (gate_up[..., ::2], gate_up[..., 1::2]) if self.interleaved else gate_up.chunk(2, dim=-1)
+        gate = gate.clamp(max=self.limit)
+        return (up.clamp(-self.limit, self.limit) + 1) * gate * torch.sigmoid(gate * self.alpha)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_from_transformers_maps_the_activation(interleaved):
+    model = build("mixtral")
+    block = moe_blocks(model)[0]
+    experts = ClampedSwiGLUExperts(model.config).float()
+    experts.interleaved = interleaved
+    experts.load_state_dict(block.experts.state_dict())
+    with torch.no_grad():
+        experts.gate_up_proj.mul_(10)  # pre-activations past the clamp
+    block.experts = experts
+    layer = MoELayer.from_transformers(block, aux_loss_coeff=0.0)
+    cfg = layer.config
+    assert (cfg.activation, cfg.activation_alpha, cfg.activation_limit) == ("swiglu_oai", 1.5, 3.0)
+    x = torch.randn(2, 7, 64)
+    torch.testing.assert_close(layer(x), block(x)[0] if isinstance(block(x), tuple) else block(x),
+                               **tol(torch.float32))
+    fresh = copy.deepcopy(block)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    layer.to_transformers(fresh)
+    torch.testing.assert_close(fresh.experts.gate_up_proj, block.experts.gate_up_proj, atol=0, rtol=0)
+
+
+def test_from_transformers_refuses_what_moelayer_cannot_hold():
+    model = build("mixtral")
+    block = moe_blocks(model)[0]
+
+    class SoftcappedExperts(transformers.models.mixtral.modeling_mixtral.MixtralExperts):
+        def _apply_gate(self, gate_up):
+            gate, up = gate_up.chunk(2, dim=-1)
+            return torch.tanh(gate / 5) * 5 * up
+
+    block.experts = SoftcappedExperts(model.config)
+    with pytest.raises(NotImplementedError, match="none of MoELayer's activations"):
+        MoELayer.from_transformers(block)
+    block.experts.has_post_expert_norm = True
+    with pytest.raises(NotImplementedError, match="norm after each expert"):
+        MoELayer.from_transformers(block)
     with pytest.raises(TypeError, match="sparse-MoE block"):
         MoELayer.from_transformers(nn.Linear(4, 4))
+
+
+def _bf16_block(arch):
+    model = build(arch)
+    return moe_blocks(model.to(torch.bfloat16))[0]
+
+
+def _route_both(block, x, precision):
+    """(our ids, our weights, their ids, their probabilities of all experts) for tokens ``x``."""
+    logits, weights, theirs = block.gate(x)
+    layer = MoELayer.from_transformers(block, router_precision=precision)
+    out = layer.router(x)
+    return out, logits, weights, theirs
+
+
+def test_router_precision_source_routes_as_a_bf16_model():
+    """With "source", our logits equal a bf16 Mixtral router's bitwise, so the top-k agree on every
+    token but exact ties of the bf16 scores (transformers' torch.topk orders those as it likes; we take
+    the lower index), and the weights of agreeing tokens are equal to fp32 rounding. The fp32
+    default computes other logits, and weights that differ at bf16 rounding."""
+    block = _bf16_block("mixtral")
+    x = torch.randn(4096, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    errors = {}
+    for precision in ("source", "fp32"):
+        ours, logits, weights, theirs = _route_both(block, x, precision)
+        probs = torch.softmax(logits.float(), dim=-1)
+        ids = ours.expert_idx.long()
+        differ = (ids.sort(-1).values != theirs.sort(-1).values).any(-1)
+        # A differing token picked experts of the same bf16 scores: an exact tie at the k-th place.
+        torch.testing.assert_close(probs.gather(1, ids).sort(-1).values, probs.gather(1, theirs).sort(-1).values,
+                                   atol=0, rtol=0)
+        assert differ.float().mean() < 0.01
+        same = ~differ
+        # HF's weights are in their (token, slot) order: compare per token, sorted by expert id.
+        ours_w = ours.weight.gather(1, ids.argsort(-1))[same]
+        theirs_w = weights.float().gather(1, theirs.argsort(-1))[same]
+        errors[precision] = (ours_w - theirs_w).abs().max().item()
+        if precision == "source":
+            assert torch.equal(ours.logits, logits.float())
+    assert errors["source"] <= 1e-6, errors
+    assert errors["fp32"] > 10 * errors["source"], errors
+
+
+def test_router_precision_source_keeps_fp32_for_fp32_routers():
+    block = _bf16_block("deepseek_v3")  # DeepSeek-V3's router casts to fp32 before its product
+    assert MoELayer.from_transformers(block, router_precision="source").config.router_precision == "fp32"

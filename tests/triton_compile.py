@@ -208,8 +208,11 @@ def drive_layer(dtype: torch.dtype) -> None:
         dict(score_func="sigmoid", num_groups=2, topk_groups=1, expert_bias=True, routed_scaling_factor=2.5),
         dict(num_shared_experts=1, shared_d_ff=64, shared_expert_gate=True, normalize_topk=False),
     ]
+    # The other activations' epilogues (their own constexpr codes), fused, with bias.
+    variants += [dict(activation=act, bias=True) for act in ("swiglu_oai", "geglu_tanh", "silu", "gelu_tanh", "relu2")]
     for extra in variants:
         _train_step(MoELayer, T, d, dtype, extra)
+    _interleaved_step(T, d, dtype)
     # The int64-offset variants (weights whose in-matrix offsets pass 2³¹) compile and pipeline too.
     from fastmoe_kernels.triton_backend._layout import ExpertMatrices
 
@@ -228,6 +231,23 @@ def _train_step(layer_cls, T: int, d: int, dtype: torch.dtype, extra: dict) -> N
     layer = layer_cls(**kw).to(dtype)
     x = torch.randn(T, d, dtype=dtype, requires_grad=True)
     y = layer(x)
+    y.backward(torch.ones_like(y))
+
+
+def _interleaved_step(T: int, d: int, dtype: torch.dtype) -> None:
+    """gpt-oss's layout: gate/up rows interleaved, read in place (every other row)."""
+    from fastmoe_kernels.activations import Activation
+    from fastmoe_kernels.ops import make_plan, moe_mlp
+
+    E, f, k = 4, 32, 2
+    x = torch.randn(T, d, dtype=dtype, requires_grad=True)
+    w_up = torch.randn(E, 2 * f, d, dtype=dtype, requires_grad=True)
+    w_down = torch.randn(E, d, f, dtype=dtype, requires_grad=True)
+    b_up = torch.randn(E, 2 * f, dtype=dtype, requires_grad=True)
+    plan = make_plan(torch.randint(0, E, (T, k)), E)
+    weight = torch.rand(T, k, dtype=dtype)
+    y = moe_mlp(x, plan, weight, w_up, w_down, Activation("swiglu_oai", 1.702, 7.0, interleaved=True), b_up,
+                backend="triton")
     y.backward(torch.ones_like(y))
 
 

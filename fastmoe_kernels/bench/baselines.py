@@ -83,7 +83,9 @@ class HFExperts:
         from transformers import MixtralConfig
         from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
-        act = {"swiglu": "silu", "geglu": "gelu"}.get(experts.activation)
+        spec = experts.activation
+        plain = spec.alpha == 1.0 and spec.limit == float("inf")  # Mixtral's act_fn(gate)·up, no clamp
+        act = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_pytorch_tanh"}.get(spec.name) if plain else None
         if act is None or not experts.homogeneous or experts.b_up is not None:
             raise ValueError("Hugging Face Mixtral experts are gated, homogeneous and bias-free")
         cfg = MixtralConfig(hidden_size=experts.d_model, intermediate_size=experts.widths[0],

@@ -13,6 +13,7 @@ from typing import Dict, Optional
 
 import torch
 
+from ..activations import is_gated
 from ..config import MoEConfig
 from ..ops.plan import expert_capacity
 
@@ -51,7 +52,7 @@ class BenchCase:
 
     @property
     def gated(self) -> bool:
-        return self.activation in ("swiglu", "geglu")
+        return is_gated(self.activation)
 
     def config(self, **overrides) -> MoEConfig:
         fields = dict(

@@ -14,25 +14,26 @@ fused form of the experts, with the activation in the GEMM epilogue, is ``moe_ml
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
-from typing import List
+from typing import List, Optional, Sequence, Tuple
 
 from torch import Tensor
 
-from .._checks import FLOAT_DTYPES, check_choice, check_tensor
-from ..activations import apply_activation, apply_gated, is_gated
-from ..config import ACTIVATIONS
+from .._checks import FLOAT_DTYPES, check_tensor
+from ..activations import Activation, ActivationLike, apply_activation, apply_gated, as_activation
 from .grouped_gemm import grouped_gemm
 
 
 def check_expert_weights(where: str, x: Tensor, w_up: Tensor, w_down: Tensor, b_up: Optional[Tensor],
-                         b_down: Optional[Tensor], activation: str, widths: Optional[Sequence[int]],
-                         num_experts: int) -> Optional[List[int]]:
+                         b_down: Optional[Tensor], activation: ActivationLike, widths: Optional[Sequence[int]],
+                         num_experts: int) -> Tuple[Activation, Optional[List[int]]]:
     """Check the experts' weights against ``x [·, d]`` and the expert count (layouts in the module
-    docstring); return the widths as a list (None when homogeneous). Errors name the argument."""
-    check_choice(where, "activation", activation, ACTIVATIONS)
-    m = 2 if is_gated(activation) else 1
+    docstring); return the activation and the widths as a list (None when homogeneous). Errors name
+    the argument."""
+    try:
+        act = as_activation(activation)
+    except ValueError as exc:
+        raise ValueError(f"{where}: `activation`: {exc}") from None
+    m = 2 if act.gated else 1
     d = x.shape[1]
     E = num_experts
     for name, t in (("w_up", w_up), ("w_down", w_down), ("b_up", b_up), ("b_down", b_down)):
@@ -49,6 +50,8 @@ def check_expert_weights(where: str, x: Tensor, w_up: Tensor, w_down: Tensor, b_
         widths = list(widths)
         if len(widths) != E or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in widths):
             raise ValueError(f"{where}: `widths` must be {E} ints >= 0 (one per expert), got {widths!r}")
+        if act.interleaved:
+            raise ValueError(f"{where}: interleaved gate/up weights need homogeneous experts (`widths` None)")
         total = sum(widths)
         check_tensor(where, "w_up", w_up, ndim=2, shape=(m * total, d))
         check_tensor(where, "w_down", w_down, ndim=2, shape=(d, total))
@@ -57,7 +60,7 @@ def check_expert_weights(where: str, x: Tensor, w_up: Tensor, w_down: Tensor, b_
         check_tensor(where, "b_up", b_up, ndim=len(up_bias_shape), shape=up_bias_shape)
     if b_down is not None:
         check_tensor(where, "b_down", b_down, ndim=2, shape=(E, d))
-    return widths
+    return act, widths
 
 
 def grouped_mlp(
@@ -65,7 +68,7 @@ def grouped_mlp(
     w_up: Tensor,
     w_down: Tensor,
     offsets: Tensor,
-    activation: str = "swiglu",
+    activation: ActivationLike = "swiglu",
     b_up: Optional[Tensor] = None,
     b_down: Optional[Tensor] = None,
     *,
@@ -76,18 +79,18 @@ def grouped_mlp(
     where = "grouped_mlp"
     check_tensor(where, "x", x, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor(where, "offsets", offsets, ndim=1, device=x.device)
-    widths = check_expert_weights(where, x, w_up, w_down, b_up, b_down, activation, widths, offsets.shape[0] - 1)
+    act, widths = check_expert_weights(where, x, w_up, w_down, b_up, b_down, activation, widths, offsets.shape[0] - 1)
     if widths is None:
         h = grouped_gemm(x, w_up, offsets, trans_b=True, bias=b_up, backend=backend)
-        a = apply_activation(h, activation)
+        a = apply_activation(h, act)
         return grouped_gemm(a, w_down, offsets, trans_b=True, bias=b_down, backend=backend)
     total = sum(widths)
     packed_n = dict(trans_b=True, widths=widths, packed="n", backend=backend)
-    if is_gated(activation):
+    if act.gated:
         gate = grouped_gemm(x, w_up[:total], offsets, bias=None if b_up is None else b_up[:total], **packed_n)
         up = grouped_gemm(x, w_up[total:], offsets, bias=None if b_up is None else b_up[total:], **packed_n)
-        a = apply_gated(gate, up, activation)
+        a = apply_gated(gate, up, act)
     else:
-        a = apply_activation(grouped_gemm(x, w_up, offsets, bias=b_up, **packed_n), activation)
+        a = apply_activation(grouped_gemm(x, w_up, offsets, bias=b_up, **packed_n), act)
     # Past its own width a row of `a` is act(0)·0 = 0 (or act(0) = 0), and packed="k" ignores it anyway.
     return grouped_gemm(a, w_down, offsets, trans_b=True, bias=b_down, widths=widths, packed="k", backend=backend)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..activations import apply_activation, is_gated
+from ..activations import Activation, ActivationLike, apply_activation, is_gated
 from .grouped_gemm import grouped_gemm_reference
 from .._checks import FLOAT_DTYPES, check_tensor
 from .grouped_mlp import check_expert_weights, grouped_mlp
@@ -31,19 +31,29 @@ def _hidden_width(w_down: Tensor, widths: List[int]) -> int:
     return max(widths) if widths else w_down.shape[2]
 
 
+# An Activation crosses the custom ops as (name, [alpha, limit], interleaved): op schemas take plain values.
+def _activation_args(act: Activation) -> tuple:
+    return act.name, [act.alpha, act.limit], act.interleaved
+
+
+def _activation_of(name: str, params: List[float], interleaved: bool) -> Activation:
+    return Activation(name, params[0], params[1], interleaved)
+
+
 @torch.library.custom_op("fastmoe::moe_mlp", mutates_args=())
 def _moe_mlp_op(
     x: Tensor, w_up: Tensor, w_down: Tensor, b_up: Optional[Tensor], b_down: Optional[Tensor], weight: Tensor,
-    row: Tensor, assignment: Tensor, offsets: Tensor, activation: str, widths: List[int], save_for_backward: bool,
-    backend: str, backward_backend: str,
+    row: Tensor, assignment: Tensor, offsets: Tensor, activation: str, activation_params: List[float],
+    interleaved: bool, widths: List[int], save_for_backward: bool, backend: str, backward_backend: str,
 ) -> tuple[Tensor, Tensor]:
     fn = backends.get_kernel("moe_mlp", backend)
-    return fn(x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, activation, widths, save_for_backward)
+    act = _activation_of(activation, activation_params, interleaved)
+    return fn(x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, act, widths, save_for_backward)
 
 
 @_moe_mlp_op.register_fake
-def _(x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, activation, widths, save_for_backward, backend,
-      backward_backend):
+def _(x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, activation, activation_params, interleaved,
+      widths, save_for_backward, backend, backward_backend):
     m = 2 if is_gated(activation) else 1
     h_shape = (assignment.shape[0], m * _hidden_width(w_down, widths)) if save_for_backward else (0,)
     return torch.empty_like(x), x.new_empty(h_shape)
@@ -52,15 +62,17 @@ def _(x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, activatio
 @torch.library.custom_op("fastmoe::moe_mlp_backward", mutates_args=())
 def _moe_mlp_backward_op(
     grad_out: Tensor, x: Tensor, w_up: Tensor, w_down: Tensor, b_up: Optional[Tensor], b_down: Optional[Tensor],
-    weight: Tensor, row: Tensor, assignment: Tensor, offsets: Tensor, h: Tensor, activation: str, widths: List[int],
-    backend: str,
+    weight: Tensor, row: Tensor, assignment: Tensor, offsets: Tensor, h: Tensor, activation: str,
+    activation_params: List[float], interleaved: bool, widths: List[int], backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     fn = backends.get_kernel("moe_mlp_backward", backend)
-    return fn(grad_out, x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, h, activation, widths)
+    act = _activation_of(activation, activation_params, interleaved)
+    return fn(grad_out, x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, h, act, widths)
 
 
 @_moe_mlp_backward_op.register_fake
-def _(grad_out, x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, h, activation, widths, backend):
+def _(grad_out, x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, h, activation, activation_params,
+      interleaved, widths, backend):
     def like(t):
         return torch.empty_like(t) if t is not None else x.new_empty(0)
 
@@ -68,20 +80,21 @@ def _(grad_out, x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets,
 
 
 def _setup(ctx, inputs, output):
-    x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, activation, widths, _save, _fwd, backward = inputs
+    (x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, activation, params, interleaved, widths, _save,
+     _fwd, backward) = inputs
     ctx.save_for_backward(x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, output[1])
-    ctx.activation, ctx.widths, ctx.backend = activation, widths, backward
+    ctx.activation, ctx.widths, ctx.backend = (activation, params, interleaved), widths, backward
 
 
 def _backward(ctx, grad_out, _grad_h):
     x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, h = ctx.saved_tensors
     grads = _moe_mlp_backward_op(
         grad_out.contiguous(), x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, h,
-        ctx.activation, ctx.widths, ctx.backend,
+        *ctx.activation, ctx.widths, ctx.backend,
     )
     grad_x, grad_w_up, grad_w_down, grad_b_up, grad_b_down, grad_weight = grads
     return (grad_x, grad_w_up, grad_w_down, grad_b_up if b_up is not None else None,
-            grad_b_down if b_down is not None else None, grad_weight, None, None, None, None, None, None, None, None)
+            grad_b_down if b_down is not None else None, grad_weight, *([None] * 10))
 
 
 _moe_mlp_op.register_autograd(_backward, setup_context=_setup)
@@ -100,12 +113,13 @@ def moe_mlp_reference(x, plan, weight, w_up, w_down, activation="swiglu", b_up=N
 # ops can still run on the backend resolution picks for it); these two are the specification of the
 # fused kernels' own signature, which the kernel tests compare against.
 def _pre_activation(x_perm, w_up, b_up, offsets, activation, widths):
-    """``[gate | up]`` (or the one projection) of each row, ``[R, m·max f]``."""
+    """``[gate | up]`` (or the one projection; gate and up interleaved if the weights are) of each row,
+    ``[R, m·max f]``."""
     if not widths:
         return grouped_gemm_reference(x_perm, w_up, offsets, True, b_up, [], "")
     total = sum(widths)
     halves = [(w_up[:total], None if b_up is None else b_up[:total])]
-    if is_gated(activation):
+    if activation.gated:
         halves.append((w_up[total:], None if b_up is None else b_up[total:]))
     return torch.cat([grouped_gemm_reference(x_perm, w, offsets, True, b, widths, "n") for w, b in halves], dim=1)
 
@@ -152,7 +166,7 @@ def moe_mlp(
     weight: Tensor,
     w_up: Tensor,
     w_down: Tensor,
-    activation: str = "swiglu",
+    activation: ActivationLike = "swiglu",
     b_up: Optional[Tensor] = None,
     b_down: Optional[Tensor] = None,
     *,
@@ -170,17 +184,17 @@ def moe_mlp(
     check_plan(where, plan, x.device)
     check_tensor(where, "x", x, shape=(plan.row.shape[0], None))
     check_tensor(where, "weight", weight, ndim=2, dtypes=FLOAT_DTYPES, shape=tuple(plan.row.shape), device=x.device)
-    widths = check_expert_weights(where, x, w_up, w_down, b_up, b_down, activation, widths, plan.num_experts)
+    act, widths = check_expert_weights(where, x, w_up, w_down, b_up, b_down, activation, widths, plan.num_experts)
     if fused not in (None, True, False):
         raise TypeError(f"{where}: `fused` must be None, True or False, got {fused!r}")
     name = "torch" if fused is False else backends.resolve("moe_mlp", backend, x.device, x.dtype)
     if name == "torch":
-        return moe_mlp_reference(x, plan, weight, w_up, w_down, activation, b_up, b_down, widths=widths, backend=backend)
+        return moe_mlp_reference(x, plan, weight, w_up, w_down, act, b_up, b_down, widths=widths, backend=backend)
     backward = backends.resolve("moe_mlp_backward", backend, x.device, x.dtype)
     tensors = [t for t in (x, w_up, w_down, b_up, b_down, weight) if t is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     out, _ = _moe_mlp_op(
         x.contiguous(), w_up, w_down, b_up, b_down, weight.contiguous(), plan.row, plan.assignment, plan.offsets,
-        activation, list(widths) if widths is not None else [], needs_grad, name, backward,
+        *_activation_args(act), list(widths) if widths is not None else [], needs_grad, name, backward,
     )
     return out

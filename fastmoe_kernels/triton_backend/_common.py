@@ -111,4 +111,12 @@ def register(kernel: str, *, applies: Optional[Callable[..., Optional[str]]] = N
     return wrap
 
 
-ACTIVATION_CODES = {"none": 0, "swiglu": 1, "geglu": 2, "gelu": 3, "relu": 4}
+ACTIVATION_CODES = {"swiglu": 1, "swiglu_oai": 1, "silu": 1, "geglu": 2, "gelu": 3, "relu": 4, "geglu_tanh": 5,
+                    "gelu_tanh": 5, "relu2": 6}
+
+
+def activation_args(act) -> dict:
+    """The kernels' activation arguments for an ``activations.Activation``: ACT (constexpr), alpha,
+    limit and the up factor's offset (runtime floats)."""
+    return dict(ACT=ACTIVATION_CODES[act.name], alpha=float(act.alpha), limit=float(act.limit),
+                up_offset=float(act.up_offset))

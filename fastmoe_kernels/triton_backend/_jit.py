@@ -2,35 +2,66 @@
 import triton
 import triton.language as tl
 
-# Activation codes (see _common.ACTIVATION_CODES): 0 none, 1 SiLU (SwiGLU), 2 GELU (GeGLU),
-# 3 GELU, 4 ReLU. Gated activations multiply by the up half outside these helpers.
+# Activation codes (see _common.activation_code): 0 none, 1 x·σ(α·x) on x clamped above at limit
+# (SiLU, SwiGLU and its clamped variants), 2 GELU (GeGLU), 3 GELU, 4 ReLU, 5 GELU with the tanh
+# approximation, 6 ReLU². Gated activations multiply by up_fwd(up) outside these helpers. alpha and
+# limit are runtime floats (limit inf: no clamp).
+# GELU's tanh approximation: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), √(2/π) = 0.7978845608028654.
 
 
 @triton.jit
-def act_fwd(x, ACT: tl.constexpr):
+def _tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def act_fwd(x, ACT: tl.constexpr, alpha, limit):
     if ACT == 1:
-        return x * tl.sigmoid(x)
+        xc = tl.minimum(x, limit)
+        return xc * tl.sigmoid(alpha * xc)
     elif ACT == 2 or ACT == 3:
         return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
     elif ACT == 4:
         return tl.maximum(x, 0.0)
+    elif ACT == 5:
+        return 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+    elif ACT == 6:
+        r = tl.maximum(x, 0.0)
+        return r * r
     else:
         return x
 
 
 @triton.jit
-def act_grad(x, ACT: tl.constexpr):
-    """d act(x) / dx."""
+def act_grad(x, ACT: tl.constexpr, alpha, limit):
+    """d act(x) / dx (0 where the clamp holds x at the limit, as torch.clamp's gradient)."""
     if ACT == 1:
-        s = tl.sigmoid(x)
-        return s * (1.0 + x * (1.0 - s))
+        xc = tl.minimum(x, limit)
+        s = tl.sigmoid(alpha * xc)
+        return tl.where(x <= limit, s * (1.0 + alpha * xc * (1.0 - s)), 0.0)
     elif ACT == 2 or ACT == 3:
         cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
         return cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
     elif ACT == 4:
         return tl.where(x > 0, 1.0, 0.0)
+    elif ACT == 5:
+        t = _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * x * x)
+    elif ACT == 6:
+        return 2.0 * tl.maximum(x, 0.0)
     else:
         return tl.full(x.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def up_fwd(u, limit, up_offset):
+    """The up half's factor of a gated activation: clamp(u, -limit, limit) + up_offset."""
+    return tl.minimum(tl.maximum(u, -limit), limit) + up_offset
+
+
+@triton.jit
+def up_grad(u, limit):
+    return tl.where((u >= -limit) & (u <= limit), 1.0, 0.0)
 
 
 @triton.jit

@@ -84,13 +84,14 @@ def _matrices(key, offsets, rows, cols, device, *strides_and_max) -> ExpertMatri
     return ExpertMatrices(off, r, c, *strides_and_max, _ALIGN_CACHE[key])
 
 
-def stacked(w: torch.Tensor, row_start: int = 0, num_rows: Optional[int] = None) -> ExpertMatrices:
-    """Experts stacked on dim 0 of ``w [E, R, C]``; optionally rows ``row_start:row_start+num_rows``."""
+def stacked(w: torch.Tensor, row_start: int = 0, num_rows: Optional[int] = None, row_step: int = 1) -> ExpertMatrices:
+    """Experts stacked on dim 0 of ``w [E, R, C]``; optionally rows ``row_start, row_start + row_step, …``
+    (``num_rows`` of them): ``row_step`` 2 reads one half of interleaved gate/up rows in place."""
     E, R, C = w.shape
-    n = R - row_start if num_rows is None else num_rows
-    key = ("stacked", E, w.stride(0), w.stride(1), row_start, n, C)
+    n = (R - row_start) // row_step if num_rows is None else num_rows
+    key = ("stacked", E, w.stride(0), w.stride(1), w.stride(2), row_start, n, C, row_step)
     offsets = [e * w.stride(0) + row_start * w.stride(1) for e in range(E)]
-    return _matrices(key, offsets, [n] * E, [C] * E, w.device, w.stride(1), w.stride(2), n, C)
+    return _matrices(key, offsets, [n] * E, [C] * E, w.device, w.stride(1) * row_step, w.stride(2), n, C)
 
 
 def packed_rows(w: torch.Tensor, widths: Sequence[int], row_base: int = 0) -> ExpertMatrices:
@@ -117,12 +118,12 @@ class ExpertVectors:
     stride: int
 
 
-def stacked_vectors(bias: torch.Tensor, start: int = 0) -> ExpertVectors:
-    """``bias [E, N]``: expert e's vector starts at row e, column ``start``."""
+def stacked_vectors(bias: torch.Tensor, start: int = 0, step: int = 1) -> ExpertVectors:
+    """``bias [E, N]``: expert e's vector starts at row e, column ``start``, every ``step`` columns."""
     E = bias.shape[0]
     key = ("vstack", E, bias.stride(0), bias.stride(1), start)
     off, _, _ = _device_arrays(key, [e * bias.stride(0) + start * bias.stride(1) for e in range(E)], [0] * E, [0] * E, bias.device)
-    return ExpertVectors(off, bias.stride(1))
+    return ExpertVectors(off, bias.stride(1) * step)
 
 
 def packed_vectors(bias: torch.Tensor, widths: Sequence[int], base: int = 0) -> ExpertVectors:

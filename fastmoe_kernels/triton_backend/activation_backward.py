@@ -3,7 +3,8 @@
 For the rows r of each expert group e, with ``acc = grad_out[src(r)] @ W_down_e`` (the gradient of
 the expert's output, before the routing weight, reaching its hidden units):
 
-- ``dh[r] = w_r · acc · act'(h_gate)`` (gated: ``· h_up``, and ``dh_up = w_r · acc · act(h_gate)``),
+- ``dh[r] = w_r · acc · act'(h_gate)`` (gated: ``· up_fn(h_up)``, and
+  ``dh_up = w_r · acc · act(h_gate) · up_fn'(h_up)``),
   h being the pre-activation saved by the forward and ``w_r`` the routing weight of row r;
 - the routing-weight gradient's partial sums ``partial[n, r] = Σ_{cols of N tile n} acc · act(h)``,
   one row per N tile (summed by the host). Rows past the launch's N-tile count are written as zeros,
@@ -16,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, next_pow2, persistent_programs
+from ._common import activation_args, dot_precision, next_pow2, persistent_programs
 from ._gemm import expert_tile, k_loop, matmul_configs, pruner, smallest_bn
-from ._jit import act_fwd, act_grad, gather_rows, group_table
+from ._jit import act_fwd, act_grad, gather_rows, group_table, up_fwd, up_grad
 from ._layout import ExpertMatrices
 
 
@@ -40,6 +41,7 @@ def _activation_backward_kernel(
     h_ptr, stride_hm, stride_hn, dh_ptr, stride_dm, stride_dn, up_col,
     partial_ptr, stride_partial, num_partials,
     offsets_ptr, num_rows, N_OUT, K_MAX, M_BUCKET,
+    alpha, limit, up_offset,  # the activation's parameters (see _jit.act_fwd, up_fwd)
     E: tl.constexpr, E_PAD: tl.constexpr, G_ROW_DIV: tl.constexpr,
     W_ALIGN: tl.constexpr, K_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr,
     ACT: tl.constexpr, GATED: tl.constexpr, OFFSETS_64: tl.constexpr, PRECISION: tl.constexpr,
@@ -64,9 +66,9 @@ def _activation_backward_kernel(
         h_gate = tl.load(h_ptr + h_offs, mask=mask, other=0.0).to(tl.float32)
         if GATED:
             h_up = tl.load(h_ptr + h_offs + up_col * stride_hn, mask=mask, other=0.0).to(tl.float32)
-            act = act_fwd(h_gate, ACT) * h_up
+            act = act_fwd(h_gate, ACT, alpha, limit) * up_fwd(h_up, limit, up_offset)
         else:
-            act = act_fwd(h_gate, ACT)
+            act = act_fwd(h_gate, ACT, alpha, limit)
         partial_rows = partial_ptr + rows.to(tl.int64)
         tl.store(partial_rows + tile_n.to(tl.int64) * stride_partial, tl.sum(acc * act, 1), mask=rmask)
         if tile_n == n_tiles - 1:
@@ -78,11 +80,12 @@ def _activation_backward_kernel(
         d_act = acc * tl.load(scale_ptr + s_rows, mask=s_valid, other=0.0).to(tl.float32)[:, None]
         dh_offs = rows.to(tl.int64)[:, None] * stride_dm + cols[None, :] * stride_dn
         if GATED:
-            tl.store(dh_ptr + dh_offs, (d_act * h_up * act_grad(h_gate, ACT)).to(dh_ptr.dtype.element_ty), mask=mask)
-            tl.store(dh_ptr + dh_offs + up_col * stride_dn, (d_act * act_fwd(h_gate, ACT)).to(dh_ptr.dtype.element_ty),
-                     mask=mask)
+            d_gate = d_act * up_fwd(h_up, limit, up_offset) * act_grad(h_gate, ACT, alpha, limit)
+            d_up = d_act * act_fwd(h_gate, ACT, alpha, limit) * up_grad(h_up, limit)
+            tl.store(dh_ptr + dh_offs, d_gate.to(dh_ptr.dtype.element_ty), mask=mask)
+            tl.store(dh_ptr + dh_offs + up_col * stride_dn, d_up.to(dh_ptr.dtype.element_ty), mask=mask)
         else:
-            tl.store(dh_ptr + dh_offs, (d_act * act_grad(h_gate, ACT)).to(dh_ptr.dtype.element_ty), mask=mask)
+            tl.store(dh_ptr + dh_offs, (d_act * act_grad(h_gate, ACT, alpha, limit)).to(dh_ptr.dtype.element_ty), mask=mask)
 
 
 def partial_rows_needed(f: int) -> int:
@@ -102,11 +105,12 @@ def activation_backward(
     dh: torch.Tensor,
     partial: torch.Tensor,
     *,
-    activation: int,
-    gated: bool,
+    activation,
 ) -> None:
-    """Fill ``dh [R, m·f]`` and ``partial [partial_rows_needed(f), R]`` (see the module docstring);
-    ``down`` describes W_down inside ``w`` (read as ``[d, f_e]`` per expert)."""
+    """Fill ``dh [R, m·f]`` and ``partial [partial_rows_needed(f), R]`` (see the module docstring) for
+    ``activation`` (an ``activations.Activation``); ``down`` describes W_down inside ``w`` (read as
+    ``[d, f_e]`` per expert)."""
+    gated = activation.gated
     E = offsets.shape[0] - 1
     num_rows = dh.shape[0]
     f = dh.shape[1] // (2 if gated else 1)
@@ -128,5 +132,5 @@ def activation_backward(
         up_col=f, partial_ptr=partial, stride_partial=partial.stride(0), num_partials=partial.shape[0],
         offsets_ptr=offsets, num_rows=num_rows, N_OUT=f, K_MAX=k_max, M_BUCKET=next_pow2(max(1, num_rows // E)),
         E=E, E_PAD=next_pow2(E), G_ROW_DIV=g_row_div, W_ALIGN=w_align, K_ALIGN=k_align, N_ALIGN=n_align,
-        ACT=activation, GATED=gated, OFFSETS_64=down.offsets_64, PRECISION=dot_precision(grad_out.dtype),
+        **activation_args(activation), GATED=gated, OFFSETS_64=down.offsets_64, PRECISION=dot_precision(grad_out.dtype),
     )

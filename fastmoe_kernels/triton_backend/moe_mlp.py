@@ -7,6 +7,8 @@ Backward: dh = act'(h) · w · (g[src] @ W_down), and Σ_n (g[src] @ W_down) · 
           routing-weight gradient (activation_backward); dW_down = act(h)ᵀ (w·g[src]) (activation
           recomputed in the wgrad prologue); dW_up = x[src]ᵀ dh; dx = Σ_j ([dgate | dup] @ [W_gate; W_up])[slot].
 Saved for backward: x, the routing and h — never the permuted x or the expert outputs.
+``activation`` is an ``activations.Activation``; interleaved gate/up weights (gpt-oss) are read in
+place (every other row), h always holds [gate | up].
 """
 from __future__ import annotations
 
@@ -15,8 +17,7 @@ from typing import List, Optional
 import torch
 
 from .._alloc import empty
-from ..activations import is_gated
-from ._common import ACTIVATION_CODES, register
+from ._common import register
 from ._layout import packed_cols, packed_rows, packed_vectors, stacked, stacked_vectors
 from .activation_backward import activation_backward, partial_rows_needed
 from .grouped_gemm import grouped_matmul
@@ -25,16 +26,19 @@ from .up_projection import up_projection
 from .wgrad import grouped_wgrad
 
 
-def _matrices(t: torch.Tensor, widths: List[int], part: str, f: int):
-    """The ExpertMatrices of one part ("gate", "up", "down") of a weight-shaped tensor."""
+def _matrices(t: torch.Tensor, widths: List[int], part: str, f: int, interleaved: bool = False):
+    """The ExpertMatrices of one part ("gate", "up", "down") of a weight-shaped tensor; gate and up rows
+    alternate when ``interleaved`` (read in place, every other row)."""
     if part == "down":
         return packed_cols(t, widths) if widths else stacked(t)
     if widths:
         return packed_rows(t, widths, 0 if part == "gate" else sum(widths))
+    if interleaved:
+        return stacked(t, 0 if part == "gate" else 1, f, row_step=2)
     return stacked(t, 0 if part == "gate" else f, f)
 
 
-def _vectors(t: Optional[torch.Tensor], widths: List[int], part: str, f: int):
+def _vectors(t: Optional[torch.Tensor], widths: List[int], part: str, f: int, interleaved: bool = False):
     """The ExpertVectors of one part of a bias-shaped tensor (None without bias)."""
     if t is None:
         return None
@@ -42,6 +46,8 @@ def _vectors(t: Optional[torch.Tensor], widths: List[int], part: str, f: int):
         return stacked_vectors(t)
     if widths:
         return packed_vectors(t, widths, 0 if part == "gate" else sum(widths))
+    if interleaved:
+        return stacked_vectors(t, 0 if part == "gate" else 1, step=2)
     return stacked_vectors(t, 0 if part == "gate" else f)
 
 
@@ -70,17 +76,18 @@ def moe_mlp_forward(x, w_up, w_down, b_up, b_down, weight, row, assignment, offs
     T, d = x.shape
     k = row.shape[1]
     R = assignment.shape[0]
-    gated = is_gated(activation)
+    gated, il = activation.gated, activation.interleaved
     # Cast first: the layouts describe the tensors the kernels read.
     w_up, w_down, b_up, b_down = (_cast(t, x.dtype) for t in (w_up, w_down, b_up, b_down))
     f = _hidden_width(w_down, widths)
     offsets = offsets.to(torch.int32)
-    h = empty(R, (2 if gated else 1) * f, dtype=x.dtype, device=x.device) if save else None
+    h = empty(R, (2 if gated else 1) * f, dtype=x.dtype, device=x.device) if save else None  # [gate | up]
     a = empty(R, f, dtype=x.dtype, device=x.device)
     up_projection(
-        x, assignment, k, w_up, _matrices(w_up, widths, "gate", f), _matrices(w_up, widths, "up", f) if gated else None,
-        offsets, a, activation=ACTIVATION_CODES[activation], bias=b_up, gate_bias=_vectors(b_up, widths, "gate", f),
-        up_bias=_vectors(b_up, widths, "up", f) if gated else None, h=h,
+        x, assignment, k, w_up, _matrices(w_up, widths, "gate", f, il),
+        _matrices(w_up, widths, "up", f, il) if gated else None, offsets, a, activation=activation, bias=b_up,
+        gate_bias=_vectors(b_up, widths, "gate", f, il), up_bias=_vectors(b_up, widths, "up", f, il) if gated else None,
+        h=h,
     )
     y_slots = empty(T * k, d, dtype=x.dtype, device=x.device)
     grouped_matmul(a, _matrices(w_down, widths, "down", f), True, offsets, y_slots, b=w_down, n_out=d,
@@ -93,8 +100,7 @@ def moe_mlp_backward(grad_out, x, w_up, w_down, b_up, b_down, weight, row, assig
     T, d = x.shape
     k = row.shape[1]
     R = assignment.shape[0]
-    gated = is_gated(activation)
-    act = ACTIVATION_CODES[activation]
+    gated, il = activation.gated, activation.interleaved
     dt = x.dtype
     param_dtypes = [t.dtype if t is not None else None for t in (w_up, w_down, b_up, b_down)]
     w_up_c, w_down_c, b_down_c = (_cast(t, dt) for t in (w_up, w_down, b_down))
@@ -107,7 +113,7 @@ def moe_mlp_backward(grad_out, x, w_up, w_down, b_up, b_down, weight, row, assig
     dh = empty(R, (2 if gated else 1) * f, dtype=dt, device=x.device)
     partial = empty(partial_rows_needed(f), R, dtype=torch.float32, device=x.device)
     activation_backward(grad_out, assignment, k, weight_flat, w_down_c, _matrices(w_down_c, widths, "down", f),
-                        offsets, h, dh, partial, activation=act, gated=gated)
+                        offsets, h, dh, partial, activation=activation)
     grad_row = partial.sum(0) if partial.shape[0] else torch.zeros(R, dtype=torch.float32, device=x.device)
     if b_down is not None:
         # The down bias is part of each expert's output: its share of the weight gradient.
@@ -123,7 +129,7 @@ def moe_mlp_backward(grad_out, x, w_up, w_down, b_up, b_down, weight, row, assig
     grad_b_down = empty(b_down.shape, dtype=torch.float32, device=x.device) if b_down is not None else None
     grouped_wgrad(
         h, grad_out, offsets, grad_w_down, _matrices(grad_w_down, widths, "down", f), True,
-        g_row_index=assignment, g_row_div=k, scale=weight_flat, activation_of_a=act, gated=gated, up_col=f,
+        g_row_index=assignment, g_row_div=k, scale=weight_flat, activation_of_a=activation, up_col=f,
         grad_bias=grad_b_down, bias_vecs=_vectors(grad_b_down, widths, "down", f),
     )
 
@@ -133,15 +139,16 @@ def moe_mlp_backward(grad_out, x, w_up, w_down, b_up, b_down, weight, row, assig
     for half in (("gate", "up") if gated else ("gate",)):
         col = f if half == "up" else 0
         grouped_wgrad(
-            x, dh[:, col:col + f], offsets, grad_w_up, _matrices(grad_w_up, widths, half, f), True,
-            a_row_index=assignment, a_row_div=k, grad_bias=grad_b_up, bias_vecs=_vectors(grad_b_up, widths, half, f),
+            x, dh[:, col:col + f], offsets, grad_w_up, _matrices(grad_w_up, widths, half, f, il), True,
+            a_row_index=assignment, a_row_div=k, grad_bias=grad_b_up,
+            bias_vecs=_vectors(grad_b_up, widths, half, f, il),
         )
 
     # dx = Σ_j (dh @ W_up)[slot], with [dgate | dup] @ [W_gate; W_up] in one accumulator.
     dx_slots = empty(T * k, d, dtype=dt, device=x.device)
-    grouped_matmul(dh, _matrices(w_up_c, widths, "gate", f), False, offsets, dx_slots, b=w_up_c, n_out=d,
+    grouped_matmul(dh, _matrices(w_up_c, widths, "gate", f, il), False, offsets, dx_slots, b=w_up_c, n_out=d,
                    c_row_index=assignment, num_rows=R,
-                   second=_matrices(w_up_c, widths, "up", f) if gated else None, a2_col=f)
+                   second=_matrices(w_up_c, widths, "up", f, il) if gated else None, a2_col=f)
     grad_x = combine(dx_slots, row, None, assignment=assignment)
     cast = [grad_w_up.to(param_dtypes[0]), grad_w_down.to(param_dtypes[1]),
             grad_b_up.to(param_dtypes[2]) if grad_b_up is not None else x.new_empty(0),

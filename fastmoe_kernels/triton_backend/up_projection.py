@@ -14,9 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, next_pow2, persistent_programs
+from ._common import activation_args, dot_precision, next_pow2, persistent_programs
 from ._gemm import expert_tile, k_loop, k_loop_two_b, matmul_configs, pruner
-from ._jit import act_fwd, gather_rows, group_table
+from ._jit import act_fwd, gather_rows, group_table, up_fwd
 from ._layout import ExpertMatrices, ExpertVectors
 
 
@@ -38,6 +38,7 @@ def _up_projection_kernel(
     # the pre-activation kept for the backward: gate at column n, up at column h_up_col + n
     h_ptr, stride_hm, stride_hn, h_up_col,
     offsets_ptr, num_rows, N_OUT, K_MAX, M_BUCKET,
+    alpha, limit, up_offset,  # the activation's parameters (see _jit.act_fwd, up_fwd)
     E: tl.constexpr, E_PAD: tl.constexpr, X_ROW_DIV: tl.constexpr,
     GATE_ALIGN: tl.constexpr, UP_ALIGN: tl.constexpr, K_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr,
     ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_H: tl.constexpr,
@@ -76,9 +77,9 @@ def _up_projection_kernel(
             tl.store(h_ptr + h_offs, gate.to(h_ptr.dtype.element_ty), mask=mask)
             if GATED:
                 tl.store(h_ptr + h_offs + h_up_col * stride_hn, up.to(h_ptr.dtype.element_ty), mask=mask)
-        out = act_fwd(gate, ACT)
+        out = act_fwd(gate, ACT, alpha, limit)
         if GATED:
-            out = out * up
+            out = out * up_fwd(up, limit, up_offset)
         out_offs = rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
         tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -93,13 +94,14 @@ def up_projection(
     offsets: torch.Tensor,
     out: torch.Tensor,
     *,
-    activation: int,
+    activation,
     bias: Optional[torch.Tensor] = None,
     gate_bias: Optional[ExpertVectors] = None,
     up_bias: Optional[ExpertVectors] = None,
     h: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``out [R, f]`` = the activation of each row's up projection (gated when ``up`` is given),
+    """``out [R, f]`` = the ``activation`` (an ``activations.Activation``) of each row's up projection
+    (gated when ``up`` is given),
     reading x's rows through ``x_row_index // x_row_div``; the pre-activation goes to ``h [R, m·f]``
     (gate columns, then up columns) when given. Written in place and returned."""
     E = offsets.shape[0] - 1
@@ -130,7 +132,7 @@ def up_projection(
         offsets_ptr=offsets, num_rows=num_rows, N_OUT=f, K_MAX=k_max, M_BUCKET=next_pow2(max(1, num_rows // E)),
         E=E, E_PAD=next_pow2(E), X_ROW_DIV=x_row_div,
         GATE_ALIGN=gate_align, UP_ALIGN=up_align, K_ALIGN=k_align, N_ALIGN=n_align,
-        ACT=activation, GATED=up is not None, HAS_BIAS=bias is not None, STORE_H=h is not None,
+        **activation_args(activation), GATED=up is not None, HAS_BIAS=bias is not None, STORE_H=h is not None,
         OFFSETS_64=gate.offsets_64 or (up is not None and up.offsets_64), PRECISION=dot_precision(x.dtype),
     )
     return out

@@ -15,9 +15,9 @@ import triton
 import triton.language as tl
 
 from .._alloc import empty
-from ._common import dot_precision, next_pow2
+from ._common import activation_args, dot_precision, next_pow2
 from ._gemm import b_offsets, pruner, wgrad_configs
-from ._jit import act_fwd, gather_rows
+from ._jit import act_fwd, gather_rows, up_fwd
 from ._layout import ExpertMatrices, ExpertVectors
 
 
@@ -41,6 +41,7 @@ def _grouped_wgrad_kernel(
     db_ptr, b_offset_ptr, k_size_ptr, n_size_ptr, stride_bk, stride_bn,
     dbias_ptr, bias_offset_ptr, stride_bias,
     offsets_ptr, num_rows, K_MAX, N_MAX, M_BUCKET,
+    alpha, limit, up_offset,  # the activation's parameters, with ACT_OF_A (see _jit.act_fwd, up_fwd)
     E: tl.constexpr, A_ROW_DIV: tl.constexpr, G_ROW_DIV: tl.constexpr,
     B_ALIGN: tl.constexpr, K_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr,
     GATHER_A: tl.constexpr, GATHER_G: tl.constexpr, SCALE_G: tl.constexpr, ACT_OF_A: tl.constexpr,
@@ -75,9 +76,9 @@ def _grouped_wgrad_kernel(
                 hg = tl.load(a_ptr + a_offs, mask=amask, other=0.0).to(tl.float32)
                 if GATED:
                     hu = tl.load(a_ptr + a_offs + up_col * stride_ak, mask=amask, other=0.0).to(tl.float32)
-                    a = (act_fwd(hg, ACT) * hu).to(a_ptr.dtype.element_ty)
+                    a = (act_fwd(hg, ACT, alpha, limit) * up_fwd(hu, limit, up_offset)).to(a_ptr.dtype.element_ty)
                 else:
-                    a = act_fwd(hg, ACT).to(a_ptr.dtype.element_ty)
+                    a = act_fwd(hg, ACT, alpha, limit).to(a_ptr.dtype.element_ty)
             else:
                 a = tl.load(a_ptr + a_offs, mask=amask, other=0.0)
             g_rows, g_valid = gather_rows(g_row_index_ptr, rows, rmask, num_g_rows, G_ROW_DIV, GATHER_G)
@@ -115,17 +116,19 @@ def grouped_wgrad(
     g_row_index: Optional[torch.Tensor] = None,
     g_row_div: int = 1,
     scale: Optional[torch.Tensor] = None,
-    activation_of_a: int = 0,
-    gated: bool = False,
+    activation_of_a=None,
     up_col: int = 0,
     grad_bias: Optional[torch.Tensor] = None,
     bias_vecs: Optional[ExpertVectors] = None,
 ) -> None:
     """``grad_b[e] (as B_e) = A_eᵀ · G_e`` in fp32, written in place (every element of every expert's
-    matrix, zeros for empty groups); ``grad_bias[e] = Σ_rows G_e`` when given. ``activation_of_a``
-    (an activation code, 0 for none) makes A the activation recomputed from ``a``; ``scale`` (with
-    ``g_row_index``) scales G's rows by ``scale[g_row_index[r]]``."""
+    matrix, zeros for empty groups); ``grad_bias[e] = Σ_rows G_e`` when given. ``scale`` (with
+    ``g_row_index``) scales G's rows by ``scale[g_row_index[r]]``. ``activation_of_a`` (an
+    ``activations.Activation``) makes A that activation recomputed from ``a`` (gate columns, then up
+    columns from ``up_col`` when gated)."""
     E = offsets.shape[0] - 1
+    act = activation_of_a
+    act_args = activation_args(act) if act is not None else dict(ACT=0, alpha=1.0, limit=float("inf"), up_offset=0.0)
     b_offset, k_size, n_size, stride_bk, stride_bn, k_max, n_max = mats.as_b(transpose)
     b_align, k_align, n_align = mats.b_align(transpose)
     device = a.device
@@ -148,6 +151,6 @@ def grouped_wgrad(
         offsets_ptr=offsets, num_rows=num_rows, K_MAX=k_max, N_MAX=n_max, M_BUCKET=next_pow2(max(1, num_rows // max(E, 1))),
         E=E, A_ROW_DIV=a_row_div, G_ROW_DIV=g_row_div, B_ALIGN=b_align, K_ALIGN=k_align, N_ALIGN=n_align,
         GATHER_A=a_row_index is not None, GATHER_G=g_row_index is not None, SCALE_G=scale is not None,
-        ACT_OF_A=activation_of_a != 0, ACT=activation_of_a, GATED=gated, HAS_BIAS=grad_bias is not None,
+        ACT_OF_A=act is not None, GATED=act is not None and act.gated, HAS_BIAS=grad_bias is not None, **act_args,
         OFFSETS_64=mats.offsets_64, PRECISION=dot_precision(a.dtype),
     )

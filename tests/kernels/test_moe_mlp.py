@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from fastmoe_kernels.experts import GroupedExperts
-from fastmoe_kernels.ops import make_plan
+from fastmoe_kernels.activations import Activation
+from fastmoe_kernels.ops import make_plan, moe_mlp
 from kernels.conftest import low_precision_dtypes
 from kernels.helpers import assert_rel, plan_for, routing
 
@@ -30,10 +31,42 @@ def compare(backend, device, dtype, T, d, widths, activation, bias, mode, k=2):
         assert_rel(a, r, dtype, scale=2.0, what=name)
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "geglu", "gelu", "relu"])
+# Every activation, and the clamped SwiGLUs with limits small enough that the clamps are hit.
+ACTIVATIONS = ["swiglu", "geglu", "geglu_tanh", "swiglu_oai", "silu", "gelu", "gelu_tanh", "relu", "relu2",
+               Activation("swiglu", 1.0, 0.3), Activation("swiglu_oai", 1.702, 0.4)]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
 @pytest.mark.parametrize("mode", list(MODES))
 def test_activations_and_modes(backend, device, activation, mode):
     compare(backend, device, torch.float32, 41, 32, (24,) * 6, activation, False, MODES[mode])
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_interleaved_gate_up_read_in_place(backend, device, transposed, bias):
+    """gpt-oss's layout: gate and up rows alternate, weights stored [E, d, 2f] (transposed): read in
+    place, never copied, forward and every gradient equal the reference composition."""
+    E, d, f, T, k = 4, 16, 24, 29, 2
+    act = Activation("swiglu_oai", 1.702, 0.5, interleaved=True)
+    idx, weight = routing(T, E, k, device, skew=True)
+    plan = make_plan(idx, E)
+    raw_up = torch.randn(E, d, 2 * f, device=device) / d ** 0.5 if transposed else torch.randn(E, 2 * f, d, device=device) / d ** 0.5
+    raw_down = torch.randn(E, f, d, device=device) / f ** 0.5 if transposed else torch.randn(E, d, f, device=device) / f ** 0.5
+    b_up = torch.randn(E, 2 * f, device=device) if bias else None
+    b_down = torch.randn(E, d, device=device) if bias else None
+    x, g = torch.randn(T, d, device=device), torch.randn(T, d, device=device)
+    results = []
+    for name, fused in ((backend, True), ("torch", False)):
+        params = [t.clone().requires_grad_() for t in (raw_up, raw_down)]
+        biases = [None if t is None else t.clone().requires_grad_() for t in (b_up, b_down)]
+        w_up, w_down = (p.transpose(1, 2) if transposed else p for p in params)  # views, as the transformers path
+        xx, ww = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = moe_mlp(xx, plan, ww, w_up, w_down, act, *biases, backend=name, fused=fused)
+        (out * g).sum().backward()
+        results.append([out, xx.grad, ww.grad] + [p.grad for p in params] + [b.grad for b in biases if b is not None])
+    for i, (a, r) in enumerate(zip(*results)):
+        assert_rel(a, r, torch.float32, scale=2.0, what=f"output {i}")
 
 
 @pytest.mark.parametrize("widths", [(24,) * 5, (8, 40, 16, 1, 24)], ids=["homogeneous", "heterogeneous"])

@@ -32,6 +32,18 @@ def persistent_programs(device: torch.device, max_tiles: int) -> int:
     return max(1, min(2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()), max_tiles))
 
 
+def persistent_grid(device: torch.device, num_rows: int, num_cols: int, num_groups: int, extra_row_tiles: int = 0):
+    """The autotuner's grid of a persistent grouped launch over ``num_rows`` rows in ``num_groups``
+    groups and ``num_cols`` columns: each group can start a partial BM tile, hence the ``+ num_groups``
+    row tiles (plus ``extra_row_tiles``, e.g. for rows outside every group)."""
+
+    def grid(meta):
+        row_tiles = triton.cdiv(num_rows, meta["BM"]) + num_groups + extra_row_tiles
+        return (persistent_programs(device, row_tiles * triton.cdiv(num_cols, meta["BN"])),)
+
+    return grid
+
+
 # Opt-in shared memory per block by compute capability (bytes), for targets without a device to ask.
 SHARED_MEMORY_BY_ARCH = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 

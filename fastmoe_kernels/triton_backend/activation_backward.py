@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import activation_args, dot_precision, next_pow2, persistent_programs
+from ._common import activation_args, dot_precision, next_pow2, persistent_grid
 from ._gemm import expert_tile, k_loop, matmul_configs, pruner, smallest_bn
 from ._jit import act_fwd, act_grad, gather_rows, group_table, up_fwd, up_grad
 from ._layout import ExpertMatrices
@@ -120,11 +120,7 @@ def activation_backward(
     w_align, k_align, n_align = down.b_align(False)
     device = grad_out.device
 
-    def grid(meta):
-        max_tiles = (triton.cdiv(num_rows, meta["BM"]) + E) * triton.cdiv(f, meta["BN"])
-        return (persistent_programs(device, max_tiles),)
-
-    _activation_backward_kernel[grid](
+    _activation_backward_kernel[persistent_grid(device, num_rows, f, E)](
         g_ptr=grad_out, g_row_index_ptr=g_row_index, num_g_rows=grad_out.shape[0], stride_gm=grad_out.stride(0),
         stride_gk=grad_out.stride(1), scale_ptr=scale, num_scales=scale.numel(),
         w_ptr=w, w_offset_ptr=w_offset, k_size_ptr=k_size, n_size_ptr=n_size, stride_wk=stride_wk, stride_wn=stride_wn,

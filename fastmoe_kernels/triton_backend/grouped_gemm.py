@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .._alloc import empty
 from .._shapes import grouped_gemm_output_width
-from ._common import dot_precision, next_pow2, persistent_programs, register
+from ._common import dot_precision, next_pow2, persistent_grid, register
 from ._gemm import expert_tile, k_loop, k_loop_two_ab, matmul_configs, pruner
 from ._jit import gather_rows, group_table
 from ._layout import ExpertMatrices, ExpertVectors, packed_cols, packed_rows, packed_vectors, stacked, stacked_vectors
@@ -146,11 +146,8 @@ def grouped_matmul(
     b2_align = b_align if second is None else second.b_align(transpose)[0]
     device = a.device
 
-    def grid(meta):
-        max_tiles = (triton.cdiv(num_rows, meta["BM"]) + E + 2) * triton.cdiv(n_out, meta["BN"])
-        return (persistent_programs(device, max_tiles),)
-
-    _grouped_matmul_kernel[grid](
+    # + 2 row tiles: the rows before the first group and after the last (zero_outside).
+    _grouped_matmul_kernel[persistent_grid(device, num_rows, n_out, E, extra_row_tiles=2)](
         a_ptr=a, stride_am=a.stride(0), stride_ak=a.stride(1), a2_col=a2_col,
         b_ptr=b, b_offset_ptr=b_offset, b2_offset_ptr=b2_offset, k_size_ptr=k_size, n_size_ptr=n_size,
         stride_bk=stride_bk, stride_bn=stride_bn,

@@ -1,44 +1,64 @@
 """One benchmark test: time a target with pytest-benchmark (or run it once when benchmarking is
-disabled), record a tidy row, and check that the numbers are sane."""
+disabled), record a tidy row, and check that the numbers are sane.
+
+pytest-benchmark takes a fixed number of rounds, so the rounds come from a pilot: three runs
+(which are also the warm-up) estimate the spread, and the rounds are what the median's confidence
+interval needs to reach the grid's target (the boxplot-notch rule: half-width ≈ 1.57·IQR/√n),
+within the time this target may take. The row's interval is then computed from the samples
+pytest-benchmark took, and says whether the target was met.
+"""
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from fastmoe_kernels.bench.env import environment
-from fastmoe_kernels.bench.runner import EFFORT, ResultRow, check_sane
-from fastmoe_kernels.bench.timing import Timing, measure, synchronize
+from fastmoe_kernels.bench import machine
+from fastmoe_kernels.bench.runner import EFFORT, check_sane, make_row
+from fastmoe_kernels.bench.timing import measure, summarize, synchronize
+
+PILOT = 3
+
+
+def planned_rounds(pilot, target_rel_ci: float, min_reps: int, cap_s) -> int:
+    iqr = 0.8 * (pilot.p80_ms - pilot.p20_ms)  # p20–p80 spans 60% of the samples, the IQR 50%
+    wanted = (1.57 * iqr / (target_rel_ci * pilot.median_ms)) ** 2 if pilot.median_ms > 0 else min_reps
+    affordable = math.inf if cap_s is None else cap_s * 1e3 / max(pilot.median_ms, 1e-3)
+    return int(max(min(min_reps, max(1, affordable)), min(wanted, affordable, 200), 1))
 
 
 def run_target(benchmark, bench_session, target_key):
     case, op, impl, mode = target_key
     target = bench_session.target(case, op, impl, mode)
     if target is None:
+        bench_session.done()
         pytest.skip(f"{impl}: {bench_session.why_missing(impl)}")
     device = bench_session.device
+    effort = EFFORT[bench_session.grid]
+    threads = bench_session.guard.threads
+    start = machine.snapshot()
     if benchmark.disabled:
-        timing = measure(target.run, device, warmup=0, reps=1)
+        timing = measure(target.run, device, warmup=0, min_reps=1, max_reps=1)
     else:
-        warmup, reps, _ = EFFORT[bench_session.grid]
-
         def synced():
             target.run()
             synchronize(device)
 
-        benchmark.pedantic(synced, rounds=reps, warmup_rounds=warmup, iterations=1)
-        stats = benchmark.stats.stats
-        timing = Timing(stats.median * 1e3, stats.q1 * 1e3, stats.q3 * 1e3, stats.rounds)
-        benchmark.extra_info.update(case=case.name, op=op, impl=impl, mode=mode)
-    seconds = timing.median_ms / 1e3
-    row = ResultRow(
-        **{k: v for k, v in case.as_dict().items() if k in ResultRow.__dataclass_fields__},
-        op=op, impl=impl, mode=mode, median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
-        reps=timing.reps, tflops=target.flops / seconds / 1e12 if target.flops else None,
-        gbps=target.bytes / seconds / 1e9 if target.bytes else None, peak_mem_mb=None,
-        env=environment(device),
-    )
-    bench_session.rows.append(row)
+        cap = bench_session.next_cap()
+        for _ in range(max(0, effort["warmup"] - PILOT)):
+            synced()
+        pilot = measure(target.run, device, warmup=0, min_reps=PILOT, max_reps=PILOT)
+        rounds = planned_rounds(pilot, effort["target_rel_ci"], effort["min_reps"], cap)
+        benchmark.pedantic(synced, rounds=rounds, warmup_rounds=0, iterations=1)
+        timing = summarize([s * 1e3 for s in benchmark.stats.stats.data], effort["target_rel_ci"])
+        benchmark.extra_info.update(case=case.name, op=op, impl=impl, mode=mode, ci_low_ms=timing.ci_low_ms,
+                                    ci_high_ms=timing.ci_high_ms, threads=bench_session.guard.threads)
+    others = machine.others_busy_cores(start, machine.snapshot())
+    if bench_session.guard.loaded(others):
+        bench_session.guard.lower(others)  # later targets run with fewer threads; this one is flagged
+    row = make_row(case, target, timing, threads=threads, others_load=others, peak_mem_mb=None,
+                   env=bench_session.env)
+    bench_session.record(row, target)
     problems = check_sane([row])
     assert not problems, problems
     assert math.isfinite(row.median_ms)

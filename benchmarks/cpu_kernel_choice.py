@@ -152,8 +152,8 @@ def main() -> None:
         raise SystemExit(f"the cpp backend is unavailable here: {why}")
     cases = [c for c in build_grid("quick") if c.sweep in SWEEPS]
     set_value_checks(False)
-    rows = run_grid(cases, device, backends=BACKENDS, effort="full", with_ops=True, with_baselines=False,
-                    progress_bar=False, log=lambda m: None)
+    rows = run_grid(cases, device, backends=BACKENDS, effort="full", ops="all", with_baselines=False, threads="1",
+                    budget_s=None, progress_bar=False, log=lambda m: None)
     set_value_checks(None)
     write_rows(rows, out)
     (out / "results.json").unlink(missing_ok=True)  # the same rows as results.csv
@@ -170,8 +170,8 @@ def main() -> None:
 
 Measured {datetime.date.today()} on {cpu_model()} ({os.cpu_count()} cores, one thread: `torch.set_num_threads(1)`,
 the process pinned to one core), torch {env['torch']}, Python {platform.python_version()}, by
-`python benchmarks/cpu_kernel_choice.py --out {out}` — the benchmark harness's op targets (3 warm-up runs, up
-to 20 timed runs or 4 s, medians with p20–p80) on the {len(cases)} cases of the quick grid's base, experts,
+`python benchmarks/cpu_kernel_choice.py --out {out}` — the benchmark harness's op targets (3 warm-up runs, timed runs
+until the median's 95% interval is within 2% or 4 s, medians with p20–p80) on the {len(cases)} cases of the quick grid's base, experts,
 top-k and capacity sweeps (T=1024 tokens, d=256, f=128, fp32).
 
 This is what `backends.AUTO_PREFERENCE["cpu"]` follows: "auto" takes `cpp` for a kernel where it is faster.

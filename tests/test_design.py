@@ -121,6 +121,8 @@ def test_measured_cost_interpolates_and_bounds_step_time():
         {"op": "layer", "mode": "fwd+bwd", "d_model": 256, "num_experts": 8, "top_k": 2, "d_ff": 128, "tflops": 100.0},
         {"op": "layer", "mode": "fwd+bwd", "d_model": 256, "num_experts": 32, "top_k": 2, "d_ff": 128, "tflops": 50.0},
         {"op": "experts", "mode": "fwd+bwd", "d_model": 256, "num_experts": 8, "top_k": 2, "d_ff": 128, "tflops": 999.0},
+        {"op": "layer", "mode": "fwd+bwd", "d_model": 256, "num_experts": 8, "top_k": 2, "d_ff": 128, "tflops": 500.0,
+         "flags": "wide spread (p80/p20 3.1); loaded (1.8 of 2 cores busy elsewhere)"},  # not this machine's cost
     ]
     cost = MeasuredCost(rows)
     assert cost.rate(256, 8, 2, 128) == 100.0

@@ -3,13 +3,68 @@
 //
 // Every op writes into outputs its caller allocated (out-variants, declared mutable in the schema),
 // so the Python layer controls allocation (and poisons outputs in tests).
+#include <ATen/Parallel.h>
+#include <ATen/TensorIterator.h>
 #include <torch/extension.h>
 
+#include <cstdint>
+#include <mutex>
+#include <set>
+#include <thread>
+#include <tuple>
+
 #include "../kernels/cpu_kernels.h"
+#include "../kernels/parallel.h"
 #include "checks.h"
 
 namespace fastmoe {
 namespace {
+
+// The CPU kernels run on torch's own intra-op thread pool (kernels/parallel.h says why: one pool per
+// process, and torch.set_num_threads applies to them too), installed when the library loads, before
+// any op can run.
+//
+// at::parallel_for is an inline template. With torch's native (or TBB) backend its parallel part lives
+// in libtorch and works from here. With the OpenMP backend (the usual Linux build) it is a
+// `#pragma omp parallel` in the header, compiled here only under -fopenmp: without that flag (this
+// extension links no OpenMP runtime, see csrc/build.txt) it would silently run everything on one
+// thread. There the loop goes through TensorIterator::for_each instead, exported by libtorch, which
+// runs at::parallel_for as compiled inside libtorch, on torch's own OpenMP runtime: a stand-in byte
+// tensor numbers the range (element i at anchor + i; never read or written) and each task gets
+// the addresses of its [begin, end).
+//
+// Either way: inline when the range is within the grain, torch has one thread, or the call comes
+// from inside one of torch's parallel regions (no nested oversubscription).
+#if defined(INTRA_OP_PARALLEL)
+void torch_parallel_for(i64 n, i64 grain, const cpu::RangeBody& body) {
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { body(begin, end); });
+}
+#else
+alignas(64) char range_anchor[64];
+
+void torch_parallel_for(i64 n, i64 grain, const cpu::RangeBody& body) {
+  if (n <= grain || at::get_num_threads() <= 1 || at::in_parallel_region()) {
+    body(0, n);
+    return;
+  }
+  const uintptr_t anchor = reinterpret_cast<uintptr_t>(range_anchor);
+  at::Tensor range = at::from_blob(range_anchor, {int64_t(n)}, at::TensorOptions().dtype(at::kByte));
+  at::TensorIterator iter = at::TensorIterator::nullary_op(range);
+  iter.for_each(
+      [&](char** data, const int64_t* /*strides*/, int64_t size) {
+        const i64 begin = i64(reinterpret_cast<uintptr_t>(data[0]) - anchor);
+        body(begin, begin + size);
+      },
+      grain);
+}
+#endif
+
+int torch_num_threads() { return at::get_num_threads(); }
+
+[[maybe_unused]] const bool torch_pool_installed = [] {
+  cpu::set_thread_pool(cpu::ThreadPool{&torch_parallel_for, &torch_num_threads});
+  return true;
+}();
 
 void route_topk_cpu(const at::Tensor& logits, int64_t k, bool sigmoid, bool normalize,
                     const c10::optional<at::Tensor>& bias, int64_t num_groups, int64_t topk_groups, double scaling,
@@ -117,6 +172,19 @@ TORCH_LIBRARY_IMPL(fastmoe_C, CPU, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastmoe_kernels compiled kernels: ops registered as torch.ops.fastmoe_C.*";
+  // For the tests: how the kernels' parallel_for splits [0, n) here and now, as (ranges, distinct threads,
+  // max_threads()); with torch.set_num_threads(2) and n well over grain it must be (2, 2, 2).
+  m.def("_parallel_probe", [](int64_t n, int64_t grain) {
+    std::mutex mutex;
+    int ranges = 0;
+    std::set<std::thread::id> threads;
+    fastmoe::cpu::parallel_for(n, grain, [&](fastmoe::i64, fastmoe::i64) {
+      std::lock_guard<std::mutex> lock(mutex);
+      ++ranges;
+      threads.insert(std::this_thread::get_id());
+    });
+    return std::make_tuple(ranges, int(threads.size()), fastmoe::cpu::max_threads());
+  });
 #if defined(FASTMOE_WITH_CUDA)
   m.attr("with_cuda") = true;
 #else

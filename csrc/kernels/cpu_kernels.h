@@ -1,4 +1,5 @@
-// C++ CPU kernels (OpenMP-parallel), built from the same per-element logic as the CUDA kernels.
+// C++ CPU kernels, built from the same per-element logic as the CUDA kernels. They run on the host's
+// thread pool (parallel.h; serially until the host installs one) and give the same bits on any pool.
 // Plain pointers and sizes; contiguous rows unless a stride is given. Element types: float,
 // half_t, bf16_t. See fastmoe_kernels/ops/*.py for the contracts.
 #pragma once

@@ -1,13 +1,20 @@
 // C++ tests of the CPU kernels against small sequential references written here, plus the bad-input
 // cases (out-of-range ids and indices must read and write nothing). Run by ctest, also under
 // AddressSanitizer (cmake -DFASTMOE_ASAN=ON), which turns any out-of-bounds access into a failure.
+// Everything runs twice: serially (no host pool) and on a std::thread pool installed here that splits
+// every loop into several ranges, and the kernels must give the same bits both ways.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <functional>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "kernels/cpu_kernels.h"
+#include "kernels/parallel.h"
 #include "kernels/routing.h"
 
 using namespace fastmoe;
@@ -26,6 +33,34 @@ static int failures = 0;
 static std::mt19937 rng(1234);
 
 static float uniform(float lo, float hi) { return std::uniform_real_distribution<float>(lo, hi)(rng); }
+
+// ---- a host thread pool ---------------------------------------------------------------------------
+// kThreads threads per loop taking ranges of about n / kPieces from a shared counter. It ignores the
+// grain on purpose (a pool may split more finely than asked), so that even the small loops here run
+// as several ranges on several threads.
+struct TestPool {
+  static constexpr int kThreads = 3;
+  static constexpr i64 kPieces = 7;
+  static std::atomic<long> split_loops;  // loops run as more than one range
+
+  static void parallel_for(i64 n, i64 /*grain*/, const cpu::RangeBody& body) {
+    const i64 size = std::max<i64>(1, (n + kPieces - 1) / kPieces);
+    if (size < n) ++split_loops;
+    std::atomic<i64> next{0};
+    std::vector<std::thread> threads;
+    for (int i = 0; i < kThreads; ++i) {
+      threads.emplace_back([&] {
+        for (i64 begin; (begin = next.fetch_add(size)) < n;) body(begin, std::min(n, begin + size));
+      });
+    }
+    for (std::thread& t : threads) t.join();
+  }
+  static int num_threads() { return kThreads; }
+  static constexpr cpu::ThreadPool pool() { return cpu::ThreadPool{&parallel_for, &num_threads}; }
+};
+std::atomic<long> TestPool::split_loops{0};
+
+static constexpr cpu::ThreadPool kSerial{nullptr, nullptr};
 
 // ---- 16-bit conversions --------------------------------------------------------------------------
 static void test_conversions() {
@@ -234,13 +269,159 @@ static void test_routing_stats() {
   }
 }
 
-int main() {
+// ---- parallel_for and the pool ---------------------------------------------------------------------
+static void test_parallel_for() {
+  cpu::set_thread_pool(kSerial);
+  CHECK(cpu::max_threads() == 1, "no pool: one thread, got %d", cpu::max_threads());
+  std::vector<std::pair<i64, i64>> calls;
+  cpu::parallel_for(1000, 1, [&](i64 b, i64 e) { calls.emplace_back(b, e); });
+  CHECK(calls.size() == 1 && calls[0].first == 0 && calls[0].second == 1000, "no pool: one body(0, n)");
+  calls.clear();
+  cpu::parallel_for(0, 1, [&](i64 b, i64 e) { calls.emplace_back(b, e); });
+  CHECK(calls.empty(), "n = 0: no call");
+
+  cpu::set_thread_pool(TestPool::pool());
+  CHECK(cpu::max_threads() == TestPool::kThreads, "pool: %d threads, got %d", TestPool::kThreads, cpu::max_threads());
+  for (i64 n : {1, 6, 7, 8, 1000}) {
+    std::vector<std::atomic<int>> hits(static_cast<size_t>(n));
+    std::atomic<int> ranges{0};
+    cpu::parallel_for(n, 1, [&](i64 b, i64 e) {
+      ++ranges;
+      for (i64 i = b; i < e; ++i) ++hits[size_t(i)];
+    });
+    bool once = true;
+    for (auto& h : hits) once = once && h == 1;
+    CHECK(once, "pool: the ranges cover [0, %lld) exactly once", n);
+    CHECK(n < 8 || ranges > 1, "pool: n=%lld ran as %d range(s)", n, ranges.load());
+  }
+  cpu::set_thread_pool(kSerial);
+}
+
+// Runs `run` serially and on the pool, returns whether both gave the same bytes in `outputs`.
+template <typename Run>
+static bool same_on_pool(Run run, const std::vector<std::pair<void*, size_t>>& outputs) {
+  std::vector<std::vector<unsigned char>> serial;
+  cpu::set_thread_pool(kSerial);
+  for (const auto& o : outputs) std::memset(o.first, 0xab, o.second);
+  run();
+  for (const auto& o : outputs) {
+    const auto* bytes = static_cast<const unsigned char*>(o.first);
+    serial.emplace_back(bytes, bytes + o.second);
+  }
+  cpu::set_thread_pool(TestPool::pool());
+  for (const auto& o : outputs) std::memset(o.first, 0xcd, o.second);
+  run();
+  bool same = true;
+  for (size_t i = 0; i < outputs.size(); ++i) same = same && std::memcmp(outputs[i].first, serial[i].data(), outputs[i].second) == 0;
+  cpu::set_thread_pool(kSerial);
+  return same;
+}
+
+template <typename V>
+static std::pair<void*, size_t> bytes_of(V& v) {
+  return {v.data(), v.size() * sizeof(v[0])};
+}
+
+// Every kernel on inputs large enough for several plan chunks: the same bits serially and on the pool.
+template <typename T>
+static void test_parallel_matches_serial() {
+  const int T_ = 700, E = 64, k = 6, D = 37, groups = 8, topk_groups = 3;
+  std::vector<T> logits(size_t(T_) * E);
+  for (T& v : logits) v = from_float<T>(uniform(-4, 4));
+  logits[5] = from_float<T>(NAN);  // non-finite keys take their own path
+  std::vector<float> bias(E);
+  for (float& v : bias) v = uniform(-0.5f, 0.5f);
+  for (bool sigmoid : {false, true}) {
+    std::vector<int> idx(size_t(T_) * k);
+    std::vector<float> w(size_t(T_) * k), probs(size_t(T_) * E);
+    CHECK(same_on_pool([&] {
+            cpu::route_topk(logits.data(), T_, E, k, sigmoid, true, sigmoid ? bias.data() : nullptr, groups,
+                            topk_groups, 2.5f, idx.data(), w.data(), probs.data());
+          }, {bytes_of(idx), bytes_of(w), bytes_of(probs)}),
+          "route_topk sigmoid=%d", int(sigmoid));
+    std::vector<float> grad_w(w.size()), grad_probs(probs.size());
+    for (float& v : grad_w) v = uniform(-1, 1);
+    for (float& v : grad_probs) v = uniform(-1, 1);
+    std::vector<T> grad_logits(logits.size());
+    CHECK(same_on_pool([&] {
+            cpu::route_topk_backward(grad_w.data(), grad_probs.data(), logits.data(), idx.data(), T_, E, k, sigmoid,
+                                     true, 2.5f, grad_logits.data());
+          }, {bytes_of(grad_logits)}),
+          "route_topk_backward sigmoid=%d", int(sigmoid));
+  }
+
+  const int A = 30000;  // several plan chunks on 3 threads
+  std::vector<int> expert(A);
+  std::vector<float> weight(A);
+  for (int a = 0; a < A; ++a) {
+    expert[a] = a % 97 == 0 ? -1 : int(std::pow(uniform(0, 1), 2) * E) % E;
+    weight[a] = float(int(uniform(0, 16))) / 16;  // ties
+  }
+  for (int mode = 0; mode < 4; ++mode) {
+    const int C = mode == 0 ? -1 : A / (2 * E);
+    const bool by_weight = mode >= 2, pad = mode == 3;
+    const long R = C < 0 ? A : (pad ? long(E) * C : std::min<long>(A, long(E) * C));
+    std::vector<int> counts(E), routed(E), offsets(E + 1), row(A), assignment(R);
+    CHECK(same_on_pool([&] {
+            cpu::make_plan(expert.data(), A, E, C, by_weight, weight.data(), pad, R, counts.data(), routed.data(),
+                           offsets.data(), row.data(), assignment.data());
+          }, {bytes_of(counts), bytes_of(routed), bytes_of(offsets), bytes_of(row), bytes_of(assignment)}),
+          "make_plan mode=%d", mode);
+  }
+
+  const int R = T_ * k;
+  std::vector<T> x(size_t(T_) * D), y(size_t(R) * D);
+  for (T& v : x) v = from_float<T>(uniform(-1, 1));
+  for (T& v : y) v = from_float<T>(uniform(-1, 1));
+  std::vector<int> index(R), row(size_t(T_) * k);
+  for (int& v : index) v = int(uniform(-2, float(T_ * k)));
+  for (int& v : row) v = int(uniform(-2, float(R)));
+  std::vector<float> scale(size_t(T_) * k), weights(size_t(T_) * k), dots(size_t(T_) * k);
+  for (float& v : scale) v = uniform(0, 2);
+  for (float& v : weights) v = uniform(0, 1);
+  std::vector<T> gathered(size_t(R) * D), combined(size_t(T_) * D);
+  CHECK(same_on_pool([&] {
+          cpu::gather(x.data(), T_, D, index.data(), R, D, k, scale.data(), T_ * k, gathered.data());
+        }, {bytes_of(gathered)}), "gather");
+  for (bool ordered : {false, true}) {
+    CHECK(same_on_pool([&] {
+            cpu::combine(y.data(), R, D, row.data(), weights.data(), T_, k, D, ordered, combined.data());
+          }, {bytes_of(combined)}), "combine ordered=%d", int(ordered));
+  }
+  CHECK(same_on_pool([&] { cpu::rowdot(x.data(), y.data(), R, row.data(), T_, k, D, dots.data()); }, {bytes_of(dots)}),
+        "rowdot");
+
+  const int S = 7;
+  std::vector<float> probs(size_t(T_) * E);
+  for (float& v : probs) v = uniform(0, 1);
+  std::vector<int> idx(size_t(T_) * k);
+  for (int& v : idx) v = int(uniform(-1, float(E + 1)));
+  std::vector<float> tokens(size_t(S) * E), mean(size_t(S) * E);
+  CHECK(same_on_pool([&] {
+          cpu::routing_stats(probs.data(), idx.data(), T_, E, k, S, tokens.data(), mean.data());
+        }, {bytes_of(tokens), bytes_of(mean)}), "routing_stats");
+}
+
+static void run_kernel_tests() {
   test_conversions();
   test_route_topk();
   test_route_backward_ignores_bad_ids();
   test_make_plan();
   test_rows();
   test_routing_stats();
+}
+
+int main() {
+  test_parallel_for();
+  run_kernel_tests();  // serially: no pool installed
+  cpu::set_thread_pool(TestPool::pool());
+  TestPool::split_loops = 0;
+  run_kernel_tests();  // every loop split over the pool's threads
+  CHECK(TestPool::split_loops > 0, "the pool ran loops as several ranges");
+  cpu::set_thread_pool(kSerial);
+  test_parallel_matches_serial<float>();
+  test_parallel_matches_serial<half_t>();
+  test_parallel_matches_serial<bf16_t>();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
     return 1;

@@ -33,17 +33,29 @@ class BenchCase:
     num_shared_experts: int = 0
     shared_d_ff: Optional[int] = None
     activation: str = "swiglu"
-    label: str = field(default="", compare=False)
+    score_func: str = "softmax"
+    num_groups: Optional[int] = None   # group-limited routing (DeepSeek-V3): groups, and groups kept
+    topk_groups: Optional[int] = None
+    routed_scaling_factor: float = 1.0
+    label: str = ""                    # the model whose layer shape this is ("Qwen3-30B-A3B", …)
+    inference_only: bool = False       # decode: forward without autograd only
 
     @property
     def name(self) -> str:
-        parts = [f"T{self.tokens}", f"d{self.d_model}", f"f{self.d_ff}", f"E{self.num_experts}", f"k{self.top_k}", self.dtype]
+        parts = [self.label] if self.label else []
+        parts += [f"T{self.tokens}", f"d{self.d_model}", f"f{self.d_ff}", f"E{self.num_experts}", f"k{self.top_k}", self.dtype]
         if self.capacity_factor is not None:
             parts.append(f"cf{self.capacity_factor}")
         if self.num_shared_experts:
             parts.append(f"shared{self.num_shared_experts}x{self.shared_d_ff or self.d_ff}")
         if self.activation != "swiglu":
             parts.append(self.activation)
+        if self.score_func != "softmax":
+            parts.append(self.score_func)
+        if self.num_groups:
+            parts.append(f"g{self.num_groups}of{self.topk_groups}")
+        if self.inference_only:
+            parts.append("infer")
         return "-".join(parts)
 
     @property
@@ -59,6 +71,8 @@ class BenchCase:
             d_model=self.d_model, d_ff=self.d_ff, num_experts=self.num_experts, top_k=self.top_k,
             activation=self.activation, capacity_factor=self.capacity_factor,
             num_shared_experts=self.num_shared_experts, shared_d_ff=self.shared_d_ff, aux_loss_coeff=1e-2,
+            score_func=self.score_func, num_groups=self.num_groups, topk_groups=self.topk_groups,
+            routed_scaling_factor=self.routed_scaling_factor, expert_bias=self.score_func == "sigmoid",
         )
         fields.update(overrides)
         return MoEConfig(**fields)
@@ -103,12 +117,16 @@ class BenchCase:
             "active_params": self.top_k * expert + shared + router,
         }
 
+    def expert_bytes(self) -> int:
+        """Bytes of one routed expert's weights."""
+        m = 3 if self.gated else 2
+        return m * self.d_model * self.d_ff * self.elem_bytes()
+
     def elem_bytes(self) -> int:
         return torch.tensor([], dtype=self.torch_dtype).element_size()
 
     def as_dict(self) -> Dict[str, object]:
         out = asdict(self)
-        out.pop("label")
         out["case"] = self.name
         out["sparsity"] = self.sparsity
         out.update(self.params())

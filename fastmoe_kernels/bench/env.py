@@ -7,6 +7,8 @@ from typing import Dict
 
 import torch
 
+from .machine import usable_cores
+
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
@@ -26,5 +28,6 @@ def environment(device: torch.device) -> Dict[str, str]:
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda or "none",
+        "cores": str(usable_cores()),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }

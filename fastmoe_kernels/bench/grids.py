@@ -1,15 +1,23 @@
-"""The sweeps. Each varies one axis around a base configuration while holding a stated budget:
+"""The sweeps. Each varies one axis around a base configuration while holding a stated budget, and
+each includes the base point itself (measured once, reported in every sweep):
 
-- ``experts``: E = 8 … 256 at fixed k and f — fixed active parameters, total grows with E;
-- ``top_k``: k = 1 … 16 at fixed E and f — fixed total parameters, sparsity E/k falls;
+- ``experts``: E at fixed k and f — fixed active parameters, total grows with E;
+- ``top_k``: k at fixed E and f — fixed total parameters, sparsity E/k falls;
 - ``expert_size``: f from d/16 to 4·d at fixed total parameters (E·f constant, k fixed);
-- ``granularity``: split each expert into G smaller ones (E·G experts, k·G active, f/G wide) —
-  fixed total *and* active parameters (Krajewski et al. 2024's granularity);
-- ``tokens``, ``d_model``, ``dtype``, ``capacity`` (dropless vs capacity factors) and ``shared``
-  (shared experts on/off at fixed active parameters).
+- ``granularity``: the base's top-1 twin (E/k experts, f·k wide, one active) split into G smaller
+  ones (G·E/k experts, G active, f·k/G wide) — fixed total *and* active parameters (Krajewski et
+  al. 2024's granularity); G = k is the base;
+- ``tokens``, ``d_model`` (f scaled with d), ``dtype``, ``capacity`` (dropless — the base — and
+  capacity factors) and ``shared`` (one shared expert replacing one routed slot: fixed active
+  parameters);
+- ``decode``: 1 … 256 tokens, inference only, where reading the touched experts' weights dominates
+  (reported in GB/s against the copy bandwidth measured in the same run);
+- ``models`` (GPU grids): the MoE layers of Qwen3-30B-A3B, OLMoE, Mixtral-8x7B, DeepSeek-V3 (one
+  shared expert, sigmoid routing in groups) and a gpt-oss-20b-like shape, at 16,384 tokens in bf16.
 
-Grids: "smoke" (one tiny case per sweep: CI runs every benchmark once), "quick" (a few minutes on a
-2-core CPU), "full" (GPU sizes, including the fine-grained T=16384, d=2048, f=768, E=128, k=8 case).
+Grids: "smoke" (tiny: CI runs every benchmark once), "quick" (the CPU default: minutes on 2
+cores), "gpu" (the GPU default: within 15 minutes on an H100), "full" (the long GPU grid: every
+sweep at more points; only when asked for).
 """
 from __future__ import annotations
 
@@ -18,11 +26,28 @@ from typing import Dict, List
 
 from .cases import BenchCase
 
-GRIDS = ("smoke", "quick", "full")
+GRIDS = ("smoke", "quick", "gpu", "full")
+
+
+def default_grid(device_type: str) -> str:
+    return "gpu" if device_type == "cuda" else "quick"
+
+
+def model_cases(tokens: int = 16384, dtype: str = "bfloat16") -> List[BenchCase]:
+    """The layer shapes of real MoE models (dimensions from their published configs)."""
+    m = dict(sweep="models", tokens=tokens, dtype=dtype)
+    return [
+        BenchCase(**m, d_model=2048, d_ff=768, num_experts=128, top_k=8, label="Qwen3-30B-A3B"),
+        BenchCase(**m, d_model=2048, d_ff=1024, num_experts=64, top_k=8, label="OLMoE"),
+        BenchCase(**m, d_model=4096, d_ff=14336, num_experts=8, top_k=2, label="Mixtral-8x7B"),
+        BenchCase(**m, d_model=7168, d_ff=2048, num_experts=256, top_k=8, num_shared_experts=1, shared_d_ff=2048,
+                  score_func="sigmoid", num_groups=8, topk_groups=4, routed_scaling_factor=2.5, label="DeepSeek-V3"),
+        BenchCase(**m, d_model=2880, d_ff=2880, num_experts=32, top_k=4, activation="swiglu_oai", label="gpt-oss-20b"),
+    ]
 
 
 def _base(grid: str) -> BenchCase:
-    if grid == "full":
+    if grid in ("gpu", "full"):
         return BenchCase("base", tokens=16384, d_model=2048, d_ff=768, num_experts=128, top_k=8)
     if grid == "quick":
         return BenchCase("base", tokens=1024, d_model=256, d_ff=128, num_experts=32, top_k=4, dtype="float32")
@@ -30,17 +55,32 @@ def _base(grid: str) -> BenchCase:
 
 
 def _axes(grid: str) -> Dict[str, list]:
+    """Each axis's values; every list holds the base's own value (its point in that sweep)."""
     if grid == "full":
         return {
             "experts": [8, 16, 32, 64, 128, 256],
             "top_k": [1, 2, 4, 8, 16],
             "expert_size": [1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 1, 2, 4],  # f / d
-            "granularity": [1, 2, 4, 8],
+            "granularity": [1, 2, 4, 8, 16],
             "tokens": [4096, 16384, 65536],
             "d_model": [1024, 2048, 4096],
             "dtype": ["bfloat16", "float16"],
-            "capacity": [1.0, 1.25, 2.0],
-            "shared": [1],
+            "capacity": [None, 1.0, 1.25, 2.0],
+            "shared": [0, 1],
+            "decode": [1, 2, 4, 8, 16, 32, 64, 128, 256],
+        }
+    if grid == "gpu":
+        return {
+            "experts": [8, 32, 128, 256],
+            "top_k": [1, 4, 8, 16],
+            "expert_size": [1 / 8, 3 / 8, 1, 4],
+            "granularity": [1, 2, 8],
+            "tokens": [4096, 16384, 65536],
+            "d_model": [1024, 2048, 4096],
+            "dtype": ["bfloat16", "float16"],
+            "capacity": [None, 1.0, 1.25],
+            "shared": [0, 1],
+            "decode": [1, 4, 16, 64, 256],
         }
     if grid == "quick":
         return {
@@ -48,46 +88,61 @@ def _axes(grid: str) -> Dict[str, list]:
             "top_k": [1, 4, 16],
             "expert_size": [1 / 16, 1 / 2, 4],
             "granularity": [1, 4],
-            "tokens": [256, 2048],
-            "d_model": [128, 512],
-            "dtype": ["bfloat16"],
-            "capacity": [1.0, 2.0],
-            "shared": [1],
+            "tokens": [256, 1024, 2048],
+            "d_model": [128, 256, 512],
+            "dtype": ["float32", "bfloat16"],
+            "capacity": [None, 1.0, 2.0],
+            "shared": [0, 1],
+            "decode": [1, 16, 256],
         }
-    return {"experts": [16], "top_k": [1], "expert_size": [1 / 4], "granularity": [2], "tokens": [32], "d_model": [32],
-            "dtype": ["bfloat16"], "capacity": [1.25], "shared": [1]}
+    return {"experts": [8, 16], "top_k": [1, 2], "expert_size": [1 / 4, 1 / 2], "granularity": [1, 2], "tokens": [32, 64],
+            "d_model": [32, 64], "dtype": ["float32", "bfloat16"], "capacity": [None, 1.25], "shared": [0, 1],
+            "decode": [1, 8]}
+
+
+def _sweep(base: BenchCase, axis: str, value) -> BenchCase:
+    d = base.d_model
+    if axis == "experts":
+        return replace(base, sweep=axis, num_experts=value, top_k=min(base.top_k, value))
+    if axis == "top_k":
+        return replace(base, sweep=axis, top_k=min(value, base.num_experts))
+    if axis == "expert_size":
+        f = max(8, int(round(d * value / 8)) * 8)
+        return replace(base, sweep=axis, d_ff=f, num_experts=max(base.top_k, base.num_experts * base.d_ff // f))
+    if axis == "granularity":
+        k = base.top_k  # the top-1 twin: E/k experts of width f·k
+        return replace(base, sweep=axis, num_experts=base.num_experts // k * value, top_k=value,
+                       d_ff=max(8, base.d_ff * k // value))
+    if axis == "tokens":
+        return replace(base, sweep=axis, tokens=value)
+    if axis == "d_model":
+        return replace(base, sweep=axis, d_model=value, d_ff=max(8, base.d_ff * value // d))
+    if axis == "dtype":
+        return replace(base, sweep=axis, dtype=value)
+    if axis == "capacity":
+        return replace(base, sweep=axis, capacity_factor=value)
+    if axis == "shared":
+        # n shared experts of a routed expert's width replace n routed slots: same active params.
+        return replace(base, sweep=axis, num_shared_experts=value, shared_d_ff=base.d_ff if value else None,
+                       top_k=max(1, base.top_k - value))
+    if axis == "decode":
+        return replace(base, sweep=axis, tokens=value, inference_only=True)
+    raise ValueError(f"unknown sweep axis {axis!r}")
 
 
 def build_grid(grid: str) -> List[BenchCase]:
-    """All cases of a grid (the base case once, then each sweep's variations)."""
+    """All cases of a grid: the base case, then each sweep's points (the base point among them)."""
     if grid not in GRIDS:
         raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
     base = _base(grid)
-    axes = _axes(grid)
-    d = base.d_model
     cases: List[BenchCase] = [base]
-    total_expert_width = base.num_experts * base.d_ff  # E·f held fixed by expert_size
-    for E in axes["experts"]:
-        cases.append(replace(base, sweep="experts", num_experts=E, top_k=min(base.top_k, E)))
-    for k in axes["top_k"]:
-        cases.append(replace(base, sweep="top_k", top_k=min(k, base.num_experts)))
-    for ratio in axes["expert_size"]:
-        f = max(8, int(round(d * ratio / 8)) * 8)
-        E = max(base.top_k, total_expert_width // f)
-        cases.append(replace(base, sweep="expert_size", d_ff=f, num_experts=E))
-    coarse = replace(base, num_experts=max(2, base.num_experts // 16), top_k=max(1, base.top_k // 8), d_ff=base.d_ff * 8)
-    for G in axes["granularity"]:
-        cases.append(replace(coarse, sweep="granularity", num_experts=coarse.num_experts * G,
-                             top_k=min(coarse.top_k * G, coarse.num_experts * G), d_ff=max(8, coarse.d_ff // G)))
-    for T in axes["tokens"]:
-        cases.append(replace(base, sweep="tokens", tokens=T))
-    for dm in axes["d_model"]:
-        cases.append(replace(base, sweep="d_model", d_model=dm, d_ff=max(8, base.d_ff * dm // d)))
-    for dt in axes["dtype"]:
-        cases.append(replace(base, sweep="dtype", dtype=dt))
-    for cf in axes["capacity"]:
-        cases.append(replace(base, sweep="capacity", capacity_factor=cf))
-    for n in axes["shared"]:
-        # One shared expert of k routed experts' width replaces one routed slot: same active params.
-        cases.append(replace(base, sweep="shared", num_shared_experts=n, shared_d_ff=base.d_ff, top_k=max(1, base.top_k - n)))
+    for axis, values in _axes(grid).items():
+        cases += [_sweep(base, axis, v) for v in values]
+    if grid in ("gpu", "full"):
+        cases += model_cases()
     return cases
+
+
+def measured_key(case: BenchCase) -> BenchCase:
+    """What identifies a measurement: the configuration, not the sweep or model it is reported under."""
+    return replace(case, sweep="", label="")

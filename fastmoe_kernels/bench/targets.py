@@ -9,10 +9,16 @@ Every target shares one set of weights and one routing (drawn once per case):
 - ops: ``route``, ``plan``, ``permute``, ``grouped_up``, ``grouped_down``, ``unpermute`` (the
   weighted combine), on each backend;
 - rooflines: ``dense_gemm`` (one dense GEMM with the experts' FLOPs), ``dense_up`` / ``dense_down``
-  (the grouped GEMMs' shapes without grouping), on torch's GEMM.
+  (the grouped GEMMs' shapes without grouping), on torch's GEMM; ``copy`` (a device copy, the
+  bandwidth the decode cases are compared with).
+
+Every backend's layer shares the reference layer's parameters (a shallow copy with its own backend
+and fusion choice), so a case's weights exist once on the device: a DeepSeek-V3 layer's routed
+experts alone are 22.5 GB in bf16.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -54,6 +60,32 @@ def kernel_backends(device: torch.device, requested: Optional[List[str]] = None)
     return chosen, skipped
 
 
+def _shared_variant(reference: MoELayer, backend: str, fused: Optional[bool]) -> MoELayer:
+    """The reference layer on another backend, sharing its parameters and buffers."""
+    layer = copy.copy(reference)
+    layer.config = reference.config.replace(fused_experts=fused)
+    layer.backend = backend
+    return layer
+
+
+def _forward_bytes(case: BenchCase, expert_idx: torch.Tensor) -> float:
+    """Fewest bytes a forward must move: the touched experts' weights (and the shared experts' and
+    the router's), the tokens in and out. What bounds a small batch (decode)."""
+    touched = int(torch.unique(expert_idx).numel())
+    m = 3 if case.gated else 2
+    shared = case.num_shared_experts * m * case.d_model * (case.shared_d_ff or case.d_ff) * case.elem_bytes()
+    router = case.d_model * case.num_experts * case.elem_bytes()
+    return touched * case.expert_bytes() + shared + router + 2 * case.tokens * case.d_model * case.elem_bytes()
+
+
+def _copy_target(case: BenchCase, device: torch.device) -> Target:
+    """A device copy at least as large as the case's weights (and past the caches): the bandwidth roof."""
+    n = max(case.num_experts * case.expert_bytes(), (256 if device.type == "cuda" else 64) * 2**20) // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    return Target("copy", "dense", "fwd", lambda: dst.copy_(src), bytes=2.0 * n * 4)
+
+
 def _train_step(fn: Callable[[torch.Tensor], torch.Tensor], params: List[torch.Tensor], grad: torch.Tensor,
                 rotation: Rotation) -> Callable[[], object]:
     def run():
@@ -81,6 +113,7 @@ def build_targets(case: BenchCase, device: torch.device, backend_names: List[str
     T, d, E = case.tokens, case.d_model, case.num_experts
     eb = case.elem_bytes()
     reference = MoELayer(case.config(), device=device, dtype=dtype)
+    modes = ("fwd",) if case.inference_only else MODES
     n_sets = rotation_count(T * d * eb, device)
     xs = Rotation(lambda i: torch.randn(T, d, generator=gen).to(device, dtype), n_sets)
     xs_grad = Rotation(lambda i: torch.randn(T, d, generator=gen).to(device, dtype).requires_grad_(), n_sets)
@@ -95,17 +128,24 @@ def build_targets(case: BenchCase, device: torch.device, backend_names: List[str
 
     layer_flops = {mode: case.expert_flops(mode == "fwd+bwd") for mode in MODES}
     routed_only = {mode: case.routed_flops(mode == "fwd+bwd") for mode in MODES}
+    fwd_bytes = _forward_bytes(case, idx)
+    # The decode cases are bounded by weight reads: their rate is compared with the copy bandwidth.
+    fwd_roof = "copy" if case.inference_only else "dense_gemm"
+
+    def add(op, impl, mode, run, flops, **kw):
+        if mode in modes:
+            targets.append(Target(op, impl, mode, run, flops, bytes=fwd_bytes if mode == "fwd" else 0.0,
+                                  roofline=fwd_roof if mode == "fwd" else "dense_gemm", **kw))
 
     # ---- the layer and the experts, on every backend ----------------------------------------------
     variants = [(b, None) for b in backend_names] + ([("triton-unfused", False)] if "triton" in backend_names else [])
     for impl, fused in variants:
         backend = "triton" if impl == "triton-unfused" else impl
-        layer = MoELayer(case.config(fused_experts=fused), device=device, dtype=dtype, backend=backend)
-        layer.load_state_dict(reference.state_dict())
+        layer = _shared_variant(reference, backend, fused)
         params = list(layer.parameters())
-        targets.append(Target("layer", impl, "fwd", _infer(layer, xs), layer_flops["fwd"], roofline="dense_gemm"))
-        targets.append(Target("layer", impl, "fwd+bwd", _train_step(layer, params, grad_out, xs_grad),
-                              layer_flops["fwd+bwd"], roofline="dense_gemm", track_memory=True))
+        add("layer", impl, "fwd", _infer(layer, xs), layer_flops["fwd"])
+        add("layer", impl, "fwd+bwd", _train_step(layer, params, grad_out, xs_grad), layer_flops["fwd+bwd"],
+            track_memory=True)
         experts = layer.experts
 
         def experts_fn(x, experts=experts, backend=backend, fused=fused, layer=layer):
@@ -113,10 +153,10 @@ def build_targets(case: BenchCase, device: torch.device, backend_names: List[str
                               backend=backend)
             return experts.forward_tokens(x, p, weight, backend=backend, fused=fused)
 
-        targets.append(Target("experts", impl, "fwd", _infer(experts_fn, xs), routed_only["fwd"], roofline="dense_gemm"))
-        targets.append(Target("experts", impl, "fwd+bwd", _train_step(experts_fn, list(experts.parameters()), grad_out, xs_grad),
-                              routed_only["fwd+bwd"], roofline="dense_gemm", track_memory=True))
-        if with_ops and impl != "triton-unfused":
+        add("experts", impl, "fwd", _infer(experts_fn, xs), routed_only["fwd"])
+        add("experts", impl, "fwd+bwd", _train_step(experts_fn, list(experts.parameters()), grad_out, xs_grad),
+            routed_only["fwd+bwd"], track_memory=True)
+        if with_ops and impl != "triton-unfused" and not case.inference_only:
             targets += _op_targets(case, device, backend, layer, xs, idx, weight, plan, gen)
 
     # ---- baselines, on the same weights and routing --------------------------------------------------
@@ -129,17 +169,20 @@ def build_targets(case: BenchCase, device: torch.device, backend_names: List[str
                     skips[name] = fn
                     continue
                 params = list(reference.experts.parameters())
-                targets.append(Target("experts", name, "fwd", _infer(lambda x, fn=fn: fn(x, idx, weight), xs),
-                                      routed_only["fwd"], roofline="dense_gemm"))
-                targets.append(Target("experts", name, "fwd+bwd",
-                                      _train_step(lambda x, fn=fn: fn(x, idx, weight), params, grad_out, xs_grad),
-                                      routed_only["fwd+bwd"], roofline="dense_gemm", track_memory=True))
+                add("experts", name, "fwd", _infer(lambda x, fn=fn: fn(x, idx, weight), xs), routed_only["fwd"])
+                add("experts", name, "fwd+bwd", _train_step(lambda x, fn=fn: fn(x, idx, weight), params, grad_out, xs_grad),
+                    routed_only["fwd+bwd"], track_memory=True)
 
-    # ---- dense rooflines (torch's GEMM) ----------------------------------------------------------------
+    # ---- rooflines (torch's dense GEMM; a device copy for the decode cases) -------------------------------
+    if case.inference_only:
+        targets.append(_copy_target(case, device))
+        return targets
     f = case.d_ff
     equivalent_n = max(8, int(round(layer_flops["fwd"] / (2.0 * max(R, 1) * d))))
-    for name, (rows, inner, outer) in {"dense_gemm": (R, d, equivalent_n), "dense_up": (R, d, m * f),
-                                       "dense_down": (R, f, d)}.items():
+    shapes = {"dense_gemm": (R, d, equivalent_n)}
+    if with_ops:  # the grouped GEMMs' own dense twins
+        shapes.update(dense_up=(R, d, m * f), dense_down=(R, f, d))
+    for name, (rows, inner, outer) in shapes.items():
         a_rot = Rotation(lambda i, r=rows, c=inner: torch.randn(max(r, 1), c, generator=gen).to(device, dtype), n_sets)
         a_grad = Rotation(lambda i, r=rows, c=inner: torch.randn(max(r, 1), c, generator=gen).to(device, dtype).requires_grad_(), n_sets)
         w = torch.randn(outer, inner, generator=gen).to(device, dtype).requires_grad_()

@@ -1,14 +1,22 @@
-"""Timing that does not flatter: warm-up first, device synchronisation (CUDA events on GPUs), the
-median of several runs, and callables that rotate through several input sets so repeated runs do
-not find their inputs in cache."""
+"""Timing that is honest about noise: warm-up first, device synchronisation (CUDA events on GPUs),
+runs repeated until the median's confidence interval is narrow enough or a time cap is reached, and
+callables that rotate through several input sets so repeated runs do not find their inputs in cache.
+
+A timing reports its median, its spread (p20–p80) and a distribution-free 95% confidence interval
+of the median (order statistics: no assumption that run times are normal — they are not; they have
+a floor and a long tail).
+"""
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
+
+Z95 = 1.96
 
 
 @dataclass
@@ -17,6 +25,21 @@ class Timing:
     p20_ms: float
     p80_ms: float
     reps: int
+    ci_low_ms: float = math.nan
+    ci_high_ms: float = math.nan
+    converged: bool = False  # the confidence interval reached its target before the time cap
+
+    @property
+    def ci_rel(self) -> float:
+        """Half-width of the median's 95% confidence interval, as a fraction of the median."""
+        if not self.median_ms > 0 or math.isnan(self.ci_low_ms):
+            return math.inf
+        return (self.ci_high_ms - self.ci_low_ms) / 2 / self.median_ms
+
+    @property
+    def spread(self) -> float:
+        """p80 / p20: 1 for a perfectly steady measurement."""
+        return self.p80_ms / self.p20_ms if self.p20_ms > 0 else math.inf
 
 
 def synchronize(device: torch.device) -> None:
@@ -24,34 +47,65 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _quantile(sorted_values: List[float], q: float) -> float:
+def quantile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, max(0, int(round(q * (len(sorted_values) - 1)))))]
 
 
-def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, reps: int = 10,
-            max_seconds: Optional[float] = None) -> Timing:
-    """Median time of ``fn()`` in milliseconds. ``max_seconds`` caps the number of reps for slow cases."""
+def median_ci(sorted_values: Sequence[float]) -> Tuple[float, float]:
+    """95% confidence interval of the median from order statistics (the binomial approximation:
+    ranks n/2 ± 1.96·√n/2). With fewer than 6 samples it is the whole range."""
+    n = len(sorted_values)
+    if n == 0:
+        return math.nan, math.nan
+    half = Z95 * math.sqrt(n) / 2
+    lo = max(0, int(math.floor(n / 2 - half)))
+    hi = min(n - 1, int(math.ceil(n / 2 + half)) - 1)
+    return sorted_values[lo], sorted_values[hi]
+
+
+def summarize(samples_ms: Sequence[float], target_rel_ci: Optional[float] = None) -> Timing:
+    s = sorted(samples_ms)
+    lo, hi = median_ci(s)
+    t = Timing(statistics.median(s), quantile(s, 0.2), quantile(s, 0.8), len(s), lo, hi)
+    t.converged = target_rel_ci is not None and len(s) >= 3 and t.ci_rel <= target_rel_ci  # one run proves nothing
+    return t
+
+
+def _one_sample_ms(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, min_reps: int = 5,
+            max_reps: int = 200, target_rel_ci: float = 0.05, max_seconds: Optional[float] = None) -> Timing:
+    """Time ``fn()`` in milliseconds: ``warmup`` runs, then at least ``min_reps`` timed runs, more until
+    the median's 95% confidence interval is within ``target_rel_ci`` of it, ``max_reps`` runs, or
+    ``max_seconds`` of timed runs. A case slower than the cap still gets three runs (one when even
+    the warm-up took longer than the whole cap); ``converged`` tells which way it stopped."""
+    warm_started = time.perf_counter()
     for _ in range(warmup):
         fn()
     synchronize(device)
+    warm_each = (time.perf_counter() - warm_started) / max(warmup, 1)
+    floor = 1 if max_seconds is not None and warmup and warm_each > max_seconds else min(3, min_reps)
     samples: List[float] = []
     started = time.perf_counter()
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-        if max_seconds is not None and time.perf_counter() - started > max_seconds and len(samples) >= 3:
+    while len(samples) < max_reps:
+        samples.append(_one_sample_ms(fn, device))
+        n = len(samples)
+        if n >= min_reps and summarize(samples).ci_rel <= target_rel_ci:
             break
-    samples.sort()
-    return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8), len(samples))
+        if max_seconds is not None and n >= floor and time.perf_counter() - started > max_seconds:
+            break
+    return summarize(samples, target_rel_ci)
 
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:

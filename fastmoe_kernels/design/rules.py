@@ -93,6 +93,8 @@ class MeasuredCost:
         for r in rows:
             if r.get("op") != "layer" or r.get("mode") != "fwd+bwd" or not r.get("tflops"):
                 continue
+            if "loaded" in str(r.get("flags") or ""):
+                continue  # timed while other processes held our cores: not this machine's cost
             key = (int(r["d_model"]), int(r["num_experts"]), int(r["top_k"]), int(r["d_ff"]))
             best[key] = max(best.get(key, 0.0), float(r["tflops"]))
         self.points = best

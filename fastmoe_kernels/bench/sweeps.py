@@ -1,0 +1,74 @@
+"""What the report knows about each sweep: its x axis, its fixed budget, and how to read rows of it.
+
+Shared by the plots, the Markdown report and the design summary, so the three agree on every
+sweep's axis and on which implementations are ours.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional
+
+# Our implementations as the results name them: each backend, and Triton with the experts unfused.
+OUR_IMPLS = ("torch", "triton", "triton-unfused", "cuda", "cpp")
+OP_ORDER = ["route", "plan", "permute", "grouped_up", "grouped_down", "unpermute"]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    axis: str            # the row field on the x axis
+    label: str           # the axis's name in plots and tables
+    budget: str          # what the sweep holds fixed
+    numeric: bool = True  # False: categories (dtype, capacity, shared, models)
+
+
+SWEEPS: Dict[str, Sweep] = {s.name: s for s in [
+    Sweep("experts", "num_experts", "experts E", "fixed active parameters (k and f fixed): total parameters grow with E"),
+    Sweep("top_k", "top_k", "top-k", "fixed total parameters (E and f fixed): active parameters and FLOPs grow with k"),
+    Sweep("expert_size", "d_ff", "expert width f", "fixed total parameters (E·f fixed, k fixed)"),
+    Sweep("granularity", "top_k", "granularity G (the top-1 expert split in G; = k)",
+          "fixed total and active parameters (E·f and k·f fixed)"),
+    Sweep("tokens", "tokens", "tokens per batch", "fixed model (one layer's weights)"),
+    Sweep("d_model", "d_model", "d_model (f scaled with it)", "fixed E, k and f/d"),
+    Sweep("dtype", "dtype", "dtype", "fixed configuration", numeric=False),
+    Sweep("capacity", "capacity_factor", "capacity factor", "fixed configuration; dropless is the base", numeric=False),
+    Sweep("shared", "num_shared_experts", "shared experts",
+          "fixed active parameters (a shared expert replaces a routed slot)", numeric=False),
+    Sweep("decode", "tokens", "tokens (inference only)", "fixed model: weight reads dominate; rate in GB/s"),
+    Sweep("models", "label", "model", "each model's own layer shape at 16,384 tokens, bf16", numeric=False),
+]}
+
+
+def x_value(row: Mapping[str, object], sweep: Sweep):
+    value = row.get(sweep.axis)
+    if sweep.name == "capacity":
+        return "dropless" if value in (None, "", "None") else f"cf {float(value):g}"
+    if sweep.name == "models":
+        return row.get("label") or row.get("case")
+    return value
+
+
+def x_sort_key(value):
+    if value == "dropless":
+        return (0, 0.0, "")
+    if isinstance(value, (int, float)):
+        return (1, float(value), "")
+    return (2, 0.0, str(value))
+
+
+def in_sweep(rows: List[Mapping[str, object]], sweep: str) -> List[Mapping[str, object]]:
+    return [r for r in rows if r.get("sweep") == sweep]
+
+
+def best_ours(rows: List[Mapping[str, object]], case: str, mode: str, op: str = "layer") -> Optional[Mapping[str, object]]:
+    """Our fastest implementation of ``op`` on a case."""
+    mine = [r for r in rows if r["case"] == case and r["op"] == op and r["mode"] == mode and r["impl"] in OUR_IMPLS]
+    return min(mine, key=lambda r: float(r["median_ms"])) if mine else None
+
+
+def points(rows: List[Mapping[str, object]], sweep: Sweep) -> List[Mapping[str, object]]:
+    """One representative row per point of the sweep (its case), in axis order."""
+    seen: Dict[str, Mapping[str, object]] = {}
+    for r in in_sweep(rows, sweep.name):
+        seen.setdefault(r["case"], r)
+    return sorted(seen.values(), key=lambda r: x_sort_key(x_value(r, sweep)))

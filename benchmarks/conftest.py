@@ -24,8 +24,8 @@ import torch
 from fastmoe_kernels._checks import set_value_checks
 from fastmoe_kernels.bench.grids import GRIDS, build_grid, default_grid, measured_key
 from fastmoe_kernels.bench.report import OUR_IMPLS as _OUR_IMPLS
-from fastmoe_kernels.bench.runner import (EFFORT, OPS_PER_BACKEND, Budget, PartialWriter, ThreadGuard, rooflines,
-                                          set_roofline_ratios)
+from fastmoe_kernels.bench.runner import (EFFORT, OPS_PER_BACKEND, Budget, PartialWriter, ThreadGuard, release_memory,
+                                          rooflines, set_roofline_ratios)
 
 OPS_WITH_BACKENDS = ["route", "plan", "permute", "grouped_up", "grouped_down", "unpermute"]
 OUR_IMPLS = list(_OUR_IMPLS)
@@ -103,6 +103,7 @@ class BenchSession:
         self.env = environment(device)
         self.budget = Budget(budget_s, items, EFFORT[grid]["max_seconds"])
         self.case = None
+        self.build_error = None
         self.targets = {}
         self.roofs: Dict[tuple, Dict[tuple, str]] = {}
         self.skips = {}
@@ -114,8 +115,14 @@ class BenchSession:
 
         if case != self.case:
             self.targets = {}  # free the previous case's tensors first
-            self.case = case
-            built = build_targets(case, self.device, self.backends, skips=self.skips)
+            self.case, self.build_error = case, None
+            release_memory(self.device)
+            try:
+                built = build_targets(case, self.device, self.backends, skips=self.skips)
+            except Exception as exc:  # out of memory, most likely: every target of the case says so
+                self.build_error = f"building the case failed: {type(exc).__name__}: {str(exc)[:200]}"
+                release_memory(self.device)
+                return None
             self.targets = {(t.op, t.impl, t.mode): t for t in built}
             self.roofs[measured_key(case)] = rooflines(built)
         return self.targets.get((op, impl, mode))
@@ -132,6 +139,8 @@ class BenchSession:
         self.done()
 
     def why_missing(self, impl: str) -> str:
+        if self.build_error:
+            return self.build_error
         backend = "triton" if impl == "triton-unfused" else impl
         if backend in self.backend_skips:
             return self.backend_skips[backend]

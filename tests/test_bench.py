@@ -103,9 +103,13 @@ def test_timing_medians_and_rotation():
 
 
 def test_median_confidence_interval_from_order_statistics():
-    values = list(range(1, 101))  # n = 100: ranks 50 ± 9.8 → the 41st and the 60th values
-    assert median_ci(values) == (41, 60)
-    assert median_ci([3.0, 1.0][:1]) == (3.0, 3.0) and median_ci([1, 2, 3]) == (1, 3)
+    values = list(range(1, 101))  # n = 100: P(X ≤ 39) = 1.8% ≤ 2.5% < P(X ≤ 40) → the 40th and the 61st values
+    assert median_ci(values) == (40, 61)
+    assert median_ci(list(range(1, 9))) == (1, 8) and median_ci(list(range(1, 10))) == (2, 8)  # n=9: P(X≤1) = 2%
+    assert median_ci([1, 2, 3]) == (1, 3)
+    assert all(math.isnan(v) for v in median_ci([3.0, 1.0]))  # two runs bound nothing
+    one = summarize([5.0], target_rel_ci=0.05)
+    assert one.ci_rel == math.inf and not one.converged
     t = summarize([10.0] * 8, target_rel_ci=0.01)
     assert t.ci_rel == 0 and t.converged and t.spread == 1
 
@@ -327,3 +331,62 @@ def test_pytest_benchmarks_report_every_sweep_with_ratios(tmp_path):
     assert any(r["dense_ratio"] for r in rows if r["op"] == "layer")
     assert any(r["dense_ratio"] for r in rows if r["sweep"] == "decode" and r["op"] == "layer")
     assert "flags" in rows[0] and (out / "report.md").is_file()
+
+
+def test_flags_land_on_every_sweep_copy_and_skip_what_does_not_scale():
+    fwd = _row(mode="fwd", median_ms=30.0, p20_ms=29.0, p80_ms=31.0, ci_low_ms=29.5, ci_high_ms=30.5)
+    rows = [dict(fwd, sweep=s) for s in ("base", "tokens")] + [dict(_row(), sweep=s) for s in ("base", "tokens")]
+    checks.flag_rows(rows)
+    assert all("fwd > fwd+bwd" in r["flags"] for r in rows)  # the base point's copy in each sweep
+    flat = [_row(sweep=sweep, op=op, case=f"c{x}", tokens=x, d_model=x, num_experts=8, median_ms=m, p20_ms=m,
+                 p80_ms=m, ci_low_ms=m, ci_high_ms=m, impl=impl)
+            for sweep in ("decode", "experts") for op in ("copy", "route")
+            for x, m in ((1, 5.0), (8, 2.0), (64, 5.0), (256, 5.0)) for impl in ("dense", "torch", "cpp")]
+    assert checks.flag_rows(flat) == []  # route/copy need not grow; E-varying sweeps have no jump check
+
+
+def test_a_case_that_does_not_fit_is_skipped_and_the_run_goes_on(monkeypatch):
+    from fastmoe_kernels.bench import runner
+
+    real = runner.build_targets
+    cases = [c for c in build_grid("smoke") if c.sweep in ("base", "experts")]
+
+    def build(case, *args, **kwargs):
+        if case.num_experts == 16:
+            raise MemoryError("pretend: out of device memory")
+        return real(case, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "build_targets", build)
+    messages = []
+    rows = run_grid(cases, torch.device("cpu"), backends=["torch"], effort="smoke", ops="none", with_baselines=False,
+                    progress_bar=False, log=messages.append)
+    assert rows and all(r.num_experts != 16 for r in rows)
+    assert any("E16" in m and "out of memory" in m for m in messages)
+
+
+def test_training_targets_drop_their_gradients_and_baselines_hold_no_weight_copy():
+    from fastmoe_kernels.bench.targets import build_targets
+
+    case = next(c for c in build_grid("smoke") if c.sweep == "base")
+    targets = build_targets(case, torch.device("cpu"), ["torch"], with_ops=True, with_baselines=True)
+    for t in targets:
+        if t.mode == "fwd+bwd":
+            t.run()
+    layer = next(t for t in targets if t.op == "layer" and t.mode == "fwd+bwd")
+    params = [c.cell_contents for c in layer.run.__closure__ if isinstance(c.cell_contents, list)][0]
+    assert params and all(p.grad is None for p in params)
+    reference = MoELayer(case.config())
+    from fastmoe_kernels.bench.baselines import HFExperts
+
+    hf = HFExperts(reference.experts, "eager")
+    assert hf.module.gate_up_proj is reference.experts.w_up and hf.module.down_proj is reference.experts.w_down
+
+
+def test_gpu_grid_estimate_stays_within_the_stated_15_minutes():
+    from fastmoe_kernels.bench.estimate import GpuModel, estimate_seconds, main
+
+    est = estimate_seconds("gpu", ops="all")
+    assert est["cases"] == len({measured_key(c) for c in build_grid("gpu")}) and est["seconds"] < 15 * 60
+    slower = estimate_seconds("gpu", GpuModel(tflops=100.0), ops="all")
+    assert slower["seconds"] > est["seconds"]  # the model responds to the rate it assumes
+    assert main(["--grid", "gpu", "--pytest"]) == 0

@@ -91,7 +91,8 @@ class HFExperts:
         cfg = MixtralConfig(hidden_size=experts.d_model, intermediate_size=experts.widths[0],
                             num_local_experts=experts.num_experts, hidden_act=act)
         cfg._experts_implementation = implementation
-        module = MixtralExperts(cfg).to(device=experts.w_up.device, dtype=experts.w_up.dtype)
+        with torch.device("meta"):  # our weights replace its own: never allocate a second copy (21 GiB for DeepSeek-V3)
+            module = MixtralExperts(cfg)
         module.gate_up_proj = experts.w_up
         module.down_proj = experts.w_down
         self.module = module

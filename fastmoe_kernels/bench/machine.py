@@ -22,12 +22,25 @@ from typing import List, Optional
 import torch
 
 
-def usable_cores() -> int:
-    """CPUs this process may run on (its affinity mask, not the machine's count)."""
+def _cgroup_cpu_limit() -> Optional[int]:
+    """Cores a container's CPU quota allows (cgroup v2 ``cpu.max``), or None when unlimited/unknown."""
     try:
-        return len(os.sched_getaffinity(0))
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    return max(1, int(math.ceil(int(quota) / int(period))))
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on: its affinity mask, within a container's CPU quota."""
+    try:
+        cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    limit = _cgroup_cpu_limit()
+    return min(cores, limit) if limit else cores
 
 
 def _our_cpus() -> Optional[List[int]]:
@@ -46,6 +59,9 @@ class CpuSnapshot:
     wall_s: float
 
 
+# The shortest window a load reading is taken over: with 10 ms ticks on each core, rounding alone
+# adds up to 2 ticks per core, 0.16 cores on 2 cores over 0.25 s.
+MIN_WINDOW_S = 0.25
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -75,7 +91,7 @@ def others_busy_cores(start: Optional[CpuSnapshot], end: Optional[CpuSnapshot]) 
     if start is None or end is None:
         return None
     wall = end.wall_s - start.wall_s
-    if wall <= 0.05:  # /proc/stat counts in ticks (10 ms): shorter windows are noise
+    if wall < MIN_WINDOW_S:  # /proc/stat counts in 10 ms ticks per core: shorter windows are noise
         return None
     others = (end.busy_s - start.busy_s) - (end.own_s - start.own_s)
     return max(0.0, others / wall)

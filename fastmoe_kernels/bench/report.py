@@ -79,8 +79,10 @@ def plot_all(rows: Iterable, folder: pathlib.Path) -> List[pathlib.Path]:
 def _warnings(rows: List[Dict[str, object]], flagged: List[str]) -> List[str]:
     out = []
     threads = sorted({int(r["threads"]) for r in rows if r.get("threads") not in (None, "")})
-    loaded = [r for r in rows if "loaded" in str(r.get("flags"))]
-    wide = [r for r in rows if "wide spread" in str(r.get("flags"))]
+    def distinct(word):  # a base point is a row in every sweep: count each measurement once
+        return list({(r["case"], r["op"], r["impl"], r["mode"]): r for r in rows if word in str(r.get("flags"))}.values())
+
+    loaded, wide = distinct("loaded"), distinct("wide spread")
     if loaded:
         worst = max(float(r["others_load"]) for r in loaded)
         out.append(f"**The machine was loaded**: {len(loaded)} points were timed while other processes kept up to "

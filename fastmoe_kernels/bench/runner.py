@@ -151,6 +151,17 @@ class ThreadGuard:
         self.threads = machine.choose_threads(requested, device, self.initial_others)
         if device.type == "cpu":
             torch.set_num_threads(self.threads)
+        self.mark = machine.snapshot()
+        self.last_others: Optional[float] = self.initial_others
+
+    def observe(self) -> Optional[float]:
+        """Other processes' load since the last reading, over a window of at least MIN_WINDOW_S: a
+        short target is read together with the ones before it."""
+        now = machine.snapshot()
+        others = machine.others_busy_cores(self.mark, now)
+        if others is not None:
+            self.mark, self.last_others = now, others
+        return self.last_others
 
     def loaded(self, others: Optional[float]) -> bool:
         if others is None:
@@ -176,12 +187,21 @@ def time_target(target: Target, device: torch.device, effort: dict, cap: Optiona
     """(timing, other processes' load) for one target; timed again with fewer threads when the
     machine turned out to be loaded."""
     while True:
-        start = machine.snapshot()
+        guard.observe()  # closes the window before this target when it is long enough
         timing = measure(target.run, device, warmup=effort["warmup"], min_reps=effort["min_reps"],
                          target_rel_ci=effort["target_rel_ci"], max_seconds=cap)
-        others = machine.others_busy_cores(start, machine.snapshot())
+        others = guard.observe()
         if not (guard.loaded(others) and guard.lower(others)):
             return timing, others
+
+
+def release_memory(device: torch.device) -> None:
+    """Give the previous case's (or a failed attempt's) cached device memory back before the next."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+OUT_OF_MEMORY = (torch.cuda.OutOfMemoryError, MemoryError) if hasattr(torch.cuda, "OutOfMemoryError") else (MemoryError,)
 
 
 def planned_targets(case: BenchCase, backends: List[str], with_ops: bool, with_baselines: bool, baselines: int) -> int:
@@ -210,14 +230,28 @@ def run_case(case: BenchCase, device: torch.device, backend_names: List[str], ef
              env: Dict[str, str], planned: int, progress: Optional[Callable[[str], None]] = None,
              tick: Optional[Callable[[], None]] = None, on_row: Optional[Callable[[ResultRow], None]] = None
              ) -> List[ResultRow]:
-    targets = build_targets(case, device, backend_names, with_ops=with_ops, with_baselines=with_baselines, skips=skips)
+    release_memory(device)
+    try:
+        targets = build_targets(case, device, backend_names, with_ops=with_ops, with_baselines=with_baselines,
+                                skips=skips)
+    except OUT_OF_MEMORY as exc:  # the case does not fit this device: said in the report, the run goes on
+        skips[f"case {case.name}"] = f"out of memory while building its targets: {str(exc)[:160]}"
+        release_memory(device)
+        budget.replan(-planned)
+        return []
     budget.replan(len(targets) - planned)
     rows: List[ResultRow] = []
     for target in targets:
         if progress:
             progress(f"{case.name} {target.op}/{target.impl}/{target.mode}")
-        timing, others = time_target(target, device, effort, budget.next_cap(), guard)
-        peak = peak_memory_mb(target.run, device) if target.track_memory else None
+        try:
+            timing, others = time_target(target, device, effort, budget.next_cap(), guard)
+            peak = peak_memory_mb(target.run, device) if target.track_memory else None
+        except OUT_OF_MEMORY as exc:
+            skips[f"{target.op}/{target.impl}/{target.mode} on {case.name}"] = f"out of memory: {str(exc)[:160]}"
+            release_memory(device)
+            budget.done()
+            continue
         rows.append(make_row(case, target, timing, threads=guard.threads, others_load=others, peak_mem_mb=peak, env=env))
         if on_row:
             on_row(rows[-1])
@@ -269,7 +303,7 @@ def run_grid(cases: Iterable[BenchCase], device: torch.device, *, backends: Opti
             if bar is not None:
                 bar.total += len(measured[key]) - planned[key]
                 bar.refresh()
-        rows += [replace(r, sweep=case.sweep, label=case.label) for r in measured[key]]
+        rows += [replace(r, sweep=case.sweep, label=case.label, case=case.name) for r in measured[key]]
     if bar is not None:
         bar.close()
     for name, why in sorted(skips.items()):

@@ -132,6 +132,22 @@ def fmt(value) -> str:
     return str(value)
 
 
+HEADERS = {
+    "total_params": "total params", "active_params": "active params", "train_us_per_token": "train µs/token",
+    "train_p20_p80": "p20–p80", "train_x_dense": "× dense", "train_x_base": "× base", "train_impl": "fastest",
+    "infer_us_per_token": "infer µs/token", "infer_p20_p80": "p20–p80", "infer_x_dense": "× dense",
+    "infer_gbps": "GB/s", "infer_pct_of_copy": "% of copy",
+}
+
+
+def _params(n) -> str:
+    n = float(n)
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:g}"
+
+
 def cost_markdown(rows: List[Row]) -> List[str]:
     """The report's first section: one cost table per sweep, then the design implications."""
     present = {r.get("sweep") for r in rows}
@@ -147,12 +163,13 @@ def cost_markdown(rows: List[Row]) -> List[str]:
             cols = [sweep.label, "active_params", "infer_us_per_token", "infer_p20_p80", "infer_gbps", "infer_pct_of_copy"]
         else:
             cols = [sweep.label, "total_params", "active_params", "train_us_per_token", "train_p20_p80",
-                    "train_x_dense", "train_x_base", "train_impl", "infer_us_per_token", "infer_x_dense"]
-        parts += [f"### {name}: {sweep.budget}", "", "| " + " | ".join(c.replace("_", " ") for c in cols) + " |",
+                    "train_x_dense", "train_x_base", "train_impl", "infer_us_per_token", "infer_p20_p80", "infer_x_dense"]
+        parts += [f"### {name}: {sweep.budget}", "", "| " + " | ".join(HEADERS.get(c, c) for c in cols) + " |",
                   "|" + "---|" * len(cols)]
         for entry in table:
             mark = " (base)" if entry["_is_base"] and name not in ("decode", "models") else ""
-            cells = [fmt(entry[c]) + (mark if c == sweep.label else "") for c in cols]
+            cells = [(_params(entry[c]) if c.endswith("_params") else fmt(entry[c])) + (mark if c == sweep.label else "")
+                     for c in cols]
             parts.append("| " + " | ".join(cells) + " |")
         parts.append("")
     implications = design_implications(rows)

@@ -89,19 +89,31 @@ def _copy_target(case: BenchCase, device: torch.device) -> Target:
 def _train_step(fn: Callable[[torch.Tensor], torch.Tensor], params: List[torch.Tensor], grad: torch.Tensor,
                 rotation: Rotation) -> Callable[[], object]:
     def run():
-        for p in params:
-            p.grad = None
         x = rotation.next()
-        x.grad = None
         out = fn(x)
         out.backward(grad)
+        # Gradients are dropped after each step, so that no target keeps a weight-sized gradient alive
+        # while the others run, and a step's peak memory includes its own gradients.
+        for p in params:
+            p.grad = None
+        x.grad = None
     return run
 
 
-def _infer(fn: Callable[[torch.Tensor], torch.Tensor], rotation: Rotation) -> Callable[[], object]:
+def _infer(fn: Callable[[torch.Tensor], torch.Tensor], rotation: Rotation,
+           module: Optional[torch.nn.Module] = None) -> Callable[[], object]:
+    """Inference: no autograd, and ``module`` in eval mode (a router with expert bias would otherwise
+    update its load counters, as in training)."""
     def run():
-        with torch.no_grad():
-            return fn(rotation.next())
+        was_training = module.training if module is not None else False
+        if module is not None:
+            module.train(False)
+        try:
+            with torch.no_grad():
+                return fn(rotation.next())
+        finally:
+            if was_training:
+                module.train(True)
     return run
 
 
@@ -109,15 +121,17 @@ def build_targets(case: BenchCase, device: torch.device, backend_names: List[str
                   with_baselines: bool = True, skips: Optional[Dict[str, str]] = None) -> List[Target]:
     skips = {} if skips is None else skips
     dtype = case.torch_dtype
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    # Inputs are drawn on the device: drawing GBs on the host and copying them took minutes per GPU grid.
+    gen = torch.Generator(device=device).manual_seed(0)
     T, d, E = case.tokens, case.d_model, case.num_experts
     eb = case.elem_bytes()
     reference = MoELayer(case.config(), device=device, dtype=dtype)
     modes = ("fwd",) if case.inference_only else MODES
     n_sets = rotation_count(T * d * eb, device)
-    xs = Rotation(lambda i: torch.randn(T, d, generator=gen).to(device, dtype), n_sets)
-    xs_grad = Rotation(lambda i: torch.randn(T, d, generator=gen).to(device, dtype).requires_grad_(), n_sets)
-    grad_out = torch.randn(T, d, generator=gen).to(device, dtype)
+    # One rotation of grad-requiring inputs serves inference (under no_grad) and training steps alike.
+    xs_grad = Rotation(lambda i: torch.randn(T, d, generator=gen, device=device).to(dtype).requires_grad_(), n_sets)
+    xs = xs_grad
+    grad_out = torch.randn(T, d, generator=gen, device=device).to(dtype)
     with torch.no_grad():
         route = reference.router(xs.items[0])
     idx, weight = route.expert_idx, route.weight.detach()
@@ -138,12 +152,14 @@ def build_targets(case: BenchCase, device: torch.device, backend_names: List[str
                                   roofline=fwd_roof if mode == "fwd" else "dense_gemm", **kw))
 
     # ---- the layer and the experts, on every backend ----------------------------------------------
+    with_ops = with_ops and not case.inference_only and _ops_fit(case, device, R, skips)
+    op_inputs = None
     variants = [(b, None) for b in backend_names] + ([("triton-unfused", False)] if "triton" in backend_names else [])
     for impl, fused in variants:
         backend = "triton" if impl == "triton-unfused" else impl
         layer = _shared_variant(reference, backend, fused)
         params = list(layer.parameters())
-        add("layer", impl, "fwd", _infer(layer, xs), layer_flops["fwd"])
+        add("layer", impl, "fwd", _infer(layer, xs, layer), layer_flops["fwd"])
         add("layer", impl, "fwd+bwd", _train_step(layer, params, grad_out, xs_grad), layer_flops["fwd+bwd"],
             track_memory=True)
         experts = layer.experts
@@ -157,7 +173,9 @@ def build_targets(case: BenchCase, device: torch.device, backend_names: List[str
         add("experts", impl, "fwd+bwd", _train_step(experts_fn, list(experts.parameters()), grad_out, xs_grad),
             routed_only["fwd+bwd"], track_memory=True)
         if with_ops and impl != "triton-unfused" and not case.inference_only:
-            targets += _op_targets(case, device, backend, layer, xs, idx, weight, plan, gen)
+            if op_inputs is None:
+                op_inputs = _op_inputs(case, device, xs, plan, weight, gen)
+            targets += _op_targets(case, device, backend, layer, xs, idx, weight, plan, op_inputs)
 
     # ---- baselines, on the same weights and routing --------------------------------------------------
     if with_baselines:
@@ -183,10 +201,10 @@ def build_targets(case: BenchCase, device: torch.device, backend_names: List[str
     if with_ops:  # the grouped GEMMs' own dense twins
         shapes.update(dense_up=(R, d, m * f), dense_down=(R, f, d))
     for name, (rows, inner, outer) in shapes.items():
-        a_rot = Rotation(lambda i, r=rows, c=inner: torch.randn(max(r, 1), c, generator=gen).to(device, dtype), n_sets)
-        a_grad = Rotation(lambda i, r=rows, c=inner: torch.randn(max(r, 1), c, generator=gen).to(device, dtype).requires_grad_(), n_sets)
-        w = torch.randn(outer, inner, generator=gen).to(device, dtype).requires_grad_()
-        g = torch.randn(max(rows, 1), outer, generator=gen).to(device, dtype)
+        a_grad = Rotation(lambda i, r=rows, c=inner: torch.randn(max(r, 1), c, generator=gen, device=device).to(dtype).requires_grad_(), n_sets)
+        a_rot = a_grad  # the forward runs under no_grad: the same inputs serve both modes
+        w = torch.randn(outer, inner, generator=gen, device=device).to(dtype).requires_grad_()
+        g = torch.randn(max(rows, 1), outer, generator=gen, device=device).to(dtype)
         flops = 2.0 * max(rows, 1) * inner * outer
         linear = lambda a, w=w: torch.nn.functional.linear(a, w)
         targets.append(Target(name, "dense", "fwd", _infer(linear, a_rot), flops))
@@ -194,15 +212,56 @@ def build_targets(case: BenchCase, device: torch.device, backend_names: List[str
     return targets
 
 
-def _op_targets(case: BenchCase, device, backend: str, layer: MoELayer, xs: Rotation, idx, weight, plan, gen) -> List[Target]:
+def _op_input_bytes(case: BenchCase, rows: int) -> int:
+    """Bytes the ops' inputs and their dense twins hold (about), to see whether they fit beside the layer."""
+    m = 2 if case.gated else 1
+    return case.elem_bytes() * (8 * rows * case.d_model + (3 * m + 4) * rows * case.d_ff + case.tokens * case.d_model)
+
+
+def _ops_fit(case: BenchCase, device: torch.device, rows: int, skips: Dict[str, str]) -> bool:
+    """Whether the per-op breakdown fits in half the free device memory; when not, says so in ``skips``."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    need = _op_input_bytes(case, rows)
+    if need <= free // 2:
+        return True
+    skips[f"ops of {case.name}"] = (f"their inputs need ≈{need / 2**30:.1f} GiB, more than half of the "
+                                   f"{free / 2**30:.1f} GiB free beside the layer")
+    return False
+
+
+def _op_inputs(case: BenchCase, device, xs: Rotation, plan, weight, gen) -> Dict[str, object]:
+    """The ops' inputs, drawn once per case and shared by every backend's op targets."""
+    T, d, E = case.tokens, case.d_model, case.num_experts
+    R = plan.num_rows
+    dt = xs.items[0].dtype
+    m = 2 if case.gated else 1
+    with torch.no_grad():
+        x_perm = ops.permute(xs.items[0], plan, backend="torch")
+    randn = lambda *shape: torch.randn(*shape, generator=gen, device=device).to(dt)
+    grad_rows = randn(R, d)
+    return dict(
+        logits=Rotation(lambda i: torch.randn(T, E, generator=gen, device=device).requires_grad_(), 2),
+        grad_rows=grad_rows,           # the gradient of permute's and of the down projection's output
+        rows=Rotation(lambda i: x_perm.clone().requires_grad_(), 2),
+        g_up=randn(R, m * case.d_ff),
+        hidden=Rotation(lambda i: randn(R, case.d_ff).requires_grad_(), 2),
+        y_rows=Rotation(lambda i: randn(R, d).requires_grad_(), 2),
+        g_tok=randn(T, d),
+        w_grad=weight.clone().requires_grad_(),
+    )
+
+
+def _op_targets(case: BenchCase, device, backend: str, layer: MoELayer, xs: Rotation, idx, weight, plan,
+                inputs: Dict[str, object]) -> List[Target]:
     """The layer's ops one by one, forward and forward+backward, on one backend."""
     T, d, E, k = case.tokens, case.d_model, case.num_experts, case.top_k
     eb = case.elem_bytes()
     cfg = layer.config
     R = plan.num_rows
     out: List[Target] = []
-    logits = Rotation(lambda i: torch.randn(T, E, generator=gen).to(device), 2)
-    logits_grad = Rotation(lambda i: torch.randn(T, E, generator=gen).to(device).requires_grad_(), 2)
+    logits = inputs["logits"]
 
     def route(l):
         _, w, p = ops.route_topk(l, k, cfg.score_func, cfg.normalize_topk, return_probs=True, backend=backend)
@@ -210,38 +269,30 @@ def _op_targets(case: BenchCase, device, backend: str, layer: MoELayer, xs: Rota
 
     route_bytes = T * E * 4 * 2 + T * k * 8
     out.append(Target("route", backend, "fwd", _infer(route, logits), bytes=route_bytes))
-    out.append(Target("route", backend, "fwd+bwd", _train_step(lambda l: route(l), [], torch.ones(()).to(device), logits_grad),
+    out.append(Target("route", backend, "fwd+bwd", _train_step(lambda l: route(l), [], torch.ones((), device=device), logits),
                       bytes=route_bytes + T * E * 4))
     cap = plan.capacity
     plan_fn = lambda: ops.make_plan(idx, E, cap, cfg.drop_policy, weight, cfg.pad_to_capacity, backend=backend)
     out.append(Target("plan", backend, "fwd", plan_fn, bytes=T * k * 4 * 2 + R * 4 + T * k * 4))
 
-    x_grad = Rotation(lambda i: xs.items[i % len(xs.items)].detach().clone().requires_grad_(), len(xs.items))
     permute = lambda x: ops.permute(x, plan, backend=backend)
     move = (T + R) * d * eb
     out.append(Target("permute", backend, "fwd", _infer(permute, xs), bytes=move))
-    out.append(Target("permute", backend, "fwd+bwd", _train_step(permute, [], torch.randn(R, d, generator=gen).to(device, xs.items[0].dtype), x_grad),
-                      bytes=2 * move))
-    with torch.no_grad():
-        x_perm = ops.permute(xs.items[0], plan, backend="torch")
+    out.append(Target("permute", backend, "fwd+bwd", _train_step(permute, [], inputs["grad_rows"], xs), bytes=2 * move))
     ex = layer.experts
-    rows = Rotation(lambda i: x_perm.clone().requires_grad_(), 2)
+    rows = inputs["rows"]
     up = lambda a: ops.grouped_gemm(a, ex.w_up, plan.offsets, True, backend=backend)
-    m = 2 if case.gated else 1
-    g_up = torch.randn(R, m * case.d_ff, generator=gen).to(device, x_perm.dtype)
     out.append(Target("grouped_up", backend, "fwd", _infer(up, rows), case.gemm_flops("up"), roofline="dense_up"))
-    out.append(Target("grouped_up", backend, "fwd+bwd", _train_step(up, [ex.w_up], g_up, rows), case.gemm_flops("up", True),
-                      roofline="dense_up"))
-    hidden = Rotation(lambda i: torch.randn(R, case.d_ff, generator=gen).to(device, x_perm.dtype).requires_grad_(), 2)
+    out.append(Target("grouped_up", backend, "fwd+bwd", _train_step(up, [ex.w_up], inputs["g_up"], rows),
+                      case.gemm_flops("up", True), roofline="dense_up"))
+    hidden = inputs["hidden"]
     down = lambda a: ops.grouped_gemm(a, ex.w_down, plan.offsets, True, backend=backend)
-    g_down = torch.randn(R, d, generator=gen).to(device, x_perm.dtype)
     out.append(Target("grouped_down", backend, "fwd", _infer(down, hidden), case.gemm_flops("down"), roofline="dense_down"))
-    out.append(Target("grouped_down", backend, "fwd+bwd", _train_step(down, [ex.w_down], g_down, hidden),
+    out.append(Target("grouped_down", backend, "fwd+bwd", _train_step(down, [ex.w_down], inputs["grad_rows"], hidden),
                       case.gemm_flops("down", True), roofline="dense_down"))
-    y_rows = Rotation(lambda i: torch.randn(R, d, generator=gen).to(device, x_perm.dtype).requires_grad_(), 2)
-    w_grad = weight.clone().requires_grad_()
+    y_rows, w_grad = inputs["y_rows"], inputs["w_grad"]
     unpermute = lambda y: ops.unpermute(y, plan, w_grad, backend=backend)
-    g_tok = torch.randn(T, d, generator=gen).to(device, x_perm.dtype)
     out.append(Target("unpermute", backend, "fwd", _infer(unpermute, y_rows), bytes=move + T * k * 8))
-    out.append(Target("unpermute", backend, "fwd+bwd", _train_step(unpermute, [w_grad], g_tok, y_rows), bytes=3 * move))
+    out.append(Target("unpermute", backend, "fwd+bwd", _train_step(unpermute, [w_grad], inputs["g_tok"], y_rows),
+                      bytes=3 * move))
     return out

@@ -1,0 +1,146 @@
+"""FP8 (e4m3) blockwise scaling: the specification of the fp8 expert GEMMs (issue 16, first part).
+
+DeepSeek-V3's fine-grained recipe, as a quantise–dequantise emulation in fp32 that the fp8 kernels
+must equal:
+
+- activations and gradients: one scale per 1×128 tile along the reduction's partner dimension —
+  per row and 128 columns in the forward (x) and the dgrad (dy); per column and 128 *rows* for the
+  wgrad (x and dy along the tokens, tiles starting at each expert's first row so that no tile mixes
+  experts);
+- weights: one scale per 128×128 block;
+- the scale is the tile's absolute maximum over 448 (e4m3's largest finite value), so the largest
+  element maps to ±448 exactly; an all-zero tile has scale 1; values are rounded to nearest even by
+  torch's float8_e4m3fn cast;
+- products accumulate in fp32; outputs and gradients come back in the input's dtype (bf16 in
+  training, with bf16 master weights).
+
+Tiles at a ragged edge (K or N not a multiple of 128, an expert's last rows) are the partial tiles
+that remain: their scale comes from the elements present. Nothing here is wired into ``MoELayer``
+yet.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+TILE = 128
+
+
+def _pad_to(x: Tensor, dim: int, multiple: int) -> Tensor:
+    size = x.shape[dim]
+    pad = (-size) % multiple
+    if pad == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = pad
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+
+def _scales(amax: Tensor) -> Tensor:
+    """amax / 448, and 1 for an all-zero tile (any scale represents it; 1 keeps it finite)."""
+    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+
+
+def quantize_tiles(x: Tensor, tile: int = TILE) -> Tuple[Tensor, Tensor]:
+    """``x [..., M, K]`` → (``q [..., M, K]`` in e4m3, ``scale [..., M, ceil(K/tile)]`` fp32): one
+    scale per row and ``tile`` columns, so that ``q * scale`` (broadcast per tile) ≈ x."""
+    if not x.is_floating_point():
+        raise TypeError(f"quantize_tiles: `x` must be floating point, got {x.dtype}")
+    k = x.shape[-1]
+    xp = _pad_to(x.float(), -1, tile)
+    tiles = xp.unflatten(-1, (xp.shape[-1] // tile, tile))
+    scale = _scales(tiles.abs().amax(-1))
+    q = (tiles / scale.unsqueeze(-1)).to(FP8).flatten(-2)[..., :k]
+    return q, scale
+
+
+def dequantize_tiles(q: Tensor, scale: Tensor, tile: int = TILE) -> Tensor:
+    k = q.shape[-1]
+    values = _pad_to(q.float(), -1, tile).unflatten(-1, (scale.shape[-1], tile))
+    return (values * scale.unsqueeze(-1)).flatten(-2)[..., :k]
+
+
+def quantize_blocks(w: Tensor, block: int = TILE) -> Tuple[Tensor, Tensor]:
+    """``w [..., N, K]`` → (``q`` in e4m3, ``scale [..., ceil(N/block), ceil(K/block)]``): one scale
+    per ``block``×``block`` block."""
+    if not w.is_floating_point():
+        raise TypeError(f"quantize_blocks: `w` must be floating point, got {w.dtype}")
+    n, k = w.shape[-2:]
+    wp = _pad_to(_pad_to(w.float(), -1, block), -2, block)
+    nb, kb = wp.shape[-2] // block, wp.shape[-1] // block
+    blocks = wp.unflatten(-1, (kb, block)).unflatten(-3, (nb, block))  # [..., nb, block, kb, block]
+    scale = _scales(blocks.abs().amax(dim=(-3, -1)))  # [..., nb, kb]
+    q = (blocks / scale[..., :, None, :, None]).to(FP8).flatten(-4, -3).flatten(-2)[..., :n, :k]
+    return q, scale
+
+
+def dequantize_blocks(q: Tensor, scale: Tensor, block: int = TILE) -> Tensor:
+    n, k = q.shape[-2:]
+    qp = _pad_to(_pad_to(q.float(), -1, block), -2, block)
+    blocks = qp.unflatten(-1, (scale.shape[-1], block)).unflatten(-3, (scale.shape[-2], block))
+    return (blocks * scale[..., :, None, :, None]).flatten(-4, -3).flatten(-2)[..., :n, :k]
+
+
+def fake_quant_rows(x: Tensor) -> Tensor:
+    """x as the fp8 forward/dgrad sees it (1×128 tiles along the last dimension), in fp32."""
+    return dequantize_tiles(*quantize_tiles(x))
+
+
+def fake_quant_cols(x: Tensor) -> Tensor:
+    """x as the fp8 wgrad sees it (128×1 tiles: 128 rows of one column), in fp32."""
+    return fake_quant_rows(x.transpose(-2, -1)).transpose(-2, -1)
+
+
+def fake_quant_weight(w: Tensor) -> Tensor:
+    """A weight as the fp8 GEMMs see it (128×128 blocks), in fp32."""
+    return dequantize_blocks(*quantize_blocks(w))
+
+
+class _GroupedGemmFp8(torch.autograd.Function):
+    """``y[rows of e] = x[rows of e] · w[e]ᵀ`` with the blockwise fp8 recipe (``w [E, N, K]``)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+        bounds = offsets.tolist()
+        wq = fake_quant_weight(w)
+        out = torch.zeros(x.shape[0], w.shape[1], dtype=torch.float32, device=x.device)
+        for e in range(w.shape[0]):
+            lo, hi = bounds[e], bounds[e + 1]
+            if hi > lo:
+                out[lo:hi] = fake_quant_rows(x[lo:hi]) @ wq[e].t()
+        ctx.save_for_backward(x, w, offsets)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, w, offsets = ctx.saved_tensors
+        bounds = offsets.tolist()
+        wq = fake_quant_weight(w)
+        grad_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        for e in range(w.shape[0]):
+            lo, hi = bounds[e], bounds[e + 1]
+            if hi <= lo:
+                continue
+            g = grad[lo:hi]
+            grad_x[lo:hi] = fake_quant_rows(g) @ wq[e]
+            # wgrad: both operands tiled along the tokens, the tiles starting at this expert's first row.
+            grad_w[e] = fake_quant_cols(g).t() @ fake_quant_cols(x[lo:hi])
+        return grad_x.to(x.dtype), grad_w.to(w.dtype), None
+
+
+def grouped_gemm_fp8_reference(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+    """The specification of the fp8 grouped GEMM: ``x [R, K]``, ``w [E, N, K]`` (nn.Linear layout),
+    ``offsets [E+1]`` (group e is rows ``offsets[e]:offsets[e+1]``; rows outside every group are
+    zeros) → ``[R, N]`` in x's dtype; differentiable in x and w."""
+    if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[2]:
+        raise ValueError(f"grouped_gemm_fp8_reference: `x` must be [R, K] and `w` [E, N, K] with the same K, got "
+                         f"{tuple(x.shape)} and {tuple(w.shape)}")
+    if offsets.shape != (w.shape[0] + 1,):
+        raise ValueError(f"grouped_gemm_fp8_reference: `offsets` must be [E+1] = [{w.shape[0] + 1}], got "
+                         f"{tuple(offsets.shape)}")
+    return _GroupedGemmFp8.apply(x, w, offsets)

@@ -34,7 +34,7 @@ def run_target(benchmark, bench_session, target_key):
     case, op, impl, mode = target_key
     target = bench_session.target(case, op, impl, mode)
     if target is None:
-        bench_session.done()
+        bench_session.budget.done()
         pytest.skip(f"{impl}: {bench_session.why_missing(impl)}")
     device = bench_session.device
     effort = EFFORT[bench_session.grid]
@@ -47,7 +47,7 @@ def run_target(benchmark, bench_session, target_key):
             target.run()
             synchronize(device)
 
-        cap = bench_session.next_cap()
+        cap = bench_session.budget.next_cap()
         # At least one warm-up of its own: the first call compiles and autotunes, and a pilot that
         # caught it would plan the rounds from a spread that is not the kernel's.
         for _ in range(max(1, effort["warmup"] - PILOT)):

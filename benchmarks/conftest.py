@@ -127,16 +127,10 @@ class BenchSession:
             self.roofs[measured_key(case)] = rooflines(built)
         return self.targets.get((op, impl, mode))
 
-    def next_cap(self):
-        return self.budget.next_cap()
-
-    def done(self):
-        self.budget.done()
-
     def record(self, row, target):
         self.rows.append((measured_key(self.case), row))
         self.partial(row)
-        self.done()
+        self.budget.done()
 
     def why_missing(self, impl: str) -> str:
         if self.build_error:

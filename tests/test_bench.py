@@ -390,3 +390,14 @@ def test_gpu_grid_estimate_stays_within_the_stated_15_minutes():
     slower = estimate_seconds("gpu", GpuModel(tflops=100.0), ops="all")
     assert slower["seconds"] > est["seconds"]  # the model responds to the rate it assumes
     assert main(["--grid", "gpu", "--pytest"]) == 0
+
+
+def test_planned_target_counts_match_what_is_built():
+    """planned_targets (the budget's and the progress bar's count) is build_targets' twin: keep them equal."""
+    from fastmoe_kernels.bench.runner import planned_targets
+    from fastmoe_kernels.bench.targets import build_targets
+
+    for case in {measured_key(c): c for c in build_grid("smoke")}.values():
+        for with_ops in (False, True):
+            built = build_targets(case, torch.device("cpu"), ["torch", "cpp"], with_ops=with_ops, with_baselines=False)
+            assert len(built) == planned_targets(case, ["torch", "cpp"], with_ops, False, 0), (case.name, with_ops)

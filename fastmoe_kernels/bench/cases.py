@@ -90,16 +90,23 @@ class BenchCase:
         cap = expert_capacity(self.tokens, self.num_experts, self.top_k, self.capacity_factor)
         return min(self.tokens * self.top_k, self.num_experts * cap)
 
+    @property
+    def expert_params(self) -> int:
+        """Parameters of one routed expert (three matrices when gated, two otherwise)."""
+        return (3 if self.gated else 2) * self.d_model * self.d_ff
+
+    @property
+    def shared_params(self) -> int:
+        """Parameters of all the shared experts."""
+        return self.num_shared_experts * (3 if self.gated else 2) * self.d_model * (self.shared_d_ff or self.d_ff)
+
     def routed_flops(self, backward: bool = False) -> float:
         """FLOPs of the routed experts (k per token)."""
-        m = 3 if self.gated else 2
-        return 2.0 * m * self.tokens * self.top_k * self.d_model * self.d_ff * (3 if backward else 1)
+        return 2.0 * self.tokens * self.top_k * self.expert_params * (3 if backward else 1)
 
     def expert_flops(self, backward: bool = False) -> float:
         """FLOPs of the routed and the shared experts: the layer's FLOPs by the benchmark convention."""
-        m = 3 if self.gated else 2
-        shared = 2.0 * m * self.tokens * self.d_model * self.num_shared_experts * (self.shared_d_ff or self.d_ff)
-        return self.routed_flops(backward) + shared * (3 if backward else 1)
+        return self.routed_flops(backward) + 2.0 * self.tokens * self.shared_params * (3 if backward else 1)
 
     def gemm_flops(self, which: str, backward: bool = False) -> float:
         """FLOPs of the grouped up ("up") or down ("down") projection over the permuted rows."""
@@ -108,19 +115,21 @@ class BenchCase:
         return 2.0 * self.rows * self.d_model * width * (3 if backward else 1)
 
     def params(self) -> Dict[str, int]:
-        m = 3 if self.gated else 2
-        expert = m * self.d_model * self.d_ff
-        shared = self.num_shared_experts * m * self.d_model * (self.shared_d_ff or self.d_ff)
-        router = self.d_model * self.num_experts
+        always = self.shared_params + self.d_model * self.num_experts  # shared experts and the router
         return {
-            "total_params": self.num_experts * expert + shared + router,
-            "active_params": self.top_k * expert + shared + router,
+            "total_params": self.num_experts * self.expert_params + always,
+            "active_params": self.top_k * self.expert_params + always,
         }
 
     def expert_bytes(self) -> int:
         """Bytes of one routed expert's weights."""
-        m = 3 if self.gated else 2
-        return m * self.d_model * self.d_ff * self.elem_bytes()
+        return self.expert_params * self.elem_bytes()
+
+    def forward_bytes(self, touched_experts: int) -> int:
+        """Fewest bytes a forward must move: the touched experts' weights, the shared experts' and the
+        router's, the tokens in and out. What bounds a small batch (decode)."""
+        always = self.shared_params + self.d_model * self.num_experts + 2 * self.tokens * self.d_model
+        return (touched_experts * self.expert_params + always) * self.elem_bytes()
 
     def elem_bytes(self) -> int:
         return torch.tensor([], dtype=self.torch_dtype).element_size()

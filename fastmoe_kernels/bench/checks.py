@@ -58,10 +58,6 @@ def _flag(row: Row, text: str) -> None:
         row["flags"] = "; ".join(have + [text])
 
 
-def _cores(row: Mapping[str, object]) -> Optional[float]:
-    return _num(row, "cores")
-
-
 def flag_noise(rows: Iterable[Row]) -> None:
     for r in rows:
         p20, p80 = _num(r, "p20_ms"), _num(r, "p80_ms")
@@ -74,7 +70,7 @@ def flag_noise(rows: Iterable[Row]) -> None:
         if lo is not None and hi is not None and median and reps > 1 and \
                 (hi - lo) / 2 > IMPRECISE * median:
             _flag(r, f"imprecise (median ±{50 * (hi - lo) / median:.0f}%)")
-        others, threads, cores = _num(r, "others_load"), _num(r, "threads"), _cores(r)
+        others, threads, cores = _num(r, "others_load"), _num(r, "threads"), _num(r, "cores")
         on_cpu = str(r.get("device", "")).startswith("CPU")
         if others is not None and threads and cores and (
                 (on_cpu and others + threads > cores + 0.5) or (not on_cpu and others > cores - 1)):

@@ -13,6 +13,7 @@ Linux only (/proc/stat); elsewhere the load is unknown and the benchmark takes o
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -22,6 +23,7 @@ from typing import List, Optional
 import torch
 
 
+@functools.lru_cache(maxsize=None)
 def _cgroup_cpu_limit() -> Optional[int]:
     """Cores a container's CPU quota allows (cgroup v2 ``cpu.max``), or None when unlimited/unknown."""
     try:

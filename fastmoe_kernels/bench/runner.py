@@ -17,6 +17,7 @@ from . import machine
 from .cases import BenchCase
 from .env import environment
 from .grids import measured_key
+from .report import as_dicts
 from .targets import Target, build_targets, kernel_backends
 from .timing import Timing, measure, peak_memory_mb
 
@@ -340,7 +341,7 @@ def check_sane(rows: Iterable[ResultRow]) -> List[str]:
 def write_rows(rows: List, folder: pathlib.Path) -> Dict[str, pathlib.Path]:
     """results.csv and results.json of ResultRows or of their flat dicts (with flags set)."""
     folder.mkdir(parents=True, exist_ok=True)
-    flat = [dict(r) if isinstance(r, dict) else r.flat() for r in rows]
+    flat = as_dicts(rows)
     paths = {"csv": folder / "results.csv", "json": folder / "results.json"}
     with open(paths["csv"], "w", newline="") as fh:
         if flat:

@@ -68,16 +68,6 @@ def _shared_variant(reference: MoELayer, backend: str, fused: Optional[bool]) ->
     return layer
 
 
-def _forward_bytes(case: BenchCase, expert_idx: torch.Tensor) -> float:
-    """Fewest bytes a forward must move: the touched experts' weights (and the shared experts' and
-    the router's), the tokens in and out. What bounds a small batch (decode)."""
-    touched = int(torch.unique(expert_idx).numel())
-    m = 3 if case.gated else 2
-    shared = case.num_shared_experts * m * case.d_model * (case.shared_d_ff or case.d_ff) * case.elem_bytes()
-    router = case.d_model * case.num_experts * case.elem_bytes()
-    return touched * case.expert_bytes() + shared + router + 2 * case.tokens * case.d_model * case.elem_bytes()
-
-
 def _copy_target(case: BenchCase, device: torch.device) -> Target:
     """A device copy at least as large as the case's weights (and past the caches): the bandwidth roof."""
     n = max(case.num_experts * case.expert_bytes(), (256 if device.type == "cuda" else 64) * 2**20) // 4
@@ -129,8 +119,7 @@ def build_targets(case: BenchCase, device: torch.device, backend_names: List[str
     modes = ("fwd",) if case.inference_only else MODES
     n_sets = rotation_count(T * d * eb, device)
     # One rotation of grad-requiring inputs serves inference (under no_grad) and training steps alike.
-    xs_grad = Rotation(lambda i: torch.randn(T, d, generator=gen, device=device).to(dtype).requires_grad_(), n_sets)
-    xs = xs_grad
+    xs = Rotation(lambda i: torch.randn(T, d, generator=gen, device=device).to(dtype).requires_grad_(), n_sets)
     grad_out = torch.randn(T, d, generator=gen, device=device).to(dtype)
     with torch.no_grad():
         route = reference.router(xs.items[0])
@@ -142,7 +131,7 @@ def build_targets(case: BenchCase, device: torch.device, backend_names: List[str
 
     layer_flops = {mode: case.expert_flops(mode == "fwd+bwd") for mode in MODES}
     routed_only = {mode: case.routed_flops(mode == "fwd+bwd") for mode in MODES}
-    fwd_bytes = _forward_bytes(case, idx)
+    fwd_bytes = case.forward_bytes(touched_experts=int(torch.unique(idx).numel()))
     # The decode cases are bounded by weight reads: their rate is compared with the copy bandwidth.
     fwd_roof = "copy" if case.inference_only else "dense_gemm"
 
@@ -160,7 +149,7 @@ def build_targets(case: BenchCase, device: torch.device, backend_names: List[str
         layer = _shared_variant(reference, backend, fused)
         params = list(layer.parameters())
         add("layer", impl, "fwd", _infer(layer, xs, layer), layer_flops["fwd"])
-        add("layer", impl, "fwd+bwd", _train_step(layer, params, grad_out, xs_grad), layer_flops["fwd+bwd"],
+        add("layer", impl, "fwd+bwd", _train_step(layer, params, grad_out, xs), layer_flops["fwd+bwd"],
             track_memory=True)
         experts = layer.experts
 
@@ -170,9 +159,9 @@ def build_targets(case: BenchCase, device: torch.device, backend_names: List[str
             return experts.forward_tokens(x, p, weight, backend=backend, fused=fused)
 
         add("experts", impl, "fwd", _infer(experts_fn, xs), routed_only["fwd"])
-        add("experts", impl, "fwd+bwd", _train_step(experts_fn, list(experts.parameters()), grad_out, xs_grad),
+        add("experts", impl, "fwd+bwd", _train_step(experts_fn, list(experts.parameters()), grad_out, xs),
             routed_only["fwd+bwd"], track_memory=True)
-        if with_ops and impl != "triton-unfused" and not case.inference_only:
+        if with_ops and impl != "triton-unfused":
             if op_inputs is None:
                 op_inputs = _op_inputs(case, device, xs, plan, weight, gen)
             targets += _op_targets(case, device, backend, layer, xs, idx, weight, plan, op_inputs)
@@ -188,7 +177,7 @@ def build_targets(case: BenchCase, device: torch.device, backend_names: List[str
                     continue
                 params = list(reference.experts.parameters())
                 add("experts", name, "fwd", _infer(lambda x, fn=fn: fn(x, idx, weight), xs), routed_only["fwd"])
-                add("experts", name, "fwd+bwd", _train_step(lambda x, fn=fn: fn(x, idx, weight), params, grad_out, xs_grad),
+                add("experts", name, "fwd+bwd", _train_step(lambda x, fn=fn: fn(x, idx, weight), params, grad_out, xs),
                     routed_only["fwd+bwd"], track_memory=True)
 
     # ---- rooflines (torch's dense GEMM; a device copy for the decode cases) -------------------------------
@@ -201,14 +190,14 @@ def build_targets(case: BenchCase, device: torch.device, backend_names: List[str
     if with_ops:  # the grouped GEMMs' own dense twins
         shapes.update(dense_up=(R, d, m * f), dense_down=(R, f, d))
     for name, (rows, inner, outer) in shapes.items():
-        a_grad = Rotation(lambda i, r=rows, c=inner: torch.randn(max(r, 1), c, generator=gen, device=device).to(dtype).requires_grad_(), n_sets)
-        a_rot = a_grad  # the forward runs under no_grad: the same inputs serve both modes
+        # The forward runs under no_grad: one rotation of grad-requiring inputs serves both modes.
+        a = Rotation(lambda i, r=rows, c=inner: torch.randn(max(r, 1), c, generator=gen, device=device).to(dtype).requires_grad_(), n_sets)
         w = torch.randn(outer, inner, generator=gen, device=device).to(dtype).requires_grad_()
         g = torch.randn(max(rows, 1), outer, generator=gen, device=device).to(dtype)
         flops = 2.0 * max(rows, 1) * inner * outer
         linear = lambda a, w=w: torch.nn.functional.linear(a, w)
-        targets.append(Target(name, "dense", "fwd", _infer(linear, a_rot), flops))
-        targets.append(Target(name, "dense", "fwd+bwd", _train_step(linear, [w], g, a_grad), 3 * flops))
+        targets.append(Target(name, "dense", "fwd", _infer(linear, a), flops))
+        targets.append(Target(name, "dense", "fwd+bwd", _train_step(linear, [w], g, a), 3 * flops))
     return targets
 
 

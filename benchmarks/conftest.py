@@ -138,6 +138,8 @@ class BenchSession:
         backend = "triton" if impl == "triton-unfused" else impl
         if backend in self.backend_skips:
             return self.backend_skips[backend]
+        if impl in OUR_IMPLS:  # an op of ours this case does not break down
+            return self.skips.get(f"ops of {self.case.name}", "not applicable to this case")
         return self.skips.get(impl, self.skips.get("baselines", "not applicable to this case"))
 
     def report_rows(self, cases) -> List:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 from .activations import ACTIVATIONS, GATED_ACTIVATIONS, PARAMETRIC, Activation, as_activation
+from .fp8 import FP8_RECIPES
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 ROUTER_PRECISIONS = ("fp32", "input")
@@ -81,7 +82,13 @@ class MoEConfig:
 
     Execution: ``backend`` ("auto", "torch", "triton", "cuda", "cpp"; see :mod:`fastmoe_kernels.backends`);
     ``fused_experts`` None runs gather → expert MLPs → combine as one fused op where the backend has
-    one, False forces the separate permute / grouped MLP / unpermute ops.
+    one, False forces the separate permute / grouped MLP / unpermute ops. ``fp8_recipe`` "blockwise"
+    runs the routed experts' GEMMs (forward, dgrad, wgrad) in float8_e4m3fn with DeepSeek-V3's
+    scaling (1×128 tiles for activations and gradients, 128×128 blocks for weights, fp32
+    accumulation; :mod:`fastmoe_kernels.fp8`); the router, gather, activation, combine, losses and
+    shared experts stay in the input's precision, and the weights and outputs in theirs. The fp8
+    kernels need the triton backend on a GPU of compute capability ≥ 8.9; elsewhere the same numbers
+    come from an fp32 emulation (with a warning on a GPU). Homogeneous experts only.
 
     Losses: ``aux_loss_coeff`` scales the Switch/GShard load-balancing loss of type
     ``load_balancing_type`` ("micro_batch", "sequence", "global" or "none") with
@@ -127,6 +134,7 @@ class MoEConfig:
     # execution
     backend: str = "auto"
     fused_experts: Optional[bool] = None
+    fp8_recipe: Optional[str] = None
     init_std: Optional[float] = None
 
     def __post_init__(self) -> None:
@@ -184,6 +192,12 @@ class MoEConfig:
             )
         if self.backend not in BACKEND_NAMES:
             _fail("backend", f"one of {BACKEND_NAMES}", self.backend)
+        if self.fp8_recipe is not None:
+            if self.fp8_recipe not in FP8_RECIPES:
+                _fail("fp8_recipe", f"None or one of {FP8_RECIPES}", self.fp8_recipe)
+            if self.heterogeneous:
+                _fail("fp8_recipe", "None with experts of different widths (the fp8 path's 128×128 weight blocks "
+                      "need one width)", self.fp8_recipe)
         if self.init_std is not None and not (_is_number(self.init_std) and self.init_std > 0):
             _fail("init_std", "None or a finite number > 0", self.init_std)
 

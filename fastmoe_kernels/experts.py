@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import ActivationLike, apply_activation, as_activation
+from .fp8 import FP8_RECIPES
 from .ops import DispatchPlan, grouped_mlp, moe_mlp
+from .ops.fp8_mlp import grouped_mlp_fp8, moe_mlp_fp8
 
 
 def _init_uniform(t: Tensor, fan_in: int, std: Optional[float]) -> None:
@@ -28,12 +30,13 @@ class GroupedExperts(nn.Module):
     Homogeneous (one width f): ``w_up [E, m·f, d]`` (rows ``[gate | up]`` when gated, m = 2) and
     ``w_down [E, d, f]`` — the Hugging Face transformers layout. Heterogeneous (``widths`` f_e):
     ``w_up [m·Σf, d]`` (every expert's gate rows, then every expert's up rows) and
-    ``w_down [d, Σf]``. Optional biases ``b_up``, ``b_down [E, d]``.
+    ``w_down [d, Σf]``. Optional biases ``b_up``, ``b_down [E, d]``. ``fp8_recipe`` "blockwise"
+    runs the GEMMs in fp8 (:mod:`fastmoe_kernels.ops.fp8_mlp`; homogeneous experts only).
     """
 
     def __init__(
         self, d_model: int, widths: Sequence[int], activation: ActivationLike = "swiglu", bias: bool = False,
-        init_std: Optional[float] = None, *, device=None, dtype=None,
+        init_std: Optional[float] = None, *, fp8_recipe: Optional[str] = None, device=None, dtype=None,
     ):
         super().__init__()
         self.d_model = d_model
@@ -45,6 +48,12 @@ class GroupedExperts(nn.Module):
                              "weights read in place (the transformers experts), not of this module")
         self.init_std = init_std
         self.homogeneous = len(set(self.widths)) == 1
+        if fp8_recipe is not None and fp8_recipe not in FP8_RECIPES:
+            raise ValueError(f"GroupedExperts: `fp8_recipe` must be None or one of {FP8_RECIPES}, got {fp8_recipe!r}")
+        if fp8_recipe is not None and not self.homogeneous:
+            raise ValueError("GroupedExperts: `fp8_recipe` needs experts of one width (the 128×128 weight blocks of "
+                             f"packed experts of widths {list(self.widths)} would straddle experts)")
+        self.fp8_recipe = fp8_recipe
         m = 2 if self.activation.gated else 1
         E, d = self.num_experts, d_model
         factory = dict(device=device, dtype=dtype)
@@ -113,6 +122,9 @@ class GroupedExperts(nn.Module):
     def forward(self, x: Tensor, offsets: Tensor, *, backend: Optional[str] = None) -> Tensor:
         """``x [R, d]`` grouped by ``offsets [E+1]`` → ``[R, d]``. The ops cast the weights to x's
         dtype (fp32 master weights with bf16 activations work like autocast)."""
+        if self.fp8_recipe is not None:
+            return grouped_mlp_fp8(x, self.w_up, self.w_down, offsets, self.activation, self.b_up, self.b_down,
+                                   backend=backend)
         return grouped_mlp(
             x, self.w_up, self.w_down, offsets, self.activation, self.b_up, self.b_down,
             widths=None if self.homogeneous else self.widths, backend=backend,
@@ -123,7 +135,11 @@ class GroupedExperts(nn.Module):
         fused: Optional[bool] = None,
     ) -> Tensor:
         """Tokens in, tokens out: ``x [T, d]`` dispatched by ``plan`` and combined with
-        ``weight [T, k]`` (``ops.moe_mlp``; fused kernels when the backend has them)."""
+        ``weight [T, k]`` (``ops.moe_mlp``; fused kernels when the backend has them; with
+        ``fp8_recipe``, ``ops.fp8_mlp.moe_mlp_fp8`` whatever ``fused``)."""
+        if self.fp8_recipe is not None:
+            return moe_mlp_fp8(x, plan, weight, self.w_up, self.w_down, self.activation, self.b_up, self.b_down,
+                               backend=backend)
         return moe_mlp(
             x, plan, weight, self.w_up, self.w_down, self.activation, self.b_up, self.b_down,
             widths=None if self.homogeneous else self.widths, backend=backend, fused=fused,
@@ -135,7 +151,7 @@ class GroupedExperts(nn.Module):
         experts = list(experts)
         widths = [self.widths[e] for e in experts]
         out = GroupedExperts(self.d_model, widths, self.activation, self.b_up is not None, self.init_std,
-                             device=self.w_up.device, dtype=self.w_up.dtype)
+                             fp8_recipe=self.fp8_recipe if len(set(widths)) == 1 else None, device=self.w_up.device, dtype=self.w_up.dtype)
         out.load_experts([self.expert_weights(e) for e in experts])
         return out
 
@@ -167,7 +183,8 @@ class GroupedExperts(nn.Module):
 
     def extra_repr(self) -> str:
         widths = self.widths[0] if self.homogeneous else list(self.widths)
-        return f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={widths}, activation={self.activation.name}"
+        fp8 = f", fp8_recipe={self.fp8_recipe}" if self.fp8_recipe else ""
+        return f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={widths}, activation={self.activation.name}{fp8}"
 
 
 class SharedExperts(nn.Module):

@@ -15,8 +15,10 @@ must equal:
   training, with bf16 master weights).
 
 Tiles at a ragged edge (K or N not a multiple of 128, an expert's last rows) are the partial tiles
-that remain: their scale comes from the elements present. Nothing here is wired into ``MoELayer``
-yet.
+that remain: their scale comes from the elements present. The ``grouped_gemm_fp8`` op
+(:mod:`fastmoe_kernels.ops.grouped_gemm_fp8`) runs this as its torch backend and the Triton kernels
+of :mod:`fastmoe_kernels.triton_backend.fp8` on GPUs; ``MoEConfig(fp8_recipe="blockwise")`` uses it
+for the routed experts' GEMMs.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+FP8_RECIPES = ("blockwise",)  # MoEConfig.fp8_recipe
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 TILE = 128
@@ -100,37 +103,44 @@ def fake_quant_weight(w: Tensor) -> Tensor:
     return dequantize_blocks(*quantize_blocks(w))
 
 
-class _GroupedGemmFp8(torch.autograd.Function):
-    """``y[rows of e] = x[rows of e] · w[e]ᵀ`` with the blockwise fp8 recipe (``w [E, N, K]``)."""
+def grouped_gemm_fp8_forward_reference(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+    """``y[rows of e] = x[rows of e] · w[e]ᵀ`` with the recipe (``w [E, N, K]``), in x's dtype."""
+    bounds = offsets.tolist()
+    wq = fake_quant_weight(w)
+    out = torch.zeros(x.shape[0], w.shape[1], dtype=torch.float32, device=x.device)
+    for e in range(w.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            out[lo:hi] = fake_quant_rows(x[lo:hi]) @ wq[e].t()
+    return out.to(x.dtype)
 
+
+def grouped_gemm_fp8_backward_reference(grad: Tensor, x: Tensor, w: Tensor, offsets: Tensor) -> Tuple[Tensor, Tensor]:
+    """(dgrad in x's dtype, wgrad in w's dtype) of the forward above."""
+    bounds = offsets.tolist()
+    wq = fake_quant_weight(w)
+    grad_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+    for e in range(w.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi <= lo:
+            continue
+        g = grad[lo:hi]
+        grad_x[lo:hi] = fake_quant_rows(g) @ wq[e]
+        # wgrad: both operands tiled along the tokens, the tiles starting at this expert's first row.
+        grad_w[e] = fake_quant_cols(g).t() @ fake_quant_cols(x[lo:hi])
+    return grad_x.to(x.dtype), grad_w.to(w.dtype)
+
+
+class _GroupedGemmFp8(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
-        bounds = offsets.tolist()
-        wq = fake_quant_weight(w)
-        out = torch.zeros(x.shape[0], w.shape[1], dtype=torch.float32, device=x.device)
-        for e in range(w.shape[0]):
-            lo, hi = bounds[e], bounds[e + 1]
-            if hi > lo:
-                out[lo:hi] = fake_quant_rows(x[lo:hi]) @ wq[e].t()
         ctx.save_for_backward(x, w, offsets)
-        return out.to(x.dtype)
+        return grouped_gemm_fp8_forward_reference(x, w, offsets)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, w, offsets = ctx.saved_tensors
-        bounds = offsets.tolist()
-        wq = fake_quant_weight(w)
-        grad_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-        for e in range(w.shape[0]):
-            lo, hi = bounds[e], bounds[e + 1]
-            if hi <= lo:
-                continue
-            g = grad[lo:hi]
-            grad_x[lo:hi] = fake_quant_rows(g) @ wq[e]
-            # wgrad: both operands tiled along the tokens, the tiles starting at this expert's first row.
-            grad_w[e] = fake_quant_cols(g).t() @ fake_quant_cols(x[lo:hi])
-        return grad_x.to(x.dtype), grad_w.to(w.dtype), None
+        return (*grouped_gemm_fp8_backward_reference(grad, *ctx.saved_tensors), None)
 
 
 def grouped_gemm_fp8_reference(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:

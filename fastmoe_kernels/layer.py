@@ -79,7 +79,7 @@ class MoELayer(nn.Module):
                 config.num_experts, expert_parallel_group, _fingerprint(config, dtype), expert_parallel_timeout)
             widths = tuple(widths[e] for e in self.expert_parallel.local)
         self.experts = GroupedExperts(config.d_model, widths, config.activation_spec, config.bias, config.init_std,
-                                      **factory)
+                                      fp8_recipe=config.fp8_recipe, **factory)
         if self.expert_parallel is not None:
             for p in self.experts.parameters():
                 p.fastmoe_expert_parallel = True

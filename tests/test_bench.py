@@ -1,5 +1,6 @@
 """The benchmark harness on a tiny grid on the CPU: sweeps hold their stated budgets, baselines
 compute the same function as our experts, every file is written and the plots open."""
+import dataclasses
 import json
 import math
 import random
@@ -37,17 +38,25 @@ def test_sweeps_hold_their_stated_budgets(grid):
     assert {c.num_shared_experts * c.shared_d_ff + c.top_k * c.d_ff for c in by("shared") if c.shared_d_ff} == \
         {base.top_k * base.d_ff}
     # Every sweep holds the base point itself; the capacity sweep holds dropless.
-    for sweep in ("experts", "top_k", "expert_size", "granularity", "tokens", "d_model", "dtype", "capacity", "shared"):
+    for sweep in ("experts", "top_k", "expert_size", "granularity", "tokens", "d_model", "dtype", "capacity", "shared",
+                  "fp8"):
         assert measured_key(base) in {measured_key(c) for c in by(sweep)}, sweep
+    # The fp8 sweep is the base and its fp8 twin, nothing else changed.
+    assert [c.fp8_recipe for c in by("fp8")] == [None, "blockwise"]
+    assert measured_key(by("fp8")[1]) == dataclasses.replace(measured_key(base), fp8_recipe="blockwise")
     assert None in {c.capacity_factor for c in by("capacity")} and any(c.capacity_factor for c in by("capacity"))
     decode = by("decode")
     assert decode and all(c.inference_only and c.tokens <= 256 for c in decode) and min(c.tokens for c in decode) == 1
     if grid in ("gpu", "full"):
         assert base.tokens == 16384 and base.d_model == 2048 and base.d_ff == 768 and base.num_experts == 128
         assert [c.tokens for c in decode][-1] == 256
-        models = {c.label: c for c in by("models")}
-        assert set(models) == {"Qwen3-30B-A3B", "OLMoE", "Mixtral-8x7B", "DeepSeek-V3", "gpt-oss-20b"}
         shape = lambda c: (c.d_model, c.d_ff, c.num_experts, c.top_k)
+        models = {c.label: c for c in by("models")}
+        assert set(models) == {"Qwen3-30B-A3B", "OLMoE", "Mixtral-8x7B", "DeepSeek-V3", "gpt-oss-20b",
+                               "Mixtral-8x7B fp8", "Qwen3-30B-A3B fp8"}
+        for name in ("Mixtral-8x7B", "Qwen3-30B-A3B"):  # the fp8 speed target's shapes, beside their bf16 selves
+            twin = models[f"{name} fp8"]
+            assert twin.fp8_recipe == "blockwise" and shape(twin) == shape(models[name])
         assert shape(models["Mixtral-8x7B"]) == (4096, 14336, 8, 2) and shape(models["OLMoE"]) == (2048, 1024, 64, 8)
         ds = models["DeepSeek-V3"]
         assert shape(ds) == (7168, 2048, 256, 8) and ds.num_shared_experts == 1 and ds.score_func == "sigmoid"

@@ -42,6 +42,10 @@ from triton.runtime.interpreter import InterpretedFunction, _patch_lang  # noqa:
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 GEMM_KERNELS = ("_grouped_matmul_kernel", "_up_projection_kernel", "_activation_backward_kernel", "_grouped_wgrad_kernel")
+# The fp8 GEMMs (fp8_recipe="blockwise"), compiled for targets with fp8 tensor cores (sm_89 and later):
+# their K loops must be pipelined and, on sm_90, their products fp8 wgmma.
+FP8_KERNELS = ("_fp8_matmul_kernel", "_fp8_wgrad_kernel")
+FP8_ARCH = 89
 # A spill of a few registers outside the K loop costs nothing measurable; more makes a config unusable.
 SPILL_TOLERANCE = 64
 # Opt-in shared memory per block (bytes): A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
@@ -85,7 +89,9 @@ class Recorder:
                                  num_stages=meta.num_stages, shared=meta.shared, registers=regs, spill_bytes=spills,
                                  # Software pipelining shows as asynchronous global→shared copies.
                                  async_copies=ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy"),
-                                 wgmma=ttgir.count("ttng.warp_group_dot "))
+                                 wgmma=ttgir.count("ttng.warp_group_dot "),
+                                 fp8_wgmma=sum("ttng.warp_group_dot " in line and "f8E4M3FN" in line
+                                               for line in ttgir.splitlines()))
 
 
 RECORDER = Recorder()
@@ -189,8 +195,9 @@ def cubin_resources(cubin):
     return (int(regs.group(1)) if regs else None), (int(stack.group(1)) if stack else None)
 
 
-def drive_layer(dtype: torch.dtype) -> None:
-    """Every kernel variant the layer can launch: activations, bias, widths, dispatch, routing."""
+def drive_layer(dtype: torch.dtype, arch: int) -> None:
+    """Every kernel variant the layer can launch: activations, bias, widths, dispatch, routing, and
+    the fp8 GEMMs where the target has fp8 tensor cores."""
     from fastmoe_kernels import MoELayer
 
     T, d = 96, 64
@@ -212,6 +219,11 @@ def drive_layer(dtype: torch.dtype) -> None:
     variants += [dict(activation=act, bias=True) for act in ("swiglu_oai", "geglu_tanh", "silu", "gelu_tanh", "relu2")]
     for extra in variants:
         _train_step(MoELayer, T, d, dtype, extra)
+    if arch >= FP8_ARCH:
+        # d and f of 2-3 scaling tiles, so that every K loop runs more than once.
+        for extra in (dict(d_ff=384), dict(d_ff=256, bias=True, activation="gelu", capacity_factor=1.0,
+                                           pad_to_capacity=True)):
+            _train_step(MoELayer, T, 256, dtype, dict(extra, fp8_recipe="blockwise"))
     _interleaved_step(T, d, dtype)
     # The int64-offset variants (weights whose in-matrix offsets pass 2³¹) compile and pipeline too.
     from fastmoe_kernels.triton_backend._layout import ExpertMatrices
@@ -320,7 +332,7 @@ def main(argv=None) -> int:
         limit = SHARED_LIMIT.get(arch, SHARED_LIMIT[80])
         _common.shared_memory_override = limit  # what the pruners compare with on this target
         for dtype in dtypes:
-            drive_layer(dtype)
+            drive_layer(dtype, arch)
         rows = sorted(RECORDER.kernels.values(), key=lambda r: (r["kernel"], r["constexprs"].get("BM", 0)))
         problems = check_configs(rows, limit)
         for r in rows:
@@ -328,6 +340,7 @@ def main(argv=None) -> int:
             estimate = max((t["estimate"] or 0 for t in r["tuning"]), default=None)
             print(f"sm_{arch} {r['kernel']:<28} warps={r['num_warps']} stages={r['num_stages']} "
                   f"shared={r['shared']:>6} estimate={estimate} async={r['async_copies']} wgmma={r['wgmma']} "
+                  f"fp8_wgmma={r['fp8_wgmma']} "
                   f"regs={r['registers']} spills={r['spill_bytes']} {'' if kept else 'PRUNED '}"
                   f"{'' if r['fits'] else 'EXCEEDS SHARED MEMORY '}{r['constexprs']}")
         for failure in RECORDER.failures:
@@ -342,6 +355,13 @@ def main(argv=None) -> int:
                        and any(t["kept"] for t in r["tuning"])]
         for r in unpipelined:
             print(f"sm_{arch} {r['kernel']}: K loop not pipelined (no async copies) {r['constexprs']}")
+        unpipelined += [r for r in rows if r["kernel"] in FP8_KERNELS and r["async_copies"] == 0]
+        for r in rows:
+            if r["kernel"] in FP8_KERNELS and r["async_copies"] == 0:
+                print(f"sm_{arch} {r['kernel']}: fp8 K loop not pipelined (no async copies) {r['constexprs']}")
+            if r["kernel"] in FP8_KERNELS and arch >= 90 and r["fp8_wgmma"] == 0:
+                problems.append(f"{r['kernel']}: no fp8 wgmma on sm_{arch} {r['constexprs']}")
+                print(f"sm_{arch} {problems[-1]}")
         print(f"sm_{arch}: {len(rows)} kernels compiled ({RECORDER.pruned} launch configs pruned before compiling), "
               f"{len(RECORDER.failures)} failures, {len(problems)} config problems, "
               f"{sum(bool(r['spill_bytes']) for r in rows)} with spills, {len(unpipelined)} GEMMs not pipelined")

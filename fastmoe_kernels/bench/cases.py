@@ -39,6 +39,7 @@ class BenchCase:
     routed_scaling_factor: float = 1.0
     label: str = ""                    # the model whose layer shape this is ("Qwen3-30B-A3B", …)
     inference_only: bool = False       # decode: forward without autograd only
+    fp8_recipe: Optional[str] = None   # "blockwise": the experts' GEMMs in fp8 (MoEConfig.fp8_recipe)
 
     @property
     def name(self) -> str:
@@ -54,6 +55,8 @@ class BenchCase:
             parts.append(self.score_func)
         if self.num_groups:
             parts.append(f"g{self.num_groups}of{self.topk_groups}")
+        if self.fp8_recipe:
+            parts.append(f"fp8{self.fp8_recipe}")
         if self.inference_only:
             parts.append("infer")
         return "-".join(parts)
@@ -73,6 +76,7 @@ class BenchCase:
             num_shared_experts=self.num_shared_experts, shared_d_ff=self.shared_d_ff, aux_loss_coeff=1e-2,
             score_func=self.score_func, num_groups=self.num_groups, topk_groups=self.topk_groups,
             routed_scaling_factor=self.routed_scaling_factor, expert_bias=self.score_func == "sigmoid",
+            fp8_recipe=self.fp8_recipe,
         )
         fields.update(overrides)
         return MoEConfig(**fields)

@@ -75,6 +75,7 @@ class ResultRow:
     others_load: Optional[float]   # cores other processes kept busy while this was timed
     dense_ratio: Optional[float] = None
     flags: str = ""                # suspect-point flags, filled by checks.flag_rows
+    fp8_recipe: Optional[str] = None  # the experts' GEMMs in fp8 ("blockwise"), else in `dtype`
     env: Dict[str, str] = field(default_factory=dict)
 
     def flat(self) -> Dict[str, object]:
@@ -210,9 +211,9 @@ def planned_targets(case: BenchCase, backends: List[str], with_ops: bool, with_b
     modes = 1 if case.inference_only else 2
     variants = len(backends) + ("triton" in backends)
     n = variants * 2 * modes + (1 if case.inference_only else 1 * modes)
-    if with_ops and not case.inference_only:
+    if with_ops and not case.inference_only and not case.fp8_recipe:
         n += len(backends) * OPS_PER_BACKEND + OP_ROOFLINES
-    if with_baselines and case.capacity_factor is None:
+    if with_baselines and case.capacity_factor is None and not case.fp8_recipe:
         n += baselines * modes
     return n
 

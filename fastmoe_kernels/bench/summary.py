@@ -121,6 +121,17 @@ def design_implications(rows: List[Row]) -> List[str]:
         ratio = shared[-1]["train_us_per_token"] / shared[0]["train_us_per_token"]
         out.append(f"**A shared expert** (fixed active) costs ×{ratio:.2f} per token against routing that slot; "
                    f"the design tool keeps it a second-order option.")
+    fp8 = tables.get("fp8", [])
+    base_cost = _cost(fp8, SWEEPS["fp8"], lambda x: not str(x).startswith("fp8"))
+    fp8_entry = next((e for e in fp8 if str(e[SWEEPS["fp8"].label]).startswith("fp8") and e["train_us_per_token"]), None)
+    if base_cost and fp8_entry:
+        speedup = base_cost / fp8_entry["train_us_per_token"]
+        emulated = fp8_entry["train_impl"] in ("torch", "cpp")
+        out.append(f"**FP8 experts** (blockwise e4m3): the training step runs at ×{speedup:.2f} the speed of the base "
+                   f"precision ({fp8_entry['train_impl']}); "
+                   + ("this is the fp32 emulation (no fp8 kernel here), a cost of checking the recipe, not of fp8 "
+                      "training." if emulated else
+                      "the design tool's FLOP budget stretches by that factor for the routed experts."))
     return out
 
 

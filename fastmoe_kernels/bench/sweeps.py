@@ -35,6 +35,8 @@ SWEEPS: Dict[str, Sweep] = {s.name: s for s in [
     Sweep("shared", "num_shared_experts", "shared experts",
           "fixed active parameters (a shared expert replaces a routed slot)", numeric=False),
     Sweep("decode", "tokens", "tokens (inference only)", "fixed model: weight reads dominate; rate in GB/s"),
+    Sweep("fp8", "fp8_recipe", "expert GEMMs", "fixed configuration: the base's dtype, or fp8 blockwise "
+          "(emulated where no fp8 kernel runs: CPU, GPUs before sm_89)", numeric=False),
     Sweep("models", "label", "model", "each model's own layer shape at 16,384 tokens, bf16", numeric=False),
 ]}
 
@@ -45,6 +47,8 @@ def x_value(row: Mapping[str, object], sweep: Sweep):
         return "dropless" if value in (None, "", "None") else f"cf {float(value):g}"
     if sweep.name == "models":
         return row.get("label") or row.get("case")
+    if sweep.name == "fp8":
+        return f"fp8 {value}" if value not in (None, "", "None") else str(row.get("dtype"))
     return value
 
 

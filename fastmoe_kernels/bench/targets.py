@@ -141,7 +141,9 @@ def build_targets(case: BenchCase, device: torch.device, backend_names: List[str
                                   roofline=fwd_roof if mode == "fwd" else "dense_gemm", **kw))
 
     # ---- the layer and the experts, on every backend ----------------------------------------------
-    with_ops = with_ops and not case.inference_only and _ops_fit(case, device, R, skips)
+    if with_ops and case.fp8_recipe:
+        skips[f"ops of {case.name}"] = "the op breakdown runs the bf16 ops; the fp8 case times the layer and the experts"
+    with_ops = with_ops and not case.inference_only and not case.fp8_recipe and _ops_fit(case, device, R, skips)
     op_inputs = None
     variants = [(b, None) for b in backend_names] + ([("triton-unfused", False)] if "triton" in backend_names else [])
     for impl, fused in variants:
@@ -170,6 +172,8 @@ def build_targets(case: BenchCase, device: torch.device, backend_names: List[str
     if with_baselines:
         if case.capacity_factor is not None:
             skips["baselines"] = "the baselines are dropless; capacity cases compare our backends only"
+        elif case.fp8_recipe:
+            skips["baselines"] = "the baselines have no fp8 path; they are timed on this case's bf16 twin"
         else:
             for name, fn in build_baselines(reference.experts, xs.items[0], idx, weight).items():
                 if isinstance(fn, str):

@@ -1,6 +1,7 @@
 """The op layer: one function per op, each a torch.library custom op with a backward and a
 fake (meta) implementation; ``backends.resolve`` picks the implementation of each kernel."""
 from .grouped_gemm import grouped_gemm
+from .grouped_gemm_fp8 import grouped_gemm_fp8
 from .grouped_mlp import grouped_mlp
 from .moe_mlp import moe_mlp
 from .permute import permute, unpermute
@@ -12,6 +13,7 @@ __all__ = [
     "DispatchPlan",
     "expert_capacity",
     "grouped_gemm",
+    "grouped_gemm_fp8",
     "grouped_mlp",
     "make_plan",
     "moe_mlp",

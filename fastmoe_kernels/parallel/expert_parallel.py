@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..ops import DispatchPlan, grouped_mlp, permute, unpermute
+from ..ops import DispatchPlan, permute, unpermute
 
 DEFAULT_TIMEOUT_S = 600.0  # long enough for a first step's kernel compiles on a slower rank
 
@@ -161,9 +161,7 @@ class ExpertParallelExchange:
         order = torch.sort(expert_of_row, stable=True).indices
         per_expert = recv_matrix.sum(0)
         offsets = torch.cat([per_expert.new_zeros(1), torch.cumsum(per_expert, 0)]).to(torch.int32)
-        local_out = grouped_mlp(received[order], experts.w_up, experts.w_down, offsets, experts.activation,
-                                experts.b_up, experts.b_down, widths=None if experts.homogeneous else experts.widths,
-                                backend=backend)
+        local_out = experts(received[order], offsets, backend=backend)  # grouped_mlp (fp8 with fp8_recipe)
         back = torch.empty_like(local_out).index_copy(0, order, local_out)
         returned = all_to_all(back, in_splits, out_splits, self.group, self.timeout_s)
         if returned.shape[0] < x_rows.shape[0]:

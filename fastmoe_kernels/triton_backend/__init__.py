@@ -8,8 +8,8 @@ falls back to the torch reference (Triton's tensor cores have no fp64 path worth
 Files: one per kernel family — ``routing`` (router top-k), ``plan`` (counting-based dispatch
 plan), ``permute`` (gather / combine), ``grouped_gemm`` (persistent grouped GEMM with fused
 gather, scatter and activation epilogues, and its weight gradient), ``moe_mlp`` (the fused
-expert MLP), ``routing_stats``; ``_common`` (launch helpers) and ``_jit`` (shared device code).
+expert MLP), ``fp8`` (the blockwise fp8 grouped GEMMs), ``routing_stats``; ``_common`` (launch helpers) and ``_jit`` (shared device code).
 """
 import triton  # noqa: F401  (ImportError here = backend unavailable)
 
-from . import grouped_gemm, moe_mlp, permute, plan, routing, routing_stats  # noqa: F401  (registration)
+from . import fp8, grouped_gemm, moe_mlp, permute, plan, routing, routing_stats  # noqa: F401  (registration)

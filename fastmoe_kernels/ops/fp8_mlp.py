@@ -1,0 +1,107 @@
+"""The routed experts with fp8 GEMMs (``MoEConfig(fp8_recipe="blockwise")``).
+
+``moe_mlp_fp8(x [T, d], plan, weight, w_up, w_down, activation)`` is, by definition,
+``unpermute(act(grouped_gemm_fp8(permute(x)) + b_up) → grouped_gemm_fp8(·) + b_down, weight)``:
+the router, the gather, the activation, the biases and the weighted combine run in the input's
+precision, only the four products (two forward, and each one's dgrad and wgrad) in fp8.
+
+The gather is fused with the quantisation: a row's 1×128 tiles depend on that row only, so the up
+projection quantises each *token* once and its kernel reads the e4m3 rows by index — the same
+numbers as quantising the permuted copy (``T`` rows instead of ``T·k``, and no permuted copy of x at
+all; its wgrad gathers x the same way). The input gradient of the gathered product is the sum over a
+token's rows, a gather like ``permute``'s backward (deterministic, fp32).
+
+Homogeneous experts only (one width: the 128×128 weight blocks of a packed heterogeneous layout
+would straddle experts); :class:`~fastmoe_kernels.config.MoEConfig` says so.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ..activations import Activation, apply_activation
+from ..fp8 import grouped_gemm_fp8_backward_reference, grouped_gemm_fp8_forward_reference
+from .grouped_gemm_fp8 import _warn_emulation, compute_capability, grouped_gemm_fp8
+from .permute import _combine_op, permute_reference, unpermute
+from .plan import DispatchPlan
+
+
+def _gathered_forward_reference(x: Tensor, w: Tensor, offsets: Tensor, src: Tensor) -> Tensor:
+    return grouped_gemm_fp8_forward_reference(permute_reference(x, src), w, offsets)
+
+
+def _gathered_backward_reference(grad: Tensor, x: Tensor, w: Tensor, offsets: Tensor, src: Tensor):
+    """(gradient of the gathered rows ``[R, K]``, gradient of w)."""
+    return grouped_gemm_fp8_backward_reference(grad, permute_reference(x, src), w, offsets)
+
+
+backends.register("grouped_gemm_fp8_gathered", "torch")(_gathered_forward_reference)
+backends.register("grouped_gemm_fp8_gathered_backward", "torch")(_gathered_backward_reference)
+
+
+class _GatheredGemmFp8(torch.autograd.Function):
+    """``grouped_gemm_fp8(permute(x, plan), w, offsets)`` without the permuted copy."""
+
+    @staticmethod
+    def forward(ctx, x, w, offsets, src, row, names):
+        forward, backward, combine = names
+        ctx.save_for_backward(x, w, offsets, src, row)
+        ctx.backends = backward, combine
+        return backends.get_kernel("grouped_gemm_fp8_gathered", forward)(x, w, offsets, src)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, offsets, src, row = ctx.saved_tensors
+        backward, combine = ctx.backends
+        grad_rows, grad_w = backends.get_kernel("grouped_gemm_fp8_gathered_backward", backward)(
+            grad.contiguous(), x, w, offsets, src)
+        no_weight = grad_rows.new_empty(0, dtype=torch.float32)
+        grad_x = _combine_op(grad_rows.contiguous(), row, no_weight, combine)  # Σ over each token's rows
+        return grad_x, grad_w, None, None, None, None
+
+
+def _expert_of_rows(offsets: Tensor, num_rows: int) -> Tensor:
+    """The expert of each row, E for rows after the last group (no host sync)."""
+    rows = torch.arange(num_rows, device=offsets.device)
+    return torch.searchsorted(offsets[1:].to(torch.int64), rows, right=True)
+
+
+def _add_bias(h: Tensor, bias: Optional[Tensor], offsets: Tensor) -> Tensor:
+    """``h[r] + bias[expert of r]`` in h's dtype; rows outside every group get none."""
+    if bias is None:
+        return h
+    padded = torch.cat([bias.to(h.dtype), bias.new_zeros(1, bias.shape[1], dtype=h.dtype)])
+    return h + padded[_expert_of_rows(offsets, h.shape[0])]
+
+
+def gathered_gemm_fp8(x: Tensor, plan: DispatchPlan, w: Tensor, *, backend: Optional[str] = None) -> Tensor:
+    """``grouped_gemm_fp8(permute(x, plan), w, plan.offsets)``, each token quantised once."""
+    cc = compute_capability(x.device)
+    names = (backends.resolve("grouped_gemm_fp8_gathered", backend, x.device, x.dtype, cc=cc),
+             backends.resolve("grouped_gemm_fp8_gathered_backward", backend, x.device, x.dtype, cc=cc),
+             backends.resolve("combine", backend, x.device, x.dtype))
+    if "torch" in names[:2]:
+        _warn_emulation(x.device)
+    return _GatheredGemmFp8.apply(x.contiguous(), w, plan.offsets, plan.src, plan.row, names)
+
+
+def grouped_mlp_fp8(x: Tensor, w_up: Tensor, w_down: Tensor, offsets: Tensor, act: Activation,
+                    b_up: Optional[Tensor] = None, b_down: Optional[Tensor] = None, *,
+                    backend: Optional[str] = None) -> Tensor:
+    """Expert-grouped rows in and out (``grouped_mlp`` with fp8 products; homogeneous experts)."""
+    h = _add_bias(grouped_gemm_fp8(x, w_up, offsets, backend=backend), b_up, offsets)
+    a = apply_activation(h, act)
+    return _add_bias(grouped_gemm_fp8(a, w_down, offsets, backend=backend), b_down, offsets)
+
+
+def moe_mlp_fp8(x: Tensor, plan: DispatchPlan, weight: Tensor, w_up: Tensor, w_down: Tensor, act: Activation,
+                b_up: Optional[Tensor] = None, b_down: Optional[Tensor] = None, *,
+                backend: Optional[str] = None) -> Tensor:
+    """Tokens in, tokens out (see the module docstring)."""
+    h = _add_bias(gathered_gemm_fp8(x, plan, w_up, backend=backend), b_up, plan.offsets)
+    a = apply_activation(h, act)
+    y = _add_bias(grouped_gemm_fp8(a, w_down, plan.offsets, backend=backend), b_down, plan.offsets)
+    return unpermute(y, plan, weight, backend=backend)

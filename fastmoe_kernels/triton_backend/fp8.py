@@ -1,0 +1,369 @@
+"""FP8 (e4m3) blockwise-scaled grouped GEMMs: the quantisers and the three products (issue 16).
+
+They compute what :mod:`fastmoe_kernels.fp8` specifies (DeepSeek-V3's recipe): activations and
+gradients in 1×128 tiles along the reduction, weights in 128×128 blocks, one fp32 scale each, fp32
+accumulation. The reduction runs in steps of exactly 128 so that every step's fp8 product is scaled
+once by its two tiles' scales (``acc += dot(a, b) · s_a · s_b``, as DeepGEMM and vLLM's block-fp8
+kernels promote each K block to the fp32 accumulator).
+
+- ``_quantize_rows_kernel``: ``x [M, K]`` → e4m3 ``[M, K]`` and scales ``[M, ceil(K/128)]``; rows can
+  be read through an index (the gather of the up projection: quantising each token once instead
+  of each of its k copies gives the same values, since a row's tiles do not depend on other rows).
+- ``_quantize_cols_kernel``: the wgrad's operands, 128 rows of one column per scale, the tiles
+  starting at each expert's first row; written transposed (``[K, R]``, the tokens contiguous),
+  which is the K-major layout fp8 tensor cores need for a reduction over tokens.
+- ``_quantize_blocks_kernel``: weights ``[E, N, K]`` → e4m3 in both ``[E, N, K]`` (forward) and
+  ``[E, K, N]`` (dgrad: again K-major for its reduction over N), one scale per 128×128 block.
+- ``_fp8_matmul_kernel``: forward and dgrad (a persistent grouped GEMM, as ``grouped_gemm.py``).
+- ``_fp8_wgrad_kernel``: ``dW_e = Σ_tiles (G_tᵀ·X_t) · s_G · s_X``.
+
+Rounding: scales are ``amax / 448`` (round-to-nearest division, 1 for an all-zero tile), values are
+rounded to e4m3 by :func:`_e4m3_round` (round to nearest even, in fp32 arithmetic) and only then
+cast, so the cast is exact. (Triton's CPU interpreter rounds an fp32→e4m3 cast wrongly where the
+rounding carries into the exponent — 7.93 became 4 — so the kernels never rely on the cast to round.)
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .._alloc import empty
+from ..fp8 import TILE
+from ._common import interpreted, next_pow2, persistent_programs, register
+from ._jit import gather_rows, group_table, pick
+
+FP8_MAX = 448.0
+# 1.5 · 2²³: adding and subtracting it rounds an fp32 of magnitude < 2²² to an integer, ties to even.
+_ROUND_MAGIC = 12582912.0
+
+# (BM, BN, warps, stages) of the forward/dgrad; BK is the 128 of the scaling tiles. BN divides 128 so
+# that an output tile lies in one weight block (one weight scale per K step).
+FP8_MATMUL_TILES = [(128, 128, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 3)]
+# (BN, BK) of the wgrad's output tile; the reduction steps over 128 tokens (one scaling tile).
+FP8_WGRAD_TILES = [(128, 128, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 3)]
+
+
+def _matmul_configs():
+    if interpreted():
+        return [triton.Config(dict(BM=16, BN=32), num_warps=1)]
+    return [triton.Config(dict(BM=m, BN=n), num_warps=w, num_stages=s) for m, n, w, s in FP8_MATMUL_TILES]
+
+
+def _wgrad_configs():
+    if interpreted():
+        return [triton.Config(dict(BN=32, BK=32), num_warps=1)]
+    return [triton.Config(dict(BN=n, BK=k), num_warps=w, num_stages=s) for n, k, w, s in FP8_WGRAD_TILES]
+
+
+# ---- device helpers --------------------------------------------------------------------------------
+@triton.jit
+def _e4m3_round(v):
+    """v (fp32, |v| ≤ 448) rounded to the nearest e4m3 value, ties to even: e4m3 keeps 3 mantissa
+    bits, so the step is 2^(e-3) for exponent e ≥ -6 (2⁻⁹ among the subnormals)."""
+    bits = v.to(tl.int32, bitcast=True)
+    e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
+    step = ((124 + e) << 23).to(tl.float32, bitcast=True)  # 2^(e-3): exponent field 127 + e - 3
+    inv_step = ((130 - e) << 23).to(tl.float32, bitcast=True)  # 2^(3-e), exact
+    y = v * inv_step
+    return ((y + _ROUND_MAGIC) - _ROUND_MAGIC) * step
+
+
+@triton.jit
+def _scale_of(amax):
+    return tl.where(amax > 0, tl.math.div_rn(amax, FP8_MAX), 1.0)
+
+
+@triton.jit
+def _to_e4m3(x, scale):
+    return _e4m3_round(tl.math.div_rn(x, scale)).to(tl.float8e4nv)
+
+
+# ---- quantisers ------------------------------------------------------------------------------------
+@triton.jit
+def _quantize_rows_kernel(x_ptr, row_index_ptr, num_src, stride_xm, q_ptr, s_ptr, M, K, KT,
+                          GATHER: tl.constexpr, BM: tl.constexpr, TILE_K: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * TILE_K + tl.arange(0, TILE_K)
+    rmask = rows < M
+    src, valid = gather_rows(row_index_ptr, rows, rmask, num_src, 1, GATHER)
+    x = tl.load(x_ptr + src[:, None] * stride_xm + cols[None, :], mask=valid[:, None] & (cols < K)[None, :],
+                other=0.0).to(tl.float32)
+    scale = _scale_of(tl.max(tl.abs(x), 1))
+    out = rows.to(tl.int64)[:, None] * K + cols[None, :]
+    tl.store(q_ptr + out, _to_e4m3(x, scale[:, None]), mask=rmask[:, None] & (cols < K)[None, :])
+    tl.store(s_ptr + rows.to(tl.int64) * KT + tl.program_id(1), scale, mask=rmask)
+
+
+@triton.jit
+def _quantize_cols_kernel(x_ptr, row_index_ptr, num_src, stride_xm, qt_ptr, s_ptr, offsets_ptr, num_rows, K,
+                          E, E_PAD: tl.constexpr, GATHER: tl.constexpr, BK: tl.constexpr, TILE_M: tl.constexpr):
+    e_range, lo_v, hi_v, mt_v, mend_v = group_table(offsets_ptr, num_rows, E, E_PAD, TILE_M)
+    t = tl.program_id(0)
+    if t < tl.sum(mt_v, 0):
+        e = tl.sum((mend_v <= t).to(tl.int32), 0)
+        rows = pick(lo_v, e_range, e) + (t - pick(mend_v - mt_v, e_range, e)) * TILE_M + tl.arange(0, TILE_M)
+        rmask = rows < pick(hi_v, e_range, e)
+        cols = tl.program_id(1) * BK + tl.arange(0, BK)
+        cmask = cols < K
+        src, valid = gather_rows(row_index_ptr, rows, rmask, num_src, 1, GATHER)
+        x = tl.load(x_ptr + src[:, None] * stride_xm + cols[None, :], mask=valid[:, None] & cmask[None, :],
+                    other=0.0).to(tl.float32)
+        scale = _scale_of(tl.max(tl.abs(x), 0))
+        tl.store(qt_ptr + cols.to(tl.int64)[None, :] * num_rows + rows[:, None], _to_e4m3(x, scale[None, :]),
+                 mask=rmask[:, None] & cmask[None, :])
+        tl.store(s_ptr + t.to(tl.int64) * K + cols, scale, mask=cmask)
+
+
+@triton.jit
+def _quantize_blocks_kernel(w_ptr, stride_we, stride_wn, stride_wk, q_ptr, qt_ptr, s_ptr, N, K, NB, KB,
+                            BLOCK: tl.constexpr):
+    e, nb, kb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n = nb * BLOCK + tl.arange(0, BLOCK)
+    k = kb * BLOCK + tl.arange(0, BLOCK)
+    mask = (n < N)[:, None] & (k < K)[None, :]
+    w = tl.load(w_ptr + e.to(tl.int64) * stride_we + n[:, None] * stride_wn + k[None, :] * stride_wk, mask=mask,
+                other=0.0).to(tl.float32)
+    scale = _scale_of(tl.max(tl.max(tl.abs(w), 1), 0))
+    q = _to_e4m3(w, scale)
+    base = e.to(tl.int64) * N * K
+    tl.store(q_ptr + base + n[:, None] * K + k[None, :], q, mask=mask)
+    tl.store(qt_ptr + base + k[None, :] * N + n[:, None], q, mask=mask)
+    tl.store(s_ptr + (e * NB + nb) * KB + kb, scale)
+
+
+def quantize_rows(x: torch.Tensor, row_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``x [M, K]`` (or ``x[row_index]`` — rows < 0 are zeros) → (e4m3 ``[M', K]``, scales ``[M', ceil(K/128)]``)."""
+    M = x.shape[0] if row_index is None else row_index.shape[0]
+    K = x.shape[1]
+    KT = triton.cdiv(K, TILE)
+    q = empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
+    s = empty(M, KT, dtype=torch.float32, device=x.device)
+    if M and K:
+        BM = 16 if interpreted() else 32
+        _quantize_rows_kernel[(triton.cdiv(M, BM), KT)](
+            x, row_index if row_index is not None else x, x.shape[0], x.stride(0), q, s, M, K, KT,
+            GATHER=row_index is not None, BM=BM, TILE_K=TILE)
+    return q, s
+
+
+def column_tiles(num_rows: int, num_experts: int) -> int:
+    """An upper bound on the wgrad's row tiles: each expert's rows in tiles of 128, each expert
+    starting a tile of its own."""
+    return triton.cdiv(num_rows, TILE) + num_experts
+
+
+def quantize_cols(x: torch.Tensor, offsets: torch.Tensor, num_rows: int,
+                  row_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The wgrad operand: rows ``offsets[e]:offsets[e+1]`` of ``x`` (or of ``x[row_index]``) in tiles of
+    128 rows per column, starting at each expert's first row → (e4m3 ``xᵀ [K, num_rows]``, scales
+    ``[column_tiles, K]``, tile t of expert e being ``t = Σ_{e'<e} ceil(n_e'/128) + j``). Rows outside
+    every group are left unwritten (the wgrad never reads them)."""
+    K = x.shape[1]
+    E = offsets.shape[0] - 1
+    qt = empty(K, num_rows, dtype=torch.float8_e4m3fn, device=x.device)
+    s = empty(column_tiles(num_rows, E), K, dtype=torch.float32, device=x.device)
+    if num_rows and K:
+        BK = 32 if interpreted() else 64
+        _quantize_cols_kernel[(s.shape[0], triton.cdiv(K, BK))](
+            x, row_index if row_index is not None else x, x.shape[0], x.stride(0), qt, s, offsets, num_rows, K,
+            E, E_PAD=next_pow2(E), GATHER=row_index is not None, BK=BK, TILE_M=TILE)
+    return qt, s
+
+
+def quantize_weight(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``w [E, N, K]`` → (e4m3 ``[E, N, K]``, e4m3 ``[E, K, N]``, scales ``[E, ceil(N/128), ceil(K/128)]``)."""
+    E, N, K = w.shape
+    NB, KB = triton.cdiv(N, TILE), triton.cdiv(K, TILE)
+    q = empty(E, N, K, dtype=torch.float8_e4m3fn, device=w.device)
+    qt = empty(E, K, N, dtype=torch.float8_e4m3fn, device=w.device)
+    s = empty(E, NB, KB, dtype=torch.float32, device=w.device)
+    if E and N and K:
+        _quantize_blocks_kernel[(E, NB, KB)](w, w.stride(0), w.stride(1), w.stride(2), q, qt, s, N, K, NB, KB,
+                                             BLOCK=TILE)
+    return q, qt, s
+
+
+# ---- the products ----------------------------------------------------------------------------------
+@triton.autotune(configs=_matmul_configs(), key=["N_OUT", "K", "M_BUCKET", "E"])
+@triton.jit
+def _fp8_matmul_kernel(
+    # A: e4m3 [num_a_rows, K] with scales [num_a_rows, KT]; row r of the product reads A row
+    # a_row_index[r] with GATHER_A, else row r
+    a_ptr, a_scale_ptr, a_row_index_ptr, num_a_rows,
+    # B_e: e4m3 rows of length K (K contiguous) at b_ptr + e·stride_be + n·stride_bn; its block scale
+    # for (n // 128, k // 128) at b_scale_ptr + e·stride_se + (n//128)·stride_sn + (k//128)·stride_sk
+    b_ptr, stride_be, stride_bn, b_scale_ptr, stride_se, stride_sn, stride_sk,
+    c_ptr, stride_cm, offsets_ptr, num_rows, N_OUT, K, KT, M_BUCKET,
+    E, E_PAD: tl.constexpr, GATHER_A: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    e_range, lo_v, hi_v, mt_v, mend_v = group_table(offsets_ptr, num_rows, E, E_PAD, BM)
+    n_tiles = tl.cdiv(N_OUT, BN)
+    gemm_tiles = tl.sum(mt_v, 0) * n_tiles
+    first_row = tl.minimum(tl.maximum(tl.load(offsets_ptr), 0), num_rows)
+    last_row = tl.minimum(tl.maximum(tl.load(offsets_ptr + E), first_row), num_rows)
+    total_tiles = gemm_tiles + (tl.cdiv(first_row, BM) + tl.cdiv(num_rows - last_row, BM)) * n_tiles
+    for tile in range(tl.program_id(0), total_tiles, tl.num_programs(0)):
+        if tile < gemm_tiles:
+            tile_n = tile % n_tiles
+            tile_m = tile // n_tiles
+            e = tl.sum((mend_v <= tile_m).to(tl.int32), 0)
+            rows = pick(lo_v, e_range, e) + (tile_m - pick(mend_v - mt_v, e_range, e)) * BM + tl.arange(0, BM)
+            rmask = rows < pick(hi_v, e_range, e)
+            cols = tile_n * BN + tl.arange(0, BN)
+            ncol = cols < N_OUT
+            a_rows, a_valid = gather_rows(a_row_index_ptr, rows, rmask, num_a_rows, 1, GATHER_A)
+            b_rows = b_ptr + e.to(tl.int64) * stride_be + cols.to(tl.int64)[:, None] * stride_bn
+            s_b = b_scale_ptr + e.to(tl.int64) * stride_se + ((tile_n * BN) // BK) * stride_sn
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for kb in range(0, KT):
+                kk = kb * BK + tl.arange(0, BK)
+                kmask = kk < K
+                a = tl.load(a_ptr + a_rows[:, None] * K + kk[None, :], mask=a_valid[:, None] & kmask[None, :], other=0.0)
+                b = tl.load(b_rows + kk[None, :], mask=ncol[:, None] & kmask[None, :], other=0.0)
+                a_scale = tl.load(a_scale_ptr + a_rows * KT + kb, mask=a_valid, other=0.0)
+                b_scale = tl.load(s_b + kb * stride_sk)
+                acc += tl.dot(a, tl.trans(b)) * (a_scale * b_scale)[:, None]
+            _store(c_ptr, rows.to(tl.int64), rmask, cols, N_OUT, stride_cm, acc)
+        else:
+            # Rows that belong to no group are zeros (the grouped GEMM's contract).
+            z_m = (tile - gemm_tiles) // n_tiles
+            cols = (tile % n_tiles) * BN + tl.arange(0, BN)
+            head = tl.cdiv(first_row, BM)
+            if z_m < head:
+                rows = z_m * BM + tl.arange(0, BM)
+                valid = rows < first_row
+            else:
+                rows = last_row + (z_m - head) * BM + tl.arange(0, BM)
+                valid = rows < num_rows
+            _store(c_ptr, rows.to(tl.int64), valid, cols, N_OUT, stride_cm, tl.zeros((BM, BN), dtype=tl.float32))
+
+
+@triton.jit
+def _store(c_ptr, rows, valid, cols, N_OUT, stride_cm, tile):
+    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :], tile.to(c_ptr.dtype.element_ty),
+             mask=valid[:, None] & (cols < N_OUT)[None, :])
+
+
+@triton.autotune(configs=_wgrad_configs(), key=["N", "K", "M_BUCKET", "E"])
+@triton.jit
+def _fp8_wgrad_kernel(gt_ptr, g_scale_ptr, xt_ptr, x_scale_ptr, dw_ptr, offsets_ptr, num_rows, N, K, M_BUCKET,
+                      E, E_PAD: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TILE_M: tl.constexpr):
+    """dW_e [N, K] = Σ over e's 128-row tiles t of (Gᵀ_t · X_t) · s_G[t, n] · s_X[t, k]."""
+    e_range, lo_v, hi_v, mt_v, mend_v = group_table(offsets_ptr, num_rows, E, E_PAD, TILE_M)
+    e = tl.program_id(1)
+    k_tiles = tl.cdiv(K, BK)
+    nn = (tl.program_id(0) // k_tiles) * BN + tl.arange(0, BN)
+    kk = (tl.program_id(0) % k_tiles) * BK + tl.arange(0, BK)
+    nmask = nn < N
+    kmask = kk < K
+    lo = pick(lo_v, e_range, e)
+    hi = pick(hi_v, e_range, e)
+    first_tile = pick(mend_v - mt_v, e_range, e)
+    acc = tl.zeros((BN, BK), dtype=tl.float32)
+    for j in range(0, pick(mt_v, e_range, e)):
+        rows = lo + j * TILE_M + tl.arange(0, TILE_M)
+        rmask = rows < hi
+        g = tl.load(gt_ptr + nn.to(tl.int64)[:, None] * num_rows + rows[None, :], mask=nmask[:, None] & rmask[None, :],
+                    other=0.0)
+        x = tl.load(xt_ptr + kk.to(tl.int64)[:, None] * num_rows + rows[None, :], mask=kmask[:, None] & rmask[None, :],
+                    other=0.0)
+        t = (first_tile + j).to(tl.int64)
+        g_scale = tl.load(g_scale_ptr + t * N + nn, mask=nmask, other=0.0)
+        x_scale = tl.load(x_scale_ptr + t * K + kk, mask=kmask, other=0.0)
+        acc += tl.dot(g, tl.trans(x)) * g_scale[:, None] * x_scale[None, :]
+    out = dw_ptr + e.to(tl.int64) * N * K + nn[:, None] * K + kk[None, :]
+    tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=nmask[:, None] & kmask[None, :])
+
+
+def fp8_matmul(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
+               offsets: torch.Tensor, num_rows: int, out_dtype: torch.dtype, *, b_scale_transposed: bool = False,
+               a_row_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``out[r] = A[r] · B_eᵀ`` for the rows r of group e (zeros outside every group), ``b_q [E, N, K]``
+    e4m3 with K contiguous; ``b_scale [E, ceil(N/128), ceil(K/128)]``, or ``[E, ceil(K/128),
+    ceil(N/128)]`` read transposed (the dgrad reads the forward's weight scales)."""
+    E, N, K = b_q.shape
+    out = empty(num_rows, N, dtype=out_dtype, device=a_q.device)
+    if num_rows == 0 or N == 0:
+        return out
+    stride_se, stride_sn, stride_sk = b_scale.stride()
+    if b_scale_transposed:
+        stride_sn, stride_sk = stride_sk, stride_sn
+    device = a_q.device
+
+    def grid(meta):
+        row_tiles = triton.cdiv(num_rows, meta["BM"]) + E + 2
+        return (persistent_programs(device, row_tiles * triton.cdiv(N, meta["BN"])),)
+
+    _fp8_matmul_kernel[grid](
+        a_q, a_scale, a_row_index if a_row_index is not None else offsets, a_q.shape[0],
+        b_q, b_q.stride(0), b_q.stride(1), b_scale, stride_se, stride_sn, stride_sk,
+        out, out.stride(0), offsets, num_rows, N, K, triton.cdiv(K, TILE), next_pow2(max(1, num_rows // max(E, 1))),
+        E, E_PAD=next_pow2(E), GATHER_A=a_row_index is not None, BK=TILE)
+    return out
+
+
+def fp8_wgrad(g_t: torch.Tensor, g_scale: torch.Tensor, x_t: torch.Tensor, x_scale: torch.Tensor,
+              offsets: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``dW [E, N, K]`` from the column-quantised ``gᵀ [N, R]`` and ``xᵀ [K, R]`` (:func:`quantize_cols`)."""
+    N, R = g_t.shape
+    K = x_t.shape[0]
+    E = offsets.shape[0] - 1
+    dw = empty(E, N, K, dtype=out_dtype, device=g_t.device)
+    if E == 0 or N == 0 or K == 0:
+        return dw
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BN"]) * triton.cdiv(K, meta["BK"]), E)
+
+    _fp8_wgrad_kernel[grid](g_t, g_scale, x_t, x_scale, dw, offsets, R, N, K, next_pow2(max(1, R // max(E, 1))),
+                            E, E_PAD=next_pow2(E), TILE_M=TILE)
+    return dw
+
+
+# ---- the grouped_gemm_fp8 op's kernels ---------------------------------------------------------------
+def fp8_capable(cc: int = 0, **_) -> Optional[str]:
+    """fp8 tensor cores: compute capability 8.9 (Ada) and later; ``cc`` 0 is the CPU interpreter."""
+    if cc == 0 or cc >= 89:
+        return None
+    return f"fp8 (e4m3) tensor cores need compute capability 8.9 or later, this GPU is {cc // 10}.{cc % 10}"
+
+
+@register("grouped_gemm_fp8", applies=fp8_capable)
+def grouped_gemm_fp8_triton(x, w, offsets):
+    return _forward(x, w, offsets.to(torch.int32), x.shape[0], None)
+
+
+@register("grouped_gemm_fp8_backward", applies=fp8_capable)
+def grouped_gemm_fp8_backward_triton(grad, x, w, offsets):
+    return _backward(grad, x, w, offsets.to(torch.int32), None)
+
+
+# The gathered forms read row r of x as x[src[r]] (the up projection straight from the tokens).
+@register("grouped_gemm_fp8_gathered", applies=fp8_capable)
+def grouped_gemm_fp8_gathered_triton(x, w, offsets, src):
+    return _forward(x, w, offsets.to(torch.int32), src.shape[0], src)
+
+
+@register("grouped_gemm_fp8_gathered_backward", applies=fp8_capable)
+def grouped_gemm_fp8_gathered_backward_triton(grad, x, w, offsets, src):
+    return _backward(grad, x, w, offsets.to(torch.int32), src)
+
+
+def _forward(x, w, offsets, num_rows, src):
+    x_q, x_s = quantize_rows(x)  # each row (token) once, read through src by the GEMM
+    w_q, _, w_s = quantize_weight(w)
+    return fp8_matmul(x_q, x_s, w_q, w_s, offsets, num_rows, x.dtype, a_row_index=src)
+
+
+def _backward(grad, x, w, offsets, src):
+    """(dgrad of the rows ``[R, K]`` in x's dtype, wgrad in w's dtype)."""
+    R = grad.shape[0]
+    _, w_qt, w_s = quantize_weight(w)
+    g_q, g_s = quantize_rows(grad)
+    grad_rows = fp8_matmul(g_q, g_s, w_qt, w_s, offsets, R, x.dtype, b_scale_transposed=True)
+    g_t, g_ts = quantize_cols(grad, offsets, R)
+    x_t, x_ts = quantize_cols(x, offsets, R, row_index=src)
+    return grad_rows, fp8_wgrad(g_t, g_ts, x_t, x_ts, offsets, w.dtype)

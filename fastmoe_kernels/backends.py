@@ -65,6 +65,11 @@ AUTO_PREFERENCE: Dict[str, Dict[str, Order]] = {
         "grouped_gemm_wgrad": ("triton", "torch"),
         "moe_mlp": ("triton", "torch"),
         "moe_mlp_backward": ("triton", "torch"),
+        # fp8 (e4m3) products: Triton on fp8 tensor cores (cc >= 8.9), else the emulation.
+        "grouped_gemm_fp8": ("triton", "torch"),
+        "grouped_gemm_fp8_backward": ("triton", "torch"),
+        "grouped_gemm_fp8_gathered": ("triton", "torch"),
+        "grouped_gemm_fp8_gathered_backward": ("triton", "torch"),
         "route_topk": ("cuda", "triton", "torch"),
         "route_topk_backward": ("cuda", "triton", "torch"),
         "make_plan": ("cuda", "triton", "torch"),
@@ -83,6 +88,10 @@ AUTO_PREFERENCE: Dict[str, Dict[str, Order]] = {
         "grouped_gemm_wgrad": ("cpp", "torch"),
         "moe_mlp": ("torch",),
         "moe_mlp_backward": ("torch",),
+        "grouped_gemm_fp8": ("torch",),  # the emulation: no CPU has fp8 arithmetic worth a kernel
+        "grouped_gemm_fp8_backward": ("torch",),
+        "grouped_gemm_fp8_gathered": ("torch",),
+        "grouped_gemm_fp8_gathered_backward": ("torch",),
         "route_topk": _cpu_router_order,
         "route_topk_backward": _cpu_router_order,
         "make_plan": ("cpp", "torch"),

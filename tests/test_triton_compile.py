@@ -58,9 +58,17 @@ def test_every_layer_kernel_compiles_and_the_gemm_loop_is_pipelined(arch, tmp_pa
                    "_stats_kernel", "_grouped_matmul_kernel", "_up_projection_kernel", "_activation_backward_kernel",
                    "_grouped_wgrad_kernel"):
         assert family in names, f"{family} was never compiled: {sorted(names)}"
+    fp8_kernels = ("_fp8_matmul_kernel", "_fp8_wgrad_kernel", "_quantize_rows_kernel", "_quantize_cols_kernel",
+                   "_quantize_blocks_kernel")
     if arch == 90:
         for gemm in ("_grouped_matmul_kernel", "_up_projection_kernel", "_activation_backward_kernel"):
             assert any(k["wgmma"] for k in kernels if k["kernel"] == gemm), f"{gemm}: no wgmma on sm_90"
+        # fp8_recipe="blockwise": every product an fp8 wgmma, every K loop pipelined (the script checks each).
+        assert set(fp8_kernels) <= names
+        for gemm in ("_fp8_matmul_kernel", "_fp8_wgrad_kernel"):
+            assert all(k["fp8_wgmma"] and k["async_copies"] for k in kernels if k["kernel"] == gemm), gemm
+    else:  # no fp8 tensor cores: the layer runs the emulation, nothing fp8 is compiled
+        assert not set(fp8_kernels) & names
     # Every autotuned launch kept configs whose real shared memory fits (the pruner's estimate holds).
     for k in kernels:
         for tuning in k["tuning"]:

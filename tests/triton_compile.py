@@ -195,10 +195,14 @@ def cubin_resources(cubin):
     return (int(regs.group(1)) if regs else None), (int(stack.group(1)) if stack else None)
 
 
-def drive_layer(dtype: torch.dtype, arch: int) -> None:
+def drive_layer(dtype: torch.dtype, arch: int, fp8_only: bool = False) -> None:
     """Every kernel variant the layer can launch: activations, bias, widths, dispatch, routing, and
-    the fp8 GEMMs where the target has fp8 tensor cores."""
+    the fp8 GEMMs where the target has fp8 tensor cores (only those with ``fp8_only``)."""
     from fastmoe_kernels import MoELayer
+
+    if fp8_only:
+        _fp8_steps(MoELayer, dtype, arch)
+        return
 
     T, d = 96, 64
     variants = []
@@ -219,11 +223,7 @@ def drive_layer(dtype: torch.dtype, arch: int) -> None:
     variants += [dict(activation=act, bias=True) for act in ("swiglu_oai", "geglu_tanh", "silu", "gelu_tanh", "relu2")]
     for extra in variants:
         _train_step(MoELayer, T, d, dtype, extra)
-    if arch >= FP8_ARCH:
-        # d and f of 2-3 scaling tiles, so that every K loop runs more than once.
-        for extra in (dict(d_ff=384), dict(d_ff=256, bias=True, activation="gelu", capacity_factor=1.0,
-                                           pad_to_capacity=True)):
-            _train_step(MoELayer, T, 256, dtype, dict(extra, fp8_recipe="blockwise"))
+    _fp8_steps(MoELayer, dtype, arch)
     _interleaved_step(T, d, dtype)
     # The int64-offset variants (weights whose in-matrix offsets pass 2³¹) compile and pipeline too.
     from fastmoe_kernels.triton_backend._layout import ExpertMatrices
@@ -235,6 +235,14 @@ def drive_layer(dtype: torch.dtype, arch: int) -> None:
             _train_step(MoELayer, T, d, dtype, extra)
     finally:
         ExpertMatrices.offsets_64 = int32_offsets
+
+
+def _fp8_steps(layer_cls, dtype: torch.dtype, arch: int) -> None:
+    if arch >= FP8_ARCH:
+        # d and f of 2-3 scaling tiles, so that every K loop runs more than once.
+        for extra in (dict(d_ff=384), dict(d_ff=256, bias=True, activation="gelu", capacity_factor=1.0,
+                                           pad_to_capacity=True)):
+            _train_step(layer_cls, 96, 256, dtype, dict(extra, fp8_recipe="blockwise"))
 
 
 def _train_step(layer_cls, T: int, d: int, dtype: torch.dtype, extra: dict) -> None:
@@ -304,6 +312,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, action="append", help="compute capability ×10 (80, 90); repeatable")
     parser.add_argument("--dtype", action="append", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--json", help="write every compiled kernel's resources here")
+    parser.add_argument("--fp8-only", action="store_true", help="only the fp8 kernels (fp8_recipe='blockwise')")
     args = parser.parse_args(argv)
     arches = args.arch or [90]
     dtypes = [getattr(torch, name) for name in (args.dtype or ["bfloat16", "float16", "float32"])]
@@ -332,7 +341,7 @@ def main(argv=None) -> int:
         limit = SHARED_LIMIT.get(arch, SHARED_LIMIT[80])
         _common.shared_memory_override = limit  # what the pruners compare with on this target
         for dtype in dtypes:
-            drive_layer(dtype, arch)
+            drive_layer(dtype, arch, args.fp8_only)
         rows = sorted(RECORDER.kernels.values(), key=lambda r: (r["kernel"], r["constexprs"].get("BM", 0)))
         problems = check_configs(rows, limit)
         for r in rows:

@@ -10,8 +10,10 @@ kernels promote each K block to the fp32 accumulator).
   be read through an index (the gather of the up projection: quantising each token once instead
   of each of its k copies gives the same values, since a row's tiles do not depend on other rows).
 - ``_quantize_cols_kernel``: the wgrad's operands, 128 rows of one column per scale, the tiles
-  starting at each expert's first row; written transposed (``[K, R]``, the tokens contiguous),
-  which is the K-major layout fp8 tensor cores need for a reduction over tokens.
+  starting at each expert's first row; written transposed, tile t in columns ``128·t …`` of a
+  ``[K, 128·tiles]`` buffer (zeros past an expert's last row): the K-major layout fp8 tensor cores
+  need for a reduction over tokens, with every tile aligned so that the wgrad's loads are
+  contiguous, vectorised and pipelined (an expert's rows start anywhere; its tiles do not).
 - ``_quantize_blocks_kernel``: weights ``[E, N, K]`` → e4m3 in both ``[E, N, K]`` (forward) and
   ``[E, K, N]`` (dgrad: again K-major for its reduction over N), one scale per 128×128 block.
 - ``_fp8_matmul_kernel``: forward and dgrad (a persistent grouped GEMM, as ``grouped_gemm.py``).
@@ -35,9 +37,10 @@ from ..fp8 import TILE
 from ._common import interpreted, next_pow2, persistent_programs, register
 from ._jit import gather_rows, group_table, pick
 
-FP8_MAX = 448.0
+# Globals read inside kernels must be constexpr (the interpreter reads any; the compiler does not).
+FP8_MAX = tl.constexpr(448.0)
 # 1.5 · 2²³: adding and subtracting it rounds an fp32 of magnitude < 2²² to an integer, ties to even.
-_ROUND_MAGIC = 12582912.0
+_ROUND_MAGIC = tl.constexpr(12582912.0)
 
 # (BM, BN, warps, stages) of the forward/dgrad; BK is the 128 of the scaling tiles. BN divides 128 so
 # that an output tile lies in one weight block (one weight scale per K step).
@@ -98,7 +101,7 @@ def _quantize_rows_kernel(x_ptr, row_index_ptr, num_src, stride_xm, q_ptr, s_ptr
 
 
 @triton.jit
-def _quantize_cols_kernel(x_ptr, row_index_ptr, num_src, stride_xm, qt_ptr, s_ptr, offsets_ptr, num_rows, K,
+def _quantize_cols_kernel(x_ptr, row_index_ptr, num_src, stride_xm, qt_ptr, s_ptr, offsets_ptr, num_rows, padded_rows, K,
                           E, E_PAD: tl.constexpr, GATHER: tl.constexpr, BK: tl.constexpr, TILE_M: tl.constexpr):
     e_range, lo_v, hi_v, mt_v, mend_v = group_table(offsets_ptr, num_rows, E, E_PAD, TILE_M)
     t = tl.program_id(0)
@@ -112,8 +115,10 @@ def _quantize_cols_kernel(x_ptr, row_index_ptr, num_src, stride_xm, qt_ptr, s_pt
         x = tl.load(x_ptr + src[:, None] * stride_xm + cols[None, :], mask=valid[:, None] & cmask[None, :],
                     other=0.0).to(tl.float32)
         scale = _scale_of(tl.max(tl.abs(x), 0))
-        tl.store(qt_ptr + cols.to(tl.int64)[None, :] * num_rows + rows[:, None], _to_e4m3(x, scale[None, :]),
-                 mask=rmask[:, None] & cmask[None, :])
+        # The whole tile is written (rows past the expert's end as zeros), at its aligned place.
+        slots = t * TILE_M + tl.arange(0, TILE_M)
+        tl.store(qt_ptr + cols.to(tl.int64)[None, :] * padded_rows + slots[:, None], _to_e4m3(x, scale[None, :]),
+                 mask=cmask[None, :])
         tl.store(s_ptr + t.to(tl.int64) * K + cols, scale, mask=cmask)
 
 
@@ -158,17 +163,20 @@ def column_tiles(num_rows: int, num_experts: int) -> int:
 def quantize_cols(x: torch.Tensor, offsets: torch.Tensor, num_rows: int,
                   row_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The wgrad operand: rows ``offsets[e]:offsets[e+1]`` of ``x`` (or of ``x[row_index]``) in tiles of
-    128 rows per column, starting at each expert's first row → (e4m3 ``xᵀ [K, num_rows]``, scales
-    ``[column_tiles, K]``, tile t of expert e being ``t = Σ_{e'<e} ceil(n_e'/128) + j``). Rows outside
-    every group are left unwritten (the wgrad never reads them)."""
+    128 rows per column, starting at each expert's first row → (e4m3 ``xᵀ`` tiles ``[K, 128·tiles]``,
+    scales ``[tiles, K]``): tile t of expert e, ``t = Σ_{e'<e} ceil(n_e'/128) + j``, holds its rows
+    ``offsets[e] + 128·j …`` in columns ``128·t …`` and zeros after the expert's last row. Tiles past
+    the last expert's are left unwritten (the wgrad never reads them)."""
     K = x.shape[1]
     E = offsets.shape[0] - 1
-    qt = empty(K, num_rows, dtype=torch.float8_e4m3fn, device=x.device)
-    s = empty(column_tiles(num_rows, E), K, dtype=torch.float32, device=x.device)
+    tiles = column_tiles(num_rows, E)
+    qt = empty(K, tiles * TILE, dtype=torch.float8_e4m3fn, device=x.device)
+    s = empty(tiles, K, dtype=torch.float32, device=x.device)
     if num_rows and K:
         BK = 32 if interpreted() else 64
-        _quantize_cols_kernel[(s.shape[0], triton.cdiv(K, BK))](
-            x, row_index if row_index is not None else x, x.shape[0], x.stride(0), qt, s, offsets, num_rows, K,
+        _quantize_cols_kernel[(tiles, triton.cdiv(K, BK))](
+            x, row_index if row_index is not None else x, x.shape[0], x.stride(0), qt, s, offsets, num_rows,
+            tiles * TILE, K,
             E, E_PAD=next_pow2(E), GATHER=row_index is not None, BK=BK, TILE_M=TILE)
     return qt, s
 
@@ -249,9 +257,10 @@ def _store(c_ptr, rows, valid, cols, N_OUT, stride_cm, tile):
 
 @triton.autotune(configs=_wgrad_configs(), key=["N", "K", "M_BUCKET", "E"])
 @triton.jit
-def _fp8_wgrad_kernel(gt_ptr, g_scale_ptr, xt_ptr, x_scale_ptr, dw_ptr, offsets_ptr, num_rows, N, K, M_BUCKET,
-                      E, E_PAD: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TILE_M: tl.constexpr):
-    """dW_e [N, K] = Σ over e's 128-row tiles t of (Gᵀ_t · X_t) · s_G[t, n] · s_X[t, k]."""
+def _fp8_wgrad_kernel(gt_ptr, g_scale_ptr, xt_ptr, x_scale_ptr, dw_ptr, offsets_ptr, num_rows, padded_rows, N, K,
+                      M_BUCKET, E, E_PAD: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TILE_M: tl.constexpr):
+    """dW_e [N, K] = Σ over e's 128-row tiles t of (Gᵀ_t · X_t) · s_G[t, n] · s_X[t, k]; the tiles are
+    :func:`quantize_cols`' aligned ones (zeros past the expert's rows, so no row mask)."""
     e_range, lo_v, hi_v, mt_v, mend_v = group_table(offsets_ptr, num_rows, E, E_PAD, TILE_M)
     e = tl.program_id(1)
     k_tiles = tl.cdiv(K, BK)
@@ -259,18 +268,13 @@ def _fp8_wgrad_kernel(gt_ptr, g_scale_ptr, xt_ptr, x_scale_ptr, dw_ptr, offsets_
     kk = (tl.program_id(0) % k_tiles) * BK + tl.arange(0, BK)
     nmask = nn < N
     kmask = kk < K
-    lo = pick(lo_v, e_range, e)
-    hi = pick(hi_v, e_range, e)
     first_tile = pick(mend_v - mt_v, e_range, e)
     acc = tl.zeros((BN, BK), dtype=tl.float32)
     for j in range(0, pick(mt_v, e_range, e)):
-        rows = lo + j * TILE_M + tl.arange(0, TILE_M)
-        rmask = rows < hi
-        g = tl.load(gt_ptr + nn.to(tl.int64)[:, None] * num_rows + rows[None, :], mask=nmask[:, None] & rmask[None, :],
-                    other=0.0)
-        x = tl.load(xt_ptr + kk.to(tl.int64)[:, None] * num_rows + rows[None, :], mask=kmask[:, None] & rmask[None, :],
-                    other=0.0)
         t = (first_tile + j).to(tl.int64)
+        slots = t * TILE_M + tl.arange(0, TILE_M)
+        g = tl.load(gt_ptr + nn.to(tl.int64)[:, None] * padded_rows + slots[None, :], mask=nmask[:, None], other=0.0)
+        x = tl.load(xt_ptr + kk.to(tl.int64)[:, None] * padded_rows + slots[None, :], mask=kmask[:, None], other=0.0)
         g_scale = tl.load(g_scale_ptr + t * N + nn, mask=nmask, other=0.0)
         x_scale = tl.load(x_scale_ptr + t * K + kk, mask=kmask, other=0.0)
         acc += tl.dot(g, tl.trans(x)) * g_scale[:, None] * x_scale[None, :]
@@ -306,9 +310,10 @@ def fp8_matmul(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_sc
 
 
 def fp8_wgrad(g_t: torch.Tensor, g_scale: torch.Tensor, x_t: torch.Tensor, x_scale: torch.Tensor,
-              offsets: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """``dW [E, N, K]`` from the column-quantised ``gᵀ [N, R]`` and ``xᵀ [K, R]`` (:func:`quantize_cols`)."""
-    N, R = g_t.shape
+              offsets: torch.Tensor, num_rows: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """``dW [E, N, K]`` from the column-quantised ``gᵀ`` and ``xᵀ`` tiles of ``num_rows`` rows
+    (:func:`quantize_cols`)."""
+    N, padded = g_t.shape
     K = x_t.shape[0]
     E = offsets.shape[0] - 1
     dw = empty(E, N, K, dtype=out_dtype, device=g_t.device)
@@ -318,8 +323,8 @@ def fp8_wgrad(g_t: torch.Tensor, g_scale: torch.Tensor, x_t: torch.Tensor, x_sca
     def grid(meta):
         return (triton.cdiv(N, meta["BN"]) * triton.cdiv(K, meta["BK"]), E)
 
-    _fp8_wgrad_kernel[grid](g_t, g_scale, x_t, x_scale, dw, offsets, R, N, K, next_pow2(max(1, R // max(E, 1))),
-                            E, E_PAD=next_pow2(E), TILE_M=TILE)
+    _fp8_wgrad_kernel[grid](g_t, g_scale, x_t, x_scale, dw, offsets, num_rows, padded, N, K,
+                            next_pow2(max(1, num_rows // max(E, 1))), E, E_PAD=next_pow2(E), TILE_M=TILE)
     return dw
 
 
@@ -366,4 +371,4 @@ def _backward(grad, x, w, offsets, src):
     grad_rows = fp8_matmul(g_q, g_s, w_qt, w_s, offsets, R, x.dtype, b_scale_transposed=True)
     g_t, g_ts = quantize_cols(grad, offsets, R)
     x_t, x_ts = quantize_cols(x, offsets, R, row_index=src)
-    return grad_rows, fp8_wgrad(g_t, g_ts, x_t, x_ts, offsets, w.dtype)
+    return grad_rows, fp8_wgrad(g_t, g_ts, x_t, x_ts, offsets, R, w.dtype)

@@ -70,8 +70,11 @@ def _e4m3_round(v):
     e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
     step = ((124 + e) << 23).to(tl.float32, bitcast=True)  # 2^(e-3): exponent field 127 + e - 3
     inv_step = ((130 - e) << 23).to(tl.float32, bitcast=True)  # 2^(3-e), exact
-    y = v * inv_step
-    return ((y + _ROUND_MAGIC) - _ROUND_MAGIC) * step
+    y = tl.abs(v) * inv_step
+    r = ((y + _ROUND_MAGIC) - _ROUND_MAGIC) * step
+    # The sign is put back from the bits: a negative value rounding to zero stays -0, as torch's cast
+    # gives it (bit for bit; the add/subtract alone would return +0).
+    return tl.where(bits < 0, -r, r)
 
 
 @triton.jit

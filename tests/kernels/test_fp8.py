@@ -43,7 +43,9 @@ def _every_e4m3_value_and_midpoint():
     values = torch.arange(256, dtype=torch.uint8).view(fp8.FP8).float()
     values = torch.unique(values[values.isfinite()])  # sorted, -448 … 448
     mids = (values[1:] + values[:-1]) / 2  # exact in fp32: the ties that must round to even
-    return torch.cat([values, mids, mids.nextafter(values[1:]), mids.nextafter(values[:-1])])
+    # Values far below the smallest subnormal (2^-9) round to ±0: their sign must survive.
+    tiny = torch.tensor([2.0 ** -12, -(2.0 ** -12), 2.0 ** -30, -(2.0 ** -30), -0.0])
+    return torch.cat([values, mids, mids.nextafter(values[1:]), mids.nextafter(values[:-1]), tiny])
 
 
 def test_rounding_is_the_cast_round_to_nearest_even(device):
@@ -56,7 +58,7 @@ def test_rounding_is_the_cast_round_to_nearest_even(device):
     x = torch.cat([torch.full((rows, 1), 448.0), x.view(rows, 127)], dim=1).to(device)
     q, s = _kernels().quantize_rows(x)
     assert torch.equal(s, torch.ones_like(s))
-    assert torch.equal(q.float(), x.to(fp8.FP8).float())
+    assert torch.equal(q.view(torch.uint8), x.to(fp8.FP8).view(torch.uint8))  # bit for bit, -0 included
 
 
 @pytest.mark.parametrize("K", [128, 200, 384])

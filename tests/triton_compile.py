@@ -364,11 +364,11 @@ def main(argv=None) -> int:
                        and any(t["kept"] for t in r["tuning"])]
         for r in unpipelined:
             print(f"sm_{arch} {r['kernel']}: K loop not pipelined (no async copies) {r['constexprs']}")
-        unpipelined += [r for r in rows if r["kernel"] in FP8_KERNELS and r["async_copies"] == 0]
-        for r in rows:
-            if r["kernel"] in FP8_KERNELS and r["async_copies"] == 0:
+        for r in (r for r in rows if r["kernel"] in FP8_KERNELS):
+            if r["async_copies"] == 0:
+                unpipelined.append(r)
                 print(f"sm_{arch} {r['kernel']}: fp8 K loop not pipelined (no async copies) {r['constexprs']}")
-            if r["kernel"] in FP8_KERNELS and arch >= 90 and r["fp8_wgmma"] == 0:
+            if arch >= 90 and r["fp8_wgmma"] == 0:
                 problems.append(f"{r['kernel']}: no fp8 wgmma on sm_{arch} {r['constexprs']}")
                 print(f"sm_{arch} {problems[-1]}")
         print(f"sm_{arch}: {len(rows)} kernels compiled ({RECORDER.pruned} launch configs pruned before compiling), "

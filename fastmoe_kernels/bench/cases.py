@@ -95,6 +95,17 @@ class BenchCase:
         return min(self.tokens * self.top_k, self.num_experts * cap)
 
     @property
+    def compares_baselines(self) -> bool:
+        """Whether the baselines run on this case: they are dropless and bf16/fp16/fp32 only."""
+        return self.capacity_factor is None and not self.fp8_recipe
+
+    @property
+    def breaks_down_ops(self) -> bool:
+        """Whether this case can have its op-by-op breakdown: a training case whose ops are the
+        layer's own (the fp8 layer's products are not the bf16 ops that the breakdown times)."""
+        return not self.inference_only and not self.fp8_recipe
+
+    @property
     def expert_params(self) -> int:
         """Parameters of one routed expert (three matrices when gated, two otherwise)."""
         return (3 if self.gated else 2) * self.d_model * self.d_ff

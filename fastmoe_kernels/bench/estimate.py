@@ -61,14 +61,14 @@ def estimate_seconds(grid: str, model: Optional[GpuModel] = None, *, backends=("
     for key, case in unique.items():
         modes = ("fwd",) if case.inference_only else ("fwd", "fwd+bwd")
         work = [("layer", i) for i in impls] + [("experts", i) for i in impls]
-        if case.capacity_factor is None and not case.fp8_recipe:
+        if case.compares_baselines:
             work += [("experts", b) for b in baselines]
         work += [("dense_gemm", "dense")] if not case.inference_only else []
         for op, impl in work:
             for mode in modes:
                 total_ms += _target_ms(case, op, impl, mode, m) * m.runs
                 targets += 1
-        if key in with_ops and not case.inference_only and not case.fp8_recipe:
+        if key in with_ops and case.breaks_down_ops:
             n_ops = len(backends) * OPS_PER_BACKEND
             total_ms += n_ops * _target_ms(case, "permute", "torch", "fwd+bwd", m) * m.runs
             targets += n_ops

@@ -211,9 +211,9 @@ def planned_targets(case: BenchCase, backends: List[str], with_ops: bool, with_b
     modes = 1 if case.inference_only else 2
     variants = len(backends) + ("triton" in backends)
     n = variants * 2 * modes + (1 if case.inference_only else 1 * modes)
-    if with_ops and not case.inference_only and not case.fp8_recipe:
+    if with_ops and case.breaks_down_ops:
         n += len(backends) * OPS_PER_BACKEND + OP_ROOFLINES
-    if with_baselines and case.capacity_factor is None and not case.fp8_recipe:
+    if with_baselines and case.compares_baselines:
         n += baselines * modes
     return n
 

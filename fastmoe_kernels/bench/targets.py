@@ -143,7 +143,7 @@ def build_targets(case: BenchCase, device: torch.device, backend_names: List[str
     # ---- the layer and the experts, on every backend ----------------------------------------------
     if with_ops and case.fp8_recipe:
         skips[f"ops of {case.name}"] = "the op breakdown runs the bf16 ops; the fp8 case times the layer and the experts"
-    with_ops = with_ops and not case.inference_only and not case.fp8_recipe and _ops_fit(case, device, R, skips)
+    with_ops = with_ops and case.breaks_down_ops and _ops_fit(case, device, R, skips)
     op_inputs = None
     variants = [(b, None) for b in backend_names] + ([("triton-unfused", False)] if "triton" in backend_names else [])
     for impl, fused in variants:

@@ -107,6 +107,43 @@ def expert_tile(tile, n_tiles, e_range, lo_v, hi_v, mt_v, mend_v, BM: tl.constex
 
 
 @triton.jit
+def grouped_row_span(offsets_ptr, num_rows, E):
+    """(first, end) row of the groups, clamped to ``[0, num_rows]`` like group_table's ranges."""
+    first_row = tl.minimum(tl.maximum(tl.load(offsets_ptr), 0), num_rows)
+    last_row = tl.minimum(tl.maximum(tl.load(offsets_ptr + E), first_row), num_rows)
+    return first_row, last_row
+
+
+@triton.jit
+def outside_tile_count(first_row, last_row, num_rows, n_tiles, BM: tl.constexpr):
+    """Tiles covering the rows before the first group and after the last, every N tile of each."""
+    return (tl.cdiv(first_row, BM) + tl.cdiv(num_rows - last_row, BM)) * n_tiles
+
+
+@triton.jit
+def outside_tile(z, n_tiles, first_row, last_row, num_rows, BM: tl.constexpr, BN: tl.constexpr):
+    """(int64 rows [BM], valid, columns [BN]) of the ``z``-th of those tiles: the grouped GEMMs write
+    zeros there (rows that belong to no group are zeros, their op's contract)."""
+    z_m = z // n_tiles
+    cols = (z % n_tiles) * BN + tl.arange(0, BN)
+    head = tl.cdiv(first_row, BM)
+    if z_m < head:
+        rows = z_m * BM + tl.arange(0, BM)
+        valid = rows < first_row
+    else:
+        rows = last_row + (z_m - head) * BM + tl.arange(0, BM)
+        valid = rows < num_rows
+    return rows.to(tl.int64), valid, cols
+
+
+@triton.jit
+def store_tile(c_ptr, c_rows, c_valid, cols, N_OUT, stride_cm, stride_cn, tile):
+    """C[c_rows, cols] = tile, in C's dtype, for the valid rows and the columns below N_OUT."""
+    mask = c_valid[:, None] & (cols < N_OUT)[None, :]
+    tl.store(c_ptr + c_rows[:, None] * stride_cm + cols[None, :] * stride_cn, tile.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def b_offsets(kk, cols, stride_bk, stride_bn, OFFSETS_64: tl.constexpr):
     """Element offsets of a [BK, BN] tile of B inside one expert's matrix (int64 when they can pass
     2³¹, which packed heterogeneous weights can: their column stride is Σ widths)."""

@@ -19,7 +19,8 @@ import triton.language as tl
 from .._alloc import empty
 from .._shapes import grouped_gemm_output_width
 from ._common import dot_precision, next_pow2, persistent_grid, register
-from ._gemm import expert_tile, k_loop, k_loop_two_ab, matmul_configs, pruner
+from ._gemm import (expert_tile, grouped_row_span, k_loop, k_loop_two_ab, matmul_configs, outside_tile,
+                    outside_tile_count, pruner, store_tile)
 from ._jit import gather_rows, group_table
 from ._layout import ExpertMatrices, ExpertVectors, packed_cols, packed_rows, packed_vectors, stacked, stacked_vectors
 from .wgrad import grouped_wgrad
@@ -51,11 +52,10 @@ def _grouped_matmul_kernel(
     e_range, lo_v, hi_v, mt_v, mend_v = group_table(offsets_ptr, num_rows, E, E_PAD, BM)
     n_tiles = tl.cdiv(N_OUT, BN)
     gemm_tiles = tl.sum(mt_v, 0) * n_tiles
-    first_row = tl.minimum(tl.maximum(tl.load(offsets_ptr), 0), num_rows)
-    last_row = tl.minimum(tl.maximum(tl.load(offsets_ptr + E), first_row), num_rows)
+    first_row, last_row = grouped_row_span(offsets_ptr, num_rows, E)
     total_tiles = gemm_tiles
     if ZERO_OUTSIDE:
-        total_tiles += (tl.cdiv(first_row, BM) + tl.cdiv(num_rows - last_row, BM)) * n_tiles
+        total_tiles += outside_tile_count(first_row, last_row, num_rows, n_tiles, BM)
     for tile in range(tl.program_id(0), total_tiles, tl.num_programs(0)):
         if tile < gemm_tiles:
             e, rows, rmask, tile_n = expert_tile(tile, n_tiles, e_range, lo_v, hi_v, mt_v, mend_v, BM)
@@ -85,26 +85,11 @@ def _grouped_matmul_kernel(
             c_rows, c_valid = gather_rows(c_row_index_ptr, rows, rmask, num_c_rows, 1, SCATTER_C)
             # Each branch stores its own tile: with one store after the branches, the sm_90 compile
             # check showed 128×256 tiles at 254 registers and spilling instead of 210 without.
-            _store_tile(c_ptr, c_rows, c_valid, cols, N_OUT, stride_cm, stride_cn, acc)
+            store_tile(c_ptr, c_rows, c_valid, cols, N_OUT, stride_cm, stride_cn, acc)
         else:
-            # Rows that belong to no group are zeros (the op's contract).
-            z_m = (tile - gemm_tiles) // n_tiles
-            cols = (tile % n_tiles) * BN + tl.arange(0, BN)
-            head = tl.cdiv(first_row, BM)
-            if z_m < head:
-                rows = z_m * BM + tl.arange(0, BM)
-                valid = rows < first_row
-            else:
-                rows = last_row + (z_m - head) * BM + tl.arange(0, BM)
-                valid = rows < num_rows
-            _store_tile(c_ptr, rows.to(tl.int64), valid, cols, N_OUT, stride_cm, stride_cn,
-                        tl.zeros((BM, BN), dtype=tl.float32))
-
-
-@triton.jit
-def _store_tile(c_ptr, c_rows, c_valid, cols, N_OUT, stride_cm, stride_cn, tile):
-    mask = c_valid[:, None] & (cols < N_OUT)[None, :]
-    tl.store(c_ptr + c_rows[:, None] * stride_cm + cols[None, :] * stride_cn, tile.to(c_ptr.dtype.element_ty), mask=mask)
+            # Own names: a variable of both branches must keep one type (the compiler's rule; rows are int32 above).
+            z_rows, z_valid, z_cols = outside_tile(tile - gemm_tiles, n_tiles, first_row, last_row, num_rows, BM, BN)
+            store_tile(c_ptr, z_rows, z_valid, z_cols, N_OUT, stride_cm, stride_cn, tl.zeros((BM, BN), dtype=tl.float32))
 
 
 def _dummy_index(device) -> torch.Tensor:

@@ -8,7 +8,8 @@ import torch
 from fastmoe_kernels import MoEConfig, MoELayer, backends, fp8
 from fastmoe_kernels.activations import apply_activation
 from fastmoe_kernels.experts import GroupedExperts
-from fastmoe_kernels.ops import grouped_gemm_fp8, permute, unpermute
+from fastmoe_kernels.ops import grouped_gemm_fp8, make_plan, permute, unpermute
+from fastmoe_kernels.ops.fp8_mlp import gathered_gemm_fp8, moe_mlp_fp8
 from fastmoe_kernels.triton_backend.fp8 import fp8_capable
 from tolerances import rel_err
 
@@ -115,3 +116,40 @@ def test_state_dict_moves_between_fp8_and_full_precision():
     b = MoELayer(**BASE)
     b.load_state_dict(a.state_dict())
     assert "fp8_recipe=blockwise" in repr(a) and "fp8" not in repr(b)
+
+
+def _saved_bytes(run, params):
+    """(bytes of the tensors autograd keeps for the backward while ``run()`` runs, each storage once and
+    the parameters not counted; run's result)."""
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    storages = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    return sum(storages.values()), out
+
+
+def test_the_activation_is_not_kept_for_the_backward():
+    # The fused down projection keeps the pre-activation h only: act(h) and the gate's SiLU, which
+    # the composition's autograd keeps, are never stored (2·R·f elements per layer).
+    ex = GroupedExperts(136, [96] * 6, "swiglu", fp8_recipe="blockwise")
+    x = torch.randn(41, 136, requires_grad=True)
+    plan = make_plan(torch.stack([torch.randperm(6)[:2] for _ in range(41)]).int(), 6)
+    weight = torch.rand(41, 2)
+    fused, y = _saved_bytes(lambda: moe_mlp_fp8(x, plan, weight, ex.w_up, ex.w_down, ex.activation, backend="torch"),
+                            ex.parameters())
+
+    def composed():
+        h = gathered_gemm_fp8(x, plan, ex.w_up, backend="torch")
+        y_rows = grouped_gemm_fp8(apply_activation(h, ex.activation), ex.w_down, plan.offsets, backend="torch")
+        return unpermute(y_rows, plan, weight, backend="torch")
+
+    by_hand, want = _saved_bytes(composed, ex.parameters())
+    assert fused == by_hand - 2 * plan.num_rows * 96 * x.element_size()
+    torch.testing.assert_close(y, want, rtol=0, atol=0)  # the torch backend is the specification itself

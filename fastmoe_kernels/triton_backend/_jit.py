@@ -101,3 +101,39 @@ def gather_rows(index_ptr, rows, rmask, num_src, DIV: tl.constexpr, INDEXED: tl.
         return tl.where(valid, idx // DIV, 0).to(tl.int64), valid
     else:
         return rows.to(tl.int64), rmask
+
+
+@triton.jit
+def load_activated(x_ptr, rows, valid, stride_xm, cols, cmask, up_col, col_step, alpha, limit, up_offset,
+                   ACT: tl.constexpr, GATED: tl.constexpr):
+    """An fp32 tile of x[rows, cols] (ACT 0), or of act(x) computed from x's gate (and up) columns
+    ``col_step·c`` (and ``col_step·c + up_col``) and rounded to x's dtype, as the activation's output
+    would be stored: the fp8 quantisers read the activation from the pre-activation h this way, so
+    that act(h) is never written. Masked elements are 0 (act(0) = 0 for every activation)."""
+    ptrs = x_ptr + rows[:, None] * stride_xm + (cols * col_step)[None, :]
+    mask = valid[:, None] & cmask[None, :]
+    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    if ACT != 0:
+        x = act_fwd(x, ACT, alpha, limit)
+        if GATED:
+            x = x * up_fwd(tl.load(ptrs + up_col, mask=mask, other=0.0).to(tl.float32), limit, up_offset)
+        x = x.to(x_ptr.dtype.element_ty).to(tl.float32)
+    return x
+
+
+@triton.jit
+def store_activation_grad(dh_ptr, h_ptr, rows, valid, cols, N_OUT, stride_m, up_col, col_step, d_act,
+                          alpha, limit, up_offset, ACT: tl.constexpr, GATED: tl.constexpr):
+    """dh at the gate (and up) columns of h for ``d_act``, the gradient of act(h)[rows, cols]; h and
+    dh share one layout (see load_activated)."""
+    mask = valid[:, None] & (cols < N_OUT)[None, :]
+    offs = rows[:, None] * stride_m + (cols * col_step)[None, :]
+    gate = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if GATED:
+        up = tl.load(h_ptr + offs + up_col, mask=mask, other=0.0).to(tl.float32)
+        d_gate = d_act * up_fwd(up, limit, up_offset) * act_grad(gate, ACT, alpha, limit)
+        d_up = d_act * act_fwd(gate, ACT, alpha, limit) * up_grad(up, limit)
+        tl.store(dh_ptr + offs, d_gate.to(dh_ptr.dtype.element_ty), mask=mask)
+        tl.store(dh_ptr + offs + up_col, d_up.to(dh_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(dh_ptr + offs, (d_act * act_grad(gate, ACT, alpha, limit)).to(dh_ptr.dtype.element_ty), mask=mask)

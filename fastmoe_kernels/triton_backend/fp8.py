@@ -19,6 +19,11 @@ kernels promote each K block to the fp32 accumulator).
 - ``_fp8_matmul_kernel``: forward and dgrad (a persistent grouped GEMM, as ``grouped_gemm.py``).
 - ``_fp8_wgrad_kernel``: ``dW_e = Σ_tiles (G_tᵀ·X_t) · s_G · s_X``.
 
+The down projection multiplies act(h) without storing it: given an activation, the row and column
+quantisers read the pre-activation h and compute act(h) as they load it (rounded to h's dtype, the
+value a stored act(h) would hold), and the dgrad's epilogue turns the gradient of act(h) into dh
+(``_jit.load_activated``, ``_jit.store_activation_grad``; ops/fp8_mlp.py's ``activated_gemm_fp8``).
+
 Rounding: scales are ``amax / 448`` (round-to-nearest division, 1 for an all-zero tile), values are
 rounded to e4m3 by :func:`_e4m3_round` (round to nearest even, in fp32 arithmetic) and only then
 cast, so the cast is exact. (Triton's CPU interpreter rounds an fp32→e4m3 cast wrongly where the
@@ -33,9 +38,11 @@ import triton
 import triton.language as tl
 
 from .._alloc import empty
+from ..activations import Activation
 from ..fp8 import TILE
-from ._common import interpreted, next_pow2, persistent_programs, register
-from ._jit import gather_rows, group_table, pick
+from ._common import activation_args, interpreted, next_pow2, persistent_grid, register
+from ._gemm import expert_tile, grouped_row_span, outside_tile, outside_tile_count, pruner, store_tile
+from ._jit import gather_rows, group_table, load_activated, pick, store_activation_grad
 
 # Globals read inside kernels must be constexpr (the interpreter reads any; the compiler does not).
 FP8_MAX = tl.constexpr(448.0)
@@ -43,8 +50,11 @@ FP8_MAX = tl.constexpr(448.0)
 _ROUND_MAGIC = tl.constexpr(12582912.0)
 
 # (BM, BN, warps, stages) of the forward/dgrad; BK is the 128 of the scaling tiles. BN divides 128 so
-# that an output tile lies in one weight block (one weight scale per K step).
-FP8_MATMUL_TILES = [(128, 128, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 3)]
+# that an output tile lies in one weight block (one weight scale per K step). The 8-warp forms of the
+# mid-sized tiles are there for the gated activation's backward in the dgrad's epilogue: it holds a
+# third fp32 tile, which 4 warps cannot hold without spilling (sm_90 compile check).
+FP8_MATMUL_TILES = [(128, 128, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 3), (64, 128, 8, 4),
+                    (128, 64, 8, 4)]
 # (BN, BK) of the wgrad's output tile; the reduction steps over 128 tokens (one scaling tile).
 FP8_WGRAD_TILES = [(128, 128, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 3)]
 
@@ -53,6 +63,13 @@ def _matmul_configs():
     if interpreted():
         return [triton.Config(dict(BM=16, BN=32), num_warps=1)]
     return [triton.Config(dict(BM=m, BN=n), num_warps=w, num_stages=s) for m, n, w, s in FP8_MATMUL_TILES]
+
+
+def _matmul_footprint(t, args):
+    # fp8 operand tiles per stage; fp32 tiles live at once: the accumulator and a K step's product, or
+    # in a gated activation's backward the accumulator and the gate and up halves of h.
+    live = 3 if args.get("GATED") else 2
+    return (t["BM"] + t["BN"]) * TILE, live * t["BM"] * t["BN"]
 
 
 def _wgrad_configs():
@@ -90,13 +107,14 @@ def _to_e4m3(x, scale):
 # ---- quantisers ------------------------------------------------------------------------------------
 @triton.jit
 def _quantize_rows_kernel(x_ptr, row_index_ptr, num_src, stride_xm, q_ptr, s_ptr, M, K, KT,
+                          up_col, col_step, alpha, limit, up_offset, ACT: tl.constexpr, GATED: tl.constexpr,
                           GATHER: tl.constexpr, BM: tl.constexpr, TILE_K: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * TILE_K + tl.arange(0, TILE_K)
     rmask = rows < M
     src, valid = gather_rows(row_index_ptr, rows, rmask, num_src, 1, GATHER)
-    x = tl.load(x_ptr + src[:, None] * stride_xm + cols[None, :], mask=valid[:, None] & (cols < K)[None, :],
-                other=0.0).to(tl.float32)
+    x = load_activated(x_ptr, src, valid, stride_xm, cols, cols < K, up_col, col_step, alpha, limit, up_offset,
+                       ACT, GATED)
     scale = _scale_of(tl.max(tl.abs(x), 1))
     out = rows.to(tl.int64)[:, None] * K + cols[None, :]
     tl.store(q_ptr + out, _to_e4m3(x, scale[:, None]), mask=rmask[:, None] & (cols < K)[None, :])
@@ -105,18 +123,17 @@ def _quantize_rows_kernel(x_ptr, row_index_ptr, num_src, stride_xm, q_ptr, s_ptr
 
 @triton.jit
 def _quantize_cols_kernel(x_ptr, row_index_ptr, num_src, stride_xm, qt_ptr, s_ptr, offsets_ptr, num_rows, padded_rows, K,
+                          up_col, col_step, alpha, limit, up_offset, ACT: tl.constexpr, GATED: tl.constexpr,
                           E, E_PAD: tl.constexpr, GATHER: tl.constexpr, BK: tl.constexpr, TILE_M: tl.constexpr):
     e_range, lo_v, hi_v, mt_v, mend_v = group_table(offsets_ptr, num_rows, E, E_PAD, TILE_M)
     t = tl.program_id(0)
     if t < tl.sum(mt_v, 0):
-        e = tl.sum((mend_v <= t).to(tl.int32), 0)
-        rows = pick(lo_v, e_range, e) + (t - pick(mend_v - mt_v, e_range, e)) * TILE_M + tl.arange(0, TILE_M)
-        rmask = rows < pick(hi_v, e_range, e)
+        _, rows, rmask, _ = expert_tile(t, 1, e_range, lo_v, hi_v, mt_v, mend_v, TILE_M)  # row tile t of its expert
         cols = tl.program_id(1) * BK + tl.arange(0, BK)
         cmask = cols < K
         src, valid = gather_rows(row_index_ptr, rows, rmask, num_src, 1, GATHER)
-        x = tl.load(x_ptr + src[:, None] * stride_xm + cols[None, :], mask=valid[:, None] & cmask[None, :],
-                    other=0.0).to(tl.float32)
+        x = load_activated(x_ptr, src, valid, stride_xm, cols, cmask, up_col, col_step, alpha, limit, up_offset,
+                           ACT, GATED)
         scale = _scale_of(tl.max(tl.abs(x), 0))
         # The whole tile is written (rows past the expert's end as zeros), at its aligned place.
         slots = t * TILE_M + tl.arange(0, TILE_M)
@@ -142,17 +159,35 @@ def _quantize_blocks_kernel(w_ptr, stride_we, stride_wn, stride_wk, q_ptr, qt_pt
     tl.store(s_ptr + (e * NB + nb) * KB + kb, scale)
 
 
-def quantize_rows(x: torch.Tensor, row_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``x [M, K]`` (or ``x[row_index]`` — rows < 0 are zeros) → (e4m3 ``[M', K]``, scales ``[M', ceil(K/128)]``)."""
+# The kernels' activation arguments when they read (or write) a tensor's own columns.
+_NO_ACTIVATION = dict(up_col=0, col_step=1, alpha=1.0, limit=1.0, up_offset=0.0, ACT=0, GATED=False)
+
+
+def _activation_view(x: torch.Tensor, activation: Optional[Activation]):
+    """(the width the quantisers read, their activation arguments): x's own columns, or act(x) from
+    the gate (and up) columns of a pre-activation x (see _jit.load_activated)."""
+    if activation is None:
+        return x.shape[1], _NO_ACTIVATION
+    if not activation.gated:
+        return x.shape[1], dict(up_col=0, col_step=1, **activation_args(activation), GATED=False)
+    f = x.shape[1] // 2
+    up_col, col_step = (1, 2) if activation.interleaved else (f, 1)
+    return f, dict(up_col=up_col, col_step=col_step, **activation_args(activation), GATED=True)
+
+
+def quantize_rows(x: torch.Tensor, row_index: Optional[torch.Tensor] = None,
+                  activation: Optional[Activation] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``x [M, K]`` (or ``x[row_index]`` — rows < 0 are zeros; or ``act(x)``, x a pre-activation) →
+    (e4m3 ``[M', K']``, scales ``[M', ceil(K'/128)]``)."""
     M = x.shape[0] if row_index is None else row_index.shape[0]
-    K = x.shape[1]
+    K, act = _activation_view(x, activation)
     KT = triton.cdiv(K, TILE)
     q = empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
     s = empty(M, KT, dtype=torch.float32, device=x.device)
     if M and K:
         BM = 16 if interpreted() else 32
         _quantize_rows_kernel[(triton.cdiv(M, BM), KT)](
-            x, row_index if row_index is not None else x, x.shape[0], x.stride(0), q, s, M, K, KT,
+            x, row_index if row_index is not None else x, x.shape[0], x.stride(0), q, s, M, K, KT, **act,
             GATHER=row_index is not None, BM=BM, TILE_K=TILE)
     return q, s
 
@@ -163,14 +198,14 @@ def column_tiles(num_rows: int, num_experts: int) -> int:
     return triton.cdiv(num_rows, TILE) + num_experts
 
 
-def quantize_cols(x: torch.Tensor, offsets: torch.Tensor, num_rows: int,
-                  row_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The wgrad operand: rows ``offsets[e]:offsets[e+1]`` of ``x`` (or of ``x[row_index]``) in tiles of
+def quantize_cols(x: torch.Tensor, offsets: torch.Tensor, num_rows: int, row_index: Optional[torch.Tensor] = None,
+                  activation: Optional[Activation] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The wgrad operand: rows ``offsets[e]:offsets[e+1]`` of ``x`` (or of ``x[row_index]``, or of ``act(x)``) in tiles of
     128 rows per column, starting at each expert's first row → (e4m3 ``xᵀ`` tiles ``[K, 128·tiles]``,
     scales ``[tiles, K]``): tile t of expert e, ``t = Σ_{e'<e} ceil(n_e'/128) + j``, holds its rows
     ``offsets[e] + 128·j …`` in columns ``128·t …`` and zeros after the expert's last row. Tiles past
     the last expert's are left unwritten (the wgrad never reads them)."""
-    K = x.shape[1]
+    K, act = _activation_view(x, activation)
     E = offsets.shape[0] - 1
     tiles = column_tiles(num_rows, E)
     qt = empty(K, tiles * TILE, dtype=torch.float8_e4m3fn, device=x.device)
@@ -179,8 +214,8 @@ def quantize_cols(x: torch.Tensor, offsets: torch.Tensor, num_rows: int,
         BK = 32 if interpreted() else 64
         _quantize_cols_kernel[(tiles, triton.cdiv(K, BK))](
             x, row_index if row_index is not None else x, x.shape[0], x.stride(0), qt, s, offsets, num_rows,
-            tiles * TILE, K,
-            E, E_PAD=next_pow2(E), GATHER=row_index is not None, BK=BK, TILE_M=TILE)
+            tiles * TILE, K, **act,
+            E=E, E_PAD=next_pow2(E), GATHER=row_index is not None, BK=BK, TILE_M=TILE)
     return qt, s
 
 
@@ -198,7 +233,8 @@ def quantize_weight(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.
 
 
 # ---- the products ----------------------------------------------------------------------------------
-@triton.autotune(configs=_matmul_configs(), key=["N_OUT", "K", "M_BUCKET", "E"])
+@triton.autotune(configs=_matmul_configs(), key=["N_OUT", "K", "M_BUCKET", "E", "GATED"],
+                 prune_configs_by={"early_config_prune": pruner(_matmul_footprint, "a_ptr")})
 @triton.jit
 def _fp8_matmul_kernel(
     # A: e4m3 [num_a_rows, K] with scales [num_a_rows, KT]; row r of the product reads A row
@@ -208,21 +244,18 @@ def _fp8_matmul_kernel(
     # for (n // 128, k // 128) at b_scale_ptr + e·stride_se + (n//128)·stride_sn + (k//128)·stride_sk
     b_ptr, stride_be, stride_bn, b_scale_ptr, stride_se, stride_sn, stride_sk,
     c_ptr, stride_cm, offsets_ptr, num_rows, N_OUT, K, KT, M_BUCKET,
+    # with ACT: the product is the gradient of act(h) and C receives dh (h's layout: see _jit.load_activated)
+    h_ptr, up_col, col_step, alpha, limit, up_offset, ACT: tl.constexpr, GATED: tl.constexpr,
     E, E_PAD: tl.constexpr, GATHER_A: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     e_range, lo_v, hi_v, mt_v, mend_v = group_table(offsets_ptr, num_rows, E, E_PAD, BM)
     n_tiles = tl.cdiv(N_OUT, BN)
     gemm_tiles = tl.sum(mt_v, 0) * n_tiles
-    first_row = tl.minimum(tl.maximum(tl.load(offsets_ptr), 0), num_rows)
-    last_row = tl.minimum(tl.maximum(tl.load(offsets_ptr + E), first_row), num_rows)
-    total_tiles = gemm_tiles + (tl.cdiv(first_row, BM) + tl.cdiv(num_rows - last_row, BM)) * n_tiles
+    first_row, last_row = grouped_row_span(offsets_ptr, num_rows, E)
+    total_tiles = gemm_tiles + outside_tile_count(first_row, last_row, num_rows, n_tiles, BM)
     for tile in range(tl.program_id(0), total_tiles, tl.num_programs(0)):
         if tile < gemm_tiles:
-            tile_n = tile % n_tiles
-            tile_m = tile // n_tiles
-            e = tl.sum((mend_v <= tile_m).to(tl.int32), 0)
-            rows = pick(lo_v, e_range, e) + (tile_m - pick(mend_v - mt_v, e_range, e)) * BM + tl.arange(0, BM)
-            rmask = rows < pick(hi_v, e_range, e)
+            e, rows, rmask, tile_n = expert_tile(tile, n_tiles, e_range, lo_v, hi_v, mt_v, mend_v, BM)
             cols = tile_n * BN + tl.arange(0, BN)
             ncol = cols < N_OUT
             a_rows, a_valid = gather_rows(a_row_index_ptr, rows, rmask, num_a_rows, 1, GATHER_A)
@@ -237,25 +270,28 @@ def _fp8_matmul_kernel(
                 a_scale = tl.load(a_scale_ptr + a_rows * KT + kb, mask=a_valid, other=0.0)
                 b_scale = tl.load(s_b + kb * stride_sk)
                 acc += tl.dot(a, tl.trans(b)) * (a_scale * b_scale)[:, None]
-            _store(c_ptr, rows.to(tl.int64), rmask, cols, N_OUT, stride_cm, acc)
-        else:
-            # Rows that belong to no group are zeros (the grouped GEMM's contract).
-            z_m = (tile - gemm_tiles) // n_tiles
-            cols = (tile % n_tiles) * BN + tl.arange(0, BN)
-            head = tl.cdiv(first_row, BM)
-            if z_m < head:
-                rows = z_m * BM + tl.arange(0, BM)
-                valid = rows < first_row
+            if GATED:
+                # The activation's backward in the epilogue (the gradient of act(h) is never stored), on the
+                # even and then the odd columns: half the tiles of h live at once (the whole tile spilled on
+                # sm_90), and the split is free, each thread holding pairs of adjacent accumulator columns.
+                acc_even, acc_odd = tl.split(tl.reshape(acc, (BM, BN // 2, 2)))
+                even = tile_n * BN + 2 * tl.arange(0, BN // 2)
+                store_activation_grad(c_ptr, h_ptr, rows.to(tl.int64), rmask, even, N_OUT, stride_cm, up_col, col_step,
+                                      acc_even, alpha, limit, up_offset, ACT, GATED)
+                store_activation_grad(c_ptr, h_ptr, rows.to(tl.int64), rmask, even + 1, N_OUT, stride_cm, up_col,
+                                      col_step, acc_odd, alpha, limit, up_offset, ACT, GATED)
+            elif ACT != 0:
+                store_activation_grad(c_ptr, h_ptr, rows.to(tl.int64), rmask, cols, N_OUT, stride_cm, up_col, col_step,
+                                      acc, alpha, limit, up_offset, ACT, GATED)
             else:
-                rows = last_row + (z_m - head) * BM + tl.arange(0, BM)
-                valid = rows < num_rows
-            _store(c_ptr, rows.to(tl.int64), valid, cols, N_OUT, stride_cm, tl.zeros((BM, BN), dtype=tl.float32))
-
-
-@triton.jit
-def _store(c_ptr, rows, valid, cols, N_OUT, stride_cm, tile):
-    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :], tile.to(c_ptr.dtype.element_ty),
-             mask=valid[:, None] & (cols < N_OUT)[None, :])
+                store_tile(c_ptr, rows.to(tl.int64), rmask, cols, N_OUT, stride_cm, 1, acc)
+        else:
+            # Own names: a variable of both branches must keep one type (the compiler's rule; rows are int32 above).
+            z_rows, z_valid, z_cols = outside_tile(tile - gemm_tiles, n_tiles, first_row, last_row, num_rows, BM, BN)
+            zeros = tl.zeros((BM, BN), dtype=tl.float32)
+            store_tile(c_ptr, z_rows, z_valid, z_cols, N_OUT, stride_cm, col_step, zeros)
+            if GATED:  # dh's up columns
+                store_tile(c_ptr + up_col, z_rows, z_valid, z_cols, N_OUT, stride_cm, col_step, zeros)
 
 
 @triton.autotune(configs=_wgrad_configs(), key=["N", "K", "M_BUCKET", "E"])
@@ -287,28 +323,35 @@ def _fp8_wgrad_kernel(gt_ptr, g_scale_ptr, xt_ptr, x_scale_ptr, dw_ptr, offsets_
 
 def fp8_matmul(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
                offsets: torch.Tensor, num_rows: int, out_dtype: torch.dtype, *, b_scale_transposed: bool = False,
-               a_row_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+               a_row_index: Optional[torch.Tensor] = None,
+               grad_of: Optional[Tuple[torch.Tensor, Activation]] = None) -> torch.Tensor:
     """``out[r] = A[r] · B_eᵀ`` for the rows r of group e (zeros outside every group), ``b_q [E, N, K]``
     e4m3 with K contiguous; ``b_scale [E, ceil(N/128), ceil(K/128)]``, or ``[E, ceil(K/128),
-    ceil(N/128)]`` read transposed (the dgrad reads the forward's weight scales)."""
+    ceil(N/128)]`` read transposed (the dgrad reads the forward's weight scales). With ``grad_of =
+    (h, activation)`` the product is the gradient of ``act(h)`` (N its width) and the result is ``dh``,
+    h's shape."""
     E, N, K = b_q.shape
-    out = empty(num_rows, N, dtype=out_dtype, device=a_q.device)
+    if grad_of is None:
+        h, act = None, _NO_ACTIVATION
+        out = empty(num_rows, N, dtype=out_dtype, device=a_q.device)
+    else:
+        h, activation = grad_of
+        width, act = _activation_view(h, activation)
+        if (width, h.shape[0], h.stride(1)) != (N, num_rows, 1):
+            raise ValueError(f"fp8_matmul: `grad_of` h must be the pre-activation of {num_rows} rows of act width {N} "
+                             f"with unit column stride, got shape {tuple(h.shape)} strides {h.stride()}")
+        out = empty(*h.shape, dtype=out_dtype, device=a_q.device)
     if num_rows == 0 or N == 0:
         return out
     stride_se, stride_sn, stride_sk = b_scale.stride()
     if b_scale_transposed:
         stride_sn, stride_sk = stride_sk, stride_sn
-    device = a_q.device
-
-    def grid(meta):
-        row_tiles = triton.cdiv(num_rows, meta["BM"]) + E + 2
-        return (persistent_programs(device, row_tiles * triton.cdiv(N, meta["BN"])),)
-
-    _fp8_matmul_kernel[grid](
+    # + 2 row tiles: the rows before the first group and after the last (written as zeros).
+    _fp8_matmul_kernel[persistent_grid(a_q.device, num_rows, N, E, extra_row_tiles=2)](
         a_q, a_scale, a_row_index if a_row_index is not None else offsets, a_q.shape[0],
         b_q, b_q.stride(0), b_q.stride(1), b_scale, stride_se, stride_sn, stride_sk,
         out, out.stride(0), offsets, num_rows, N, K, triton.cdiv(K, TILE), next_pow2(max(1, num_rows // max(E, 1))),
-        E, E_PAD=next_pow2(E), GATHER_A=a_row_index is not None, BK=TILE)
+        h if h is not None else out, **act, E=E, E_PAD=next_pow2(E), GATHER_A=a_row_index is not None, BK=TILE)
     return out
 
 
@@ -341,37 +384,50 @@ def fp8_capable(cc: int = 0, **_) -> Optional[str]:
 
 @register("grouped_gemm_fp8", applies=fp8_capable)
 def grouped_gemm_fp8_triton(x, w, offsets):
-    return _forward(x, w, offsets.to(torch.int32), x.shape[0], None)
+    return _forward(x, w, offsets.to(torch.int32), x.shape[0])
 
 
 @register("grouped_gemm_fp8_backward", applies=fp8_capable)
 def grouped_gemm_fp8_backward_triton(grad, x, w, offsets):
-    return _backward(grad, x, w, offsets.to(torch.int32), None)
+    return _backward(grad, x, w, offsets.to(torch.int32))
 
 
 # The gathered forms read row r of x as x[src[r]] (the up projection straight from the tokens).
 @register("grouped_gemm_fp8_gathered", applies=fp8_capable)
 def grouped_gemm_fp8_gathered_triton(x, w, offsets, src):
-    return _forward(x, w, offsets.to(torch.int32), src.shape[0], src)
+    return _forward(x, w, offsets.to(torch.int32), src.shape[0], src=src)
 
 
 @register("grouped_gemm_fp8_gathered_backward", applies=fp8_capable)
 def grouped_gemm_fp8_gathered_backward_triton(grad, x, w, offsets, src):
-    return _backward(grad, x, w, offsets.to(torch.int32), src)
+    return _backward(grad, x, w, offsets.to(torch.int32), src=src)
 
 
-def _forward(x, w, offsets, num_rows, src):
-    x_q, x_s = quantize_rows(x)  # each row (token) once, read through src by the GEMM
+# The activated forms multiply act(h) (the down projection from the pre-activation h): the
+# activation runs in the quantisers' prologue, its backward in the dgrad's epilogue.
+@register("grouped_gemm_fp8_activated", applies=fp8_capable)
+def grouped_gemm_fp8_activated_triton(h, w, offsets, activation):
+    return _forward(h, w, offsets.to(torch.int32), h.shape[0], activation=activation)
+
+
+@register("grouped_gemm_fp8_activated_backward", applies=fp8_capable)
+def grouped_gemm_fp8_activated_backward_triton(grad, h, w, offsets, activation):
+    return _backward(grad, h, w, offsets.to(torch.int32), activation=activation)
+
+
+def _forward(x, w, offsets, num_rows, *, src=None, activation=None):
+    x_q, x_s = quantize_rows(x, activation=activation)  # each row (token) once, read through src by the GEMM
     w_q, _, w_s = quantize_weight(w)
     return fp8_matmul(x_q, x_s, w_q, w_s, offsets, num_rows, x.dtype, a_row_index=src)
 
 
-def _backward(grad, x, w, offsets, src):
-    """(dgrad of the rows ``[R, K]`` in x's dtype, wgrad in w's dtype)."""
+def _backward(grad, x, w, offsets, *, src=None, activation=None):
+    """(dgrad in x's dtype: of the rows ``[R, K]``, or of h for an activated x; wgrad in w's dtype)."""
     R = grad.shape[0]
     _, w_qt, w_s = quantize_weight(w)
     g_q, g_s = quantize_rows(grad)
-    grad_rows = fp8_matmul(g_q, g_s, w_qt, w_s, offsets, R, x.dtype, b_scale_transposed=True)
+    grad_of = (x, activation) if activation is not None else None
+    grad_rows = fp8_matmul(g_q, g_s, w_qt, w_s, offsets, R, x.dtype, b_scale_transposed=True, grad_of=grad_of)
     g_t, g_ts = quantize_cols(grad, offsets, R)
-    x_t, x_ts = quantize_cols(x, offsets, R, row_index=src)
+    x_t, x_ts = quantize_cols(x, offsets, R, row_index=src, activation=activation)
     return grad_rows, fp8_wgrad(g_t, g_ts, x_t, x_ts, offsets, R, w.dtype)

@@ -1,6 +1,7 @@
 """The Triton fp8 kernels (fastmoe_kernels/triton_backend/fp8.py) against the specification
 (fastmoe_kernels/fp8.py): quantisers bit for bit, the three products to fp32 rounding, the gathered
-up projection, and the layer with fp8_recipe on both backends.
+up projection, the activated down projection (act(h) computed by the quantisers, dh by the dgrad's
+epilogue), and the layer with fp8_recipe on both backends.
 
 On the CPU they run in Triton's interpreter, whose fp8 tl.dot is exact; outputs are poisoned."""
 import pytest
@@ -8,7 +9,9 @@ import torch
 
 from fastmoe_kernels import MoELayer, backends, fp8
 from fastmoe_kernels.ops import grouped_gemm_fp8
-from fastmoe_kernels.ops.fp8_mlp import gathered_gemm_fp8
+from fastmoe_kernels.activations import Activation, apply_activation, as_activation
+from fastmoe_kernels.experts import GroupedExperts
+from fastmoe_kernels.ops.fp8_mlp import activated_gemm_fp8, gathered_gemm_fp8
 from fastmoe_kernels.ops.grouped_gemm import grouped_gemm_reference
 from fastmoe_kernels.ops.permute import permute_reference
 
@@ -146,6 +149,93 @@ def test_gathered_up_projection_equals_permute_then_gemm(device, dtype):
     limit = 1e-6 if dtype == torch.float32 else 4e-3
     for name, a, b in zip(("out", "grad x", "grad w"), got, want):
         assert rel_err(a, b) < limit, (name, rel_err(a, b))
+
+
+# The down projection's activations: gated and not, exact (ReLU²) and transcendental, clamped (gpt-oss's
+# SwiGLU with its up offset), and gate/up interleaved row by row.
+_ACTIVATIONS = [as_activation("swiglu"), as_activation("swiglu_oai"), Activation("swiglu", interleaved=True),
+                as_activation("geglu_tanh"), as_activation("gelu"), as_activation("relu2")]
+
+
+def _pre_activation(R, f, act, device, dtype=torch.float32):
+    # × 4: past swiglu_oai's clamp at 7 for a few elements.
+    return (torch.randn(R, f * (2 if act.gated else 1), device=device) * 4).to(dtype)
+
+
+def _assert_quantised_alike(got, want, exact):
+    """The same e4m3 values and scales, bit for bit where the kernel computes act(h) as torch does
+    (ReLU²). Elsewhere act(h) differs from torch's by fp32 roundings, relatively large in the tails
+    where it is tiny (GELU's tanh form cancels in 1 + tanh(z), in torch's formula as in ours): an
+    element can land one e4m3 step away and a tile of tiny values get another scale. Compared as the
+    values the GEMM reads (dequantised), relative to the whole tensor: a wrong activation or rounding
+    is off by percents (one e4m3 step is 6-12%)."""
+    (q, s), (want_q, want_s) = got, want
+    if exact:
+        assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(s, want_s)
+        return
+    assert rel_err(fp8.dequantize_tiles(q, s), fp8.dequantize_tiles(want_q, want_s)) < 2e-3
+
+
+@pytest.mark.parametrize("act", _ACTIVATIONS, ids=lambda a: a.name + ("_interleaved" if a.interleaved else ""))
+def test_activated_quantisers_equal_the_specification(device, act):
+    sizes = [300, 0, 1, 129, 40]
+    offsets = _offsets(sizes, device)
+    R, f = sum(sizes) + 7, 200
+    h = _pre_activation(R, f, act, device)
+    a = apply_activation(h, act)
+    exact = act.name == "relu2"
+    _assert_quantised_alike(_kernels().quantize_rows(h, activation=act), fp8.quantize_tiles(a), exact)
+    qt, s = _kernels().quantize_cols(h, offsets, R, activation=act)
+    tile = 0
+    for e, n in enumerate(sizes):
+        lo = int(offsets[e])
+        want_q, want_s = fp8.quantize_tiles(a[lo:lo + n].t())
+        tiles = want_s.shape[1]
+        got = qt[:, 128 * tile:128 * (tile + tiles)]
+        assert not got[:, n:].float().any()
+        _assert_quantised_alike((got[:, :n], s[tile:tile + tiles].t()), (want_q, want_s), exact)
+        tile += tiles
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *low_precision_dtypes()])
+@pytest.mark.parametrize("act", _ACTIVATIONS, ids=lambda a: a.name + ("_interleaved" if a.interleaved else ""))
+def test_activated_gemm_equals_the_specification(device, dtype, act):
+    E, f, N = 4, 136, 96
+    sizes = _uneven_sizes(E, 290)
+    R = sum(sizes) + 5  # rows outside every group: zeros in, zeros out, no gradient
+    offsets = _offsets(sizes, device)
+    h = _pre_activation(R, f, act, device, dtype)
+    h[sum(sizes):] = 0
+    w = (torch.randn(E, N, f, device=device) / f ** 0.5).to(dtype)
+    g = torch.randn(R, N, device=device).to(dtype)
+    got = _grads(lambda a, b: activated_gemm_fp8(a, b, offsets, act, backend="triton"), h, w, g)
+    want = _grads(lambda a, b: fp8.grouped_gemm_fp8_reference(apply_activation(a, act), b, offsets), h, w, g)
+    # The e4m3 operands agree but for an element an fp32 rounding of act(h) moves (above); dh skips the
+    # rounding of act(h)'s gradient to the 16-bit dtype that the composition makes.
+    limit = 1e-4 if dtype == torch.float32 else 1e-2
+    for name, a, b in zip(("out", "dh", "wgrad"), got, want):
+        assert a.dtype == b.dtype == dtype and a.shape == b.shape, name
+        assert rel_err(a, b) < limit, (name, rel_err(a, b))
+    assert not got[0][sum(sizes):].any() and not got[1][sum(sizes):].any()
+
+
+def test_grouped_experts_fp8_triton_equals_the_emulation(device):
+    # experts(rows, offsets), the call expert parallelism makes: up, bias, activated down, bias.
+    experts = GroupedExperts(136, [96] * 4, "swiglu_oai", bias=True, fp8_recipe="blockwise", device=device)
+    sizes = _uneven_sizes(4, 200)
+    offsets = _offsets(sizes, device)
+    x = torch.randn(sum(sizes) + 3, 136, device=device)
+    x[sum(sizes):] = 0
+    results = {}
+    for backend in ("torch", "triton"):
+        experts.zero_grad()
+        xb = x.clone().requires_grad_()
+        y = experts(xb, offsets, backend=backend)
+        y.backward(torch.ones_like(y))
+        results[backend] = [y, xb.grad] + [p.grad for p in experts.parameters()]
+    for a, b in zip(results["triton"], results["torch"]):
+        assert rel_err(a, b) < 2e-3  # as the layer below
+    assert not results["triton"][0][sum(sizes):].any()
 
 
 @pytest.mark.parametrize("mode", [None, (1.0, "probs", True)])

@@ -14,6 +14,9 @@ MODES = {
     "heterogeneous-bias": dict(d_ff=[4, 8, 12, 8], bias=True),
     "unfused": dict(fused_experts=False),
     "sigmoid-groups-expert-bias": dict(score_func="sigmoid", num_groups=2, topk_groups=1, expert_bias=True),
+    "fp8": dict(fp8_recipe="blockwise"),
+    "fp8-capacity-bias-gelu": dict(fp8_recipe="blockwise", capacity_factor=1.0, pad_to_capacity=True, bias=True,
+                                   activation="gelu"),
 }
 BACKENDS = ["torch", "cpp", "triton"]
 
@@ -72,7 +75,7 @@ def test_compiled_layer_is_reused_across_batch_sizes(backend):
     assert compiles == [compiles[0]] * len(compiles) and compiles[0] <= 2
 
 
-@pytest.mark.parametrize("mode", ["dropless", "capacity-pad-shared-zloss", "heterogeneous-bias"])
+@pytest.mark.parametrize("mode", ["dropless", "capacity-pad-shared-zloss", "heterogeneous-bias", "fp8"])
 def test_inductor_matches_eager(mode):
     """The default compiler (Inductor) too, with the aux losses."""
     torch._dynamo.reset()

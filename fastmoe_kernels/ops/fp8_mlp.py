@@ -33,8 +33,8 @@ from torch import Tensor
 from .. import backends
 from ..activations import Activation, apply_activation
 from ..fp8 import grouped_gemm_fp8_backward_reference, grouped_gemm_fp8_forward_reference
-from .grouped_gemm_fp8 import _warn_emulation, compute_capability, grouped_gemm_fp8
-from .permute import _combine_op, permute_reference, unpermute
+from .grouped_gemm_fp8 import apply_fp8_gemm, grouped_gemm_fp8
+from .permute import permute_reference, unpermute
 from .plan import DispatchPlan
 
 
@@ -52,13 +52,12 @@ def _activated_forward_reference(h: Tensor, w: Tensor, offsets: Tensor, act: Act
 
 
 def _activated_backward_reference(grad: Tensor, h: Tensor, w: Tensor, offsets: Tensor, act: Activation):
-    """(gradient of the pre-activation h, gradient of w): the fp8 dgrad reaches act(h), autograd
-    carries it through the activation."""
-    with torch.enable_grad():
-        h_in = h.detach().requires_grad_()
-        a = apply_activation(h_in, act)
-        grad_a, grad_w = grouped_gemm_fp8_backward_reference(grad, a.detach(), w, offsets)
-        (grad_h,) = torch.autograd.grad(a, h_in, grad_a)
+    """(gradient of the pre-activation h, gradient of w): the fp8 dgrad reaches act(h), torch's own
+    derivative of the activation carries it to h (``torch.func.vjp``: a function transform, so it
+    works inside the op, where autograd is off)."""
+    a, activation_vjp = torch.func.vjp(lambda t: apply_activation(t, act), h)
+    grad_a, grad_w = grouped_gemm_fp8_backward_reference(grad, a, w, offsets)
+    (grad_h,) = activation_vjp(grad_a)
     return grad_h, grad_w
 
 
@@ -66,45 +65,6 @@ backends.register("grouped_gemm_fp8_gathered", "torch")(_gathered_forward_refere
 backends.register("grouped_gemm_fp8_gathered_backward", "torch")(_gathered_backward_reference)
 backends.register("grouped_gemm_fp8_activated", "torch")(_activated_forward_reference)
 backends.register("grouped_gemm_fp8_activated_backward", "torch")(_activated_backward_reference)
-
-
-class _GatheredGemmFp8(torch.autograd.Function):
-    """``grouped_gemm_fp8(permute(x, plan), w, offsets)`` without the permuted copy."""
-
-    @staticmethod
-    def forward(ctx, x, w, offsets, src, row, names):
-        forward, backward, combine = names
-        ctx.save_for_backward(x, w, offsets, src, row)
-        ctx.backends = backward, combine
-        return backends.get_kernel("grouped_gemm_fp8_gathered", forward)(x, w, offsets, src)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, w, offsets, src, row = ctx.saved_tensors
-        backward, combine = ctx.backends
-        grad_rows, grad_w = backends.get_kernel("grouped_gemm_fp8_gathered_backward", backward)(
-            grad.contiguous(), x, w, offsets, src)
-        no_weight = grad_rows.new_empty(0, dtype=torch.float32)
-        grad_x = _combine_op(grad_rows.contiguous(), row, no_weight, combine)  # Σ over each token's rows
-        return grad_x, grad_w, None, None, None, None
-
-
-class _ActivatedGemmFp8(torch.autograd.Function):
-    """``grouped_gemm_fp8(apply_activation(h), w, offsets)`` without storing act(h) or its gradient."""
-
-    @staticmethod
-    def forward(ctx, h, w, offsets, act, names):
-        forward, backward = names
-        ctx.save_for_backward(h, w, offsets)  # h only: act(h) is recomputed where the backward reads it
-        ctx.act, ctx.backward = act, backward
-        return backends.get_kernel("grouped_gemm_fp8_activated", forward)(h, w, offsets, act)
-
-    @staticmethod
-    def backward(ctx, grad):
-        h, w, offsets = ctx.saved_tensors
-        grad_h, grad_w = backends.get_kernel("grouped_gemm_fp8_activated_backward", ctx.backward)(
-            grad.contiguous(), h, w, offsets, ctx.act)
-        return grad_h, grad_w, None, None, None
 
 
 def _expert_of_rows(offsets: Tensor, num_rows: int) -> Tensor:
@@ -128,13 +88,7 @@ def _experts_for_bias(offsets: Tensor, num_rows: int, b_up: Optional[Tensor], b_
 
 def gathered_gemm_fp8(x: Tensor, plan: DispatchPlan, w: Tensor, *, backend: Optional[str] = None) -> Tensor:
     """``grouped_gemm_fp8(permute(x, plan), w, plan.offsets)``, each token quantised once."""
-    cc = compute_capability(x.device)
-    names = (backends.resolve("grouped_gemm_fp8_gathered", backend, x.device, x.dtype, cc=cc),
-             backends.resolve("grouped_gemm_fp8_gathered_backward", backend, x.device, x.dtype, cc=cc),
-             backends.resolve("combine", backend, x.device, x.dtype))
-    if "torch" in names[:2]:
-        _warn_emulation(x.device)
-    return _GatheredGemmFp8.apply(x.contiguous(), w, plan.offsets, plan.src, plan.row, names)
+    return apply_fp8_gemm(x, w, plan.offsets, src=plan.src, row=plan.row, backend=backend)
 
 
 def activated_gemm_fp8(h: Tensor, w: Tensor, offsets: Tensor, act: Activation, *,
@@ -142,12 +96,7 @@ def activated_gemm_fp8(h: Tensor, w: Tensor, offsets: Tensor, act: Activation, *
     """``grouped_gemm_fp8(apply_activation(h, act), w, offsets)``: the activation is computed where
     the quantisers read it (rounded to h's dtype first, as a stored act(h) would be) and its backward
     in the dgrad's epilogue; only h is kept for the backward."""
-    cc = compute_capability(h.device)
-    names = (backends.resolve("grouped_gemm_fp8_activated", backend, h.device, h.dtype, cc=cc),
-             backends.resolve("grouped_gemm_fp8_activated_backward", backend, h.device, h.dtype, cc=cc))
-    if "torch" in names:
-        _warn_emulation(h.device)
-    return _ActivatedGemmFp8.apply(h.contiguous(), w, offsets, act, names)
+    return apply_fp8_gemm(h, w, offsets, activation=act, backend=backend)
 
 
 def grouped_mlp_fp8(x: Tensor, w_up: Tensor, w_down: Tensor, offsets: Tensor, act: Activation,

@@ -150,8 +150,9 @@ class GroupedExperts(nn.Module):
         """A new GroupedExperts holding copies of the given experts, in that order."""
         experts = list(experts)
         widths = [self.widths[e] for e in experts]
+        fp8_recipe = self.fp8_recipe if len(set(widths)) == 1 else None  # none for an empty subset
         out = GroupedExperts(self.d_model, widths, self.activation, self.b_up is not None, self.init_std,
-                             fp8_recipe=self.fp8_recipe if len(set(widths)) == 1 else None, device=self.w_up.device, dtype=self.w_up.dtype)
+                             fp8_recipe=fp8_recipe, device=self.w_up.device, dtype=self.w_up.dtype)
         out.load_experts([self.expert_weights(e) for e in experts])
         return out
 

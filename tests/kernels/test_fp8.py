@@ -75,6 +75,19 @@ def test_row_quantiser_equals_the_specification(device, K):
         assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(s, want_s)
 
 
+def _expert_column_tiles(qt, s, rows, sizes):
+    """For each expert in turn (its rows one after another in ``rows``, ``sizes`` of them): the
+    column quantiser's tiles ``[K, 128·tiles]`` and scales ``[K, tiles]`` at the expert's aligned
+    place, the specification's ``(q [K, n], scales [K, tiles])`` of its rows (128 rows of a column
+    per scale), and n."""
+    tile = lo = 0
+    for n in sizes:
+        want_q, want_s = fp8.quantize_tiles(rows[lo:lo + n].t())
+        tiles = want_s.shape[1]
+        yield qt[:, 128 * tile:128 * (tile + tiles)], s[tile:tile + tiles].t(), want_q, want_s, n
+        tile, lo = tile + tiles, lo + n
+
+
 def test_column_quantiser_equals_the_specification_per_expert(device):
     sizes = [300, 0, 1, 129, 40]
     offsets = _offsets(sizes, device)
@@ -84,24 +97,21 @@ def test_column_quantiser_equals_the_specification_per_expert(device):
     for index in (None, src):
         qt, s = _kernels().quantize_cols(x, offsets, R, index)
         rows = x if index is None else permute_reference(x, index)
-        tile = 0
-        for e, n in enumerate(sizes):
-            lo = int(offsets[e])
-            want_q, want_s = fp8.quantize_tiles(rows[lo:lo + n].t())  # [K, n]: 128 rows of a column per scale
-            tiles = want_s.shape[1]
+        for got_q, got_s, want_q, want_s, n in _expert_column_tiles(qt, s, rows, sizes):
             # The expert's tiles sit at their aligned place, zeros after its last row.
-            got = qt[:, 128 * tile:128 * (tile + tiles)].float()
-            assert torch.equal(got[:, :n], want_q.float()) and not got[:, n:].any()
-            assert torch.equal(s[tile:tile + tiles], want_s.t())
-            tile += tiles
+            assert torch.equal(got_q[:, :n].float(), want_q.float()) and not got_q[:, n:].float().any()
+            assert torch.equal(got_s, want_s)
 
 
 def test_weight_quantiser_equals_the_specification(device):
     w = torch.randn(3, 200, 136, device=device) * torch.logspace(-2, 2, 3, device=device)[:, None, None]
-    q, qt, s = _kernels().quantize_weight(w.transpose(1, 2).contiguous().transpose(1, 2))  # strided input
+    strided = w.transpose(1, 2).contiguous().transpose(1, 2)
+    q, s = _kernels().quantize_weight(strided)
+    qt, s_t = _kernels().quantize_weight(strided, transposed=True)
     want_q, want_s = fp8.quantize_blocks(w)
     assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(s, want_s)
     assert torch.equal(qt.view(torch.uint8), want_q.transpose(1, 2).contiguous().view(torch.uint8))
+    assert torch.equal(s_t, want_s)
 
 
 def _grads(fn, x, w, g):
@@ -186,15 +196,9 @@ def test_activated_quantisers_equal_the_specification(device, act):
     exact = act.name == "relu2"
     _assert_quantised_alike(_kernels().quantize_rows(h, activation=act), fp8.quantize_tiles(a), exact)
     qt, s = _kernels().quantize_cols(h, offsets, R, activation=act)
-    tile = 0
-    for e, n in enumerate(sizes):
-        lo = int(offsets[e])
-        want_q, want_s = fp8.quantize_tiles(a[lo:lo + n].t())
-        tiles = want_s.shape[1]
-        got = qt[:, 128 * tile:128 * (tile + tiles)]
-        assert not got[:, n:].float().any()
-        _assert_quantised_alike((got[:, :n], s[tile:tile + tiles].t()), (want_q, want_s), exact)
-        tile += tiles
+    for got_q, got_s, want_q, want_s, n in _expert_column_tiles(qt, s, a, sizes):
+        assert not got_q[:, n:].float().any()
+        _assert_quantised_alike((got_q[:, :n], got_s), (want_q, want_s), exact)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, *low_precision_dtypes()])

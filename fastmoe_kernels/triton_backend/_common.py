@@ -20,6 +20,12 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else triton.next_power_of_2(int(n))
 
 
+def rows_per_expert_bucket(num_rows: int, num_experts: int) -> int:
+    """The grouped GEMMs' ``M_BUCKET`` autotune key: the mean rows per expert, rounded up to a power
+    of two, so one tuned config serves every batch of about the same load."""
+    return next_pow2(max(1, num_rows // max(num_experts, 1)))
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

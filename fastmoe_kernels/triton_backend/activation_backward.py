@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import activation_args, dot_precision, next_pow2, persistent_grid
+from ._common import activation_args, dot_precision, next_pow2, persistent_grid, rows_per_expert_bucket
 from ._gemm import expert_tile, k_loop, matmul_configs, pruner, smallest_bn
 from ._jit import act_fwd, act_grad, gather_rows, group_table, up_fwd, up_grad
 from ._layout import ExpertMatrices
@@ -126,7 +126,7 @@ def activation_backward(
         w_ptr=w, w_offset_ptr=w_offset, k_size_ptr=k_size, n_size_ptr=n_size, stride_wk=stride_wk, stride_wn=stride_wn,
         h_ptr=h, stride_hm=h.stride(0), stride_hn=h.stride(1), dh_ptr=dh, stride_dm=dh.stride(0), stride_dn=dh.stride(1),
         up_col=f, partial_ptr=partial, stride_partial=partial.stride(0), num_partials=partial.shape[0],
-        offsets_ptr=offsets, num_rows=num_rows, N_OUT=f, K_MAX=k_max, M_BUCKET=next_pow2(max(1, num_rows // E)),
+        offsets_ptr=offsets, num_rows=num_rows, N_OUT=f, K_MAX=k_max, M_BUCKET=rows_per_expert_bucket(num_rows, E),
         E=E, E_PAD=next_pow2(E), G_ROW_DIV=g_row_div, W_ALIGN=w_align, K_ALIGN=k_align, N_ALIGN=n_align,
         **activation_args(activation), GATED=gated, OFFSETS_64=down.offsets_64, PRECISION=dot_precision(grad_out.dtype),
     )

@@ -40,7 +40,7 @@ import triton.language as tl
 from .._alloc import empty
 from ..activations import Activation
 from ..fp8 import TILE
-from ._common import activation_args, interpreted, next_pow2, persistent_grid, register
+from ._common import activation_args, interpreted, next_pow2, persistent_grid, register, rows_per_expert_bucket
 from ._gemm import expert_tile, grouped_row_span, outside_tile, outside_tile_count, pruner, store_tile
 from ._jit import gather_rows, group_table, load_activated, pick, store_activation_grad
 
@@ -353,7 +353,7 @@ def fp8_matmul(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_sc
     _fp8_matmul_kernel[persistent_grid(a_q.device, num_rows, N, E, extra_row_tiles=2)](
         a_q, a_scale, a_row_index if a_row_index is not None else offsets, a_q.shape[0],
         b_q, b_q.stride(0), b_q.stride(1), b_scale, stride_se, stride_sn, stride_sk,
-        out, out.stride(0), offsets, num_rows, N, K, triton.cdiv(K, TILE), next_pow2(max(1, num_rows // max(E, 1))),
+        out, out.stride(0), offsets, num_rows, N, K, triton.cdiv(K, TILE), rows_per_expert_bucket(num_rows, E),
         h if h is not None else out, **act, E=E, E_PAD=next_pow2(E), GATHER_A=a_row_index is not None, BK=TILE)
     return out
 
@@ -373,7 +373,7 @@ def fp8_wgrad(g_t: torch.Tensor, g_scale: torch.Tensor, x_t: torch.Tensor, x_sca
         return (triton.cdiv(N, meta["BN"]) * triton.cdiv(K, meta["BK"]), E)
 
     _fp8_wgrad_kernel[grid](g_t, g_scale, x_t, x_scale, dw, offsets, num_rows, padded, N, K,
-                            next_pow2(max(1, num_rows // max(E, 1))), E, E_PAD=next_pow2(E), TILE_M=TILE)
+                            rows_per_expert_bucket(num_rows, E), E, E_PAD=next_pow2(E), TILE_M=TILE)
     return dw
 
 

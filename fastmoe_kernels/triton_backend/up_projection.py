@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import activation_args, dot_precision, next_pow2, persistent_grid
+from ._common import activation_args, dot_precision, next_pow2, persistent_grid, rows_per_expert_bucket
 from ._gemm import expert_tile, k_loop, k_loop_two_b, matmul_configs, pruner
 from ._jit import act_fwd, gather_rows, group_table, up_fwd
 from ._layout import ExpertMatrices, ExpertVectors
@@ -125,7 +125,7 @@ def up_projection(
         stride_bias=gate_bias.stride if gate_bias is not None else 0,
         out_ptr=out, stride_om=out.stride(0), stride_on=out.stride(1),
         h_ptr=h_t, stride_hm=h_t.stride(0), stride_hn=h_t.stride(1), h_up_col=f,
-        offsets_ptr=offsets, num_rows=num_rows, N_OUT=f, K_MAX=k_max, M_BUCKET=next_pow2(max(1, num_rows // E)),
+        offsets_ptr=offsets, num_rows=num_rows, N_OUT=f, K_MAX=k_max, M_BUCKET=rows_per_expert_bucket(num_rows, E),
         E=E, E_PAD=next_pow2(E), X_ROW_DIV=x_row_div,
         GATE_ALIGN=gate_align, UP_ALIGN=up_align, K_ALIGN=k_align, N_ALIGN=n_align,
         **activation_args(activation), GATED=up is not None, HAS_BIAS=bias is not None, STORE_H=h is not None,

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import empty
-from ._common import activation_args, dot_precision, next_pow2
+from ._common import activation_args, dot_precision, rows_per_expert_bucket
 from ._gemm import b_offsets, pruner, wgrad_configs
 from ._jit import act_fwd, gather_rows, up_fwd
 from ._layout import ExpertMatrices, ExpertVectors
@@ -148,7 +148,7 @@ def grouped_wgrad(
         dbias_ptr=grad_bias if grad_bias is not None else grad_b,
         bias_offset_ptr=bias_vecs.offset if bias_vecs is not None else b_offset,
         stride_bias=bias_vecs.stride if bias_vecs is not None else 0,
-        offsets_ptr=offsets, num_rows=num_rows, K_MAX=k_max, N_MAX=n_max, M_BUCKET=next_pow2(max(1, num_rows // max(E, 1))),
+        offsets_ptr=offsets, num_rows=num_rows, K_MAX=k_max, N_MAX=n_max, M_BUCKET=rows_per_expert_bucket(num_rows, E),
         E=E, A_ROW_DIV=a_row_div, G_ROW_DIV=g_row_div, B_ALIGN=b_align, K_ALIGN=k_align, N_ALIGN=n_align,
         GATHER_A=a_row_index is not None, GATHER_G=g_row_index is not None, SCALE_G=scale is not None,
         ACT_OF_A=act is not None, GATED=act is not None and act.gated, HAS_BIAS=grad_bias is not None, **act_args,

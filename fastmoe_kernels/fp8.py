@@ -44,8 +44,13 @@ def _pad_to(x: Tensor, dim: int, multiple: int) -> Tensor:
 
 
 def _scales(amax: Tensor) -> Tensor:
-    """amax / 448, and 1 for an all-zero tile (any scale represents it; 1 keeps it finite)."""
-    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    """amax / 448, and 1 for an all-zero tile (any scale represents it; 1 keeps it finite).
+
+    Divided by a tensor, not the Python number: torch on CUDA divides by a scalar as a multiplication
+    by its reciprocal, one rounding off the true quotient for some amax (1/448 is inexact), which made
+    the specification's scales differ between devices (seen on an H100 against the kernels' IEEE
+    division)."""
+    return torch.where(amax > 0, amax / torch.full_like(amax, FP8_MAX), torch.ones_like(amax))
 
 
 def quantize_tiles(x: Tensor, tile: int = TILE) -> Tuple[Tensor, Tensor]:

@@ -160,6 +160,17 @@ backends.register("moe_mlp", "torch")(moe_mlp_fused_reference)
 backends.register("moe_mlp_backward", "torch")(moe_mlp_backward_reference)
 
 
+def default_fusion(fused: Optional[bool], needs_grad: bool, device: torch.device) -> Optional[bool]:
+    """``fused`` as given, or for None: the composition (False) for a training step on a GPU.
+
+    Measured on an H100 (benchmarks/results/h100-2026-11-24): the fused kernels' training step was
+    1.3-1.5x slower than the composition's at all five model shapes (its weight gradients gather rows
+    and recompute the activation per output tile), while its forward was faster."""
+    if fused is None and needs_grad and device.type == "cuda":
+        return False
+    return fused
+
+
 def moe_mlp(
     x: Tensor,
     plan: DispatchPlan,
@@ -176,8 +187,9 @@ def moe_mlp(
 ) -> Tensor:
     """Expert MLPs of a routed layer, tokens in, tokens out (see the module docstring).
 
-    ``fused`` None uses the fused kernels when the backend has them, False forces the composition
-    of permute / grouped_mlp / unpermute (the benchmark suite compares the two).
+    ``fused`` None uses the fused kernels when the backend has them, except for a training step on a
+    GPU (the composition was faster there); False forces the composition of permute / grouped_mlp /
+    unpermute and True the fused kernels (the benchmark suite compares the two).
     """
     where = "moe_mlp"
     check_tensor(where, "x", x, ndim=2, dtypes=FLOAT_DTYPES)
@@ -187,12 +199,13 @@ def moe_mlp(
     act, widths = check_expert_weights(where, x, w_up, w_down, b_up, b_down, activation, widths, plan.num_experts)
     if fused not in (None, True, False):
         raise TypeError(f"{where}: `fused` must be None, True or False, got {fused!r}")
+    tensors = [t for t in (x, w_up, w_down, b_up, b_down, weight) if t is not None]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    fused = default_fusion(fused, needs_grad, x.device)
     name = "torch" if fused is False else backends.resolve("moe_mlp", backend, x.device, x.dtype)
     if name == "torch":
         return moe_mlp_reference(x, plan, weight, w_up, w_down, act, b_up, b_down, widths=widths, backend=backend)
     backward = backends.resolve("moe_mlp_backward", backend, x.device, x.dtype)
-    tensors = [t for t in (x, w_up, w_down, b_up, b_down, weight) if t is not None]
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     out, _ = _moe_mlp_op(
         x.contiguous(), w_up, w_down, b_up, b_down, weight.contiguous(), plan.row, plan.assignment, plan.offsets,
         *_activation_args(act), list(widths) if widths is not None else [], needs_grad, name, backward,

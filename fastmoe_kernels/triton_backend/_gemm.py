@@ -15,6 +15,8 @@ estimate against the compiler's figures).
 """
 from __future__ import annotations
 
+import itertools
+import os
 from typing import Callable, Dict, List, Tuple
 
 import triton
@@ -72,6 +74,33 @@ def registers_fit(config: triton.Config, register_elements: int) -> bool:
     return register_elements <= 128 * 32 * config.num_warps
 
 
+AUTOTUNE_MODES = ("all", "one")
+_rotation = itertools.count()
+
+
+def autotune_mode() -> str:
+    """``FASTMOE_AUTOTUNE``: "all" (the default) benchmarks every config that fits and keeps the
+    fastest; "one" takes one config per autotune key, the next of the fitting ones in turn. "one" is
+    for GPU test runs: each key compiles one config instead of up to eight (the compile time, not the
+    kernels, dominated such a run), while the run as a whole still exercises every tile shape."""
+    mode = os.environ.get("FASTMOE_AUTOTUNE", "all").strip().lower()
+    if mode not in AUTOTUNE_MODES:
+        raise ValueError(f"FASTMOE_AUTOTUNE must be one of {AUTOTUNE_MODES}, got {mode!r}")
+    return mode
+
+
+def take_configs(kept: List[triton.Config]) -> List[triton.Config]:
+    """The configs the autotuner benchmarks for a new key, from those that fit (see autotune_mode)."""
+    if autotune_mode() == "one" and len(kept) > 1:
+        return [kept[next(_rotation) % len(kept)]]
+    return kept
+
+
+def rotating_pruner(configs, named_args, **kwargs):
+    """An ``early_config_prune`` for kernels whose every config fits: only :func:`take_configs`."""
+    return take_configs(list(configs))
+
+
 def pruner(footprint: Footprint, operand_tensor: str, output_tile: Tuple[str, str] = ("BM", "BN")):
     """An ``early_config_prune`` keeping the configs that fit (see the module docstring);
     ``operand_tensor`` names the argument whose element size the operand tiles have, ``output_tile``
@@ -88,7 +117,7 @@ def pruner(footprint: Footprint, operand_tensor: str, output_tile: Tuple[str, st
         args = {**named_args, **kwargs}
         limit = shared_memory_limit()
         kept = [c for c in configs if estimate(c, args) <= limit and registers_fit(c, footprint(c.kwargs, args)[1])]
-        return kept or configs[-1:]
+        return take_configs(kept or configs[-1:])
 
     prune.estimate = estimate  # for the compile check, which compares it with the compiler's figure
     return prune

@@ -41,7 +41,7 @@ from .._alloc import empty
 from ..activations import Activation
 from ..fp8 import TILE
 from ._common import activation_args, interpreted, next_pow2, persistent_grid, register, rows_per_expert_bucket
-from ._gemm import expert_tile, grouped_row_span, outside_tile, outside_tile_count, pruner, store_tile
+from ._gemm import expert_tile, grouped_row_span, outside_tile, outside_tile_count, pruner, rotating_pruner, store_tile
 from ._jit import gather_rows, group_table, load_activated, pick, store_activation_grad
 
 # Globals read inside kernels must be constexpr (the interpreter reads any; the compiler does not).
@@ -89,9 +89,11 @@ def _e4m3_round(v):
     inv_step = ((130 - e) << 23).to(tl.float32, bitcast=True)  # 2^(3-e), exact
     y = tl.abs(v) * inv_step
     r = ((y + _ROUND_MAGIC) - _ROUND_MAGIC) * step
-    # The sign is put back from the bits: a negative value rounding to zero stays -0, as torch's cast
-    # gives it (bit for bit; the add/subtract alone would return +0).
-    return tl.where(bits < 0, -r, r)
+    # The sign bit is put back by bits, not by negation: a negative value rounding to zero stays -0, as
+    # torch's cast gives it. Triton compiles -r as 0 - r, which is +0 for r = 0 (seen on an H100: every
+    # negative value below half the smallest subnormal came out +0; the interpreter negates exactly).
+    sign = (bits >> 31) << 31  # arithmetic shift: 0x80000000 for a negative v, else 0
+    return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -297,7 +299,8 @@ def _fp8_matmul_kernel(
                 store_tile(c_ptr + up_col, z_rows, z_valid, z_cols, N_OUT, stride_cm, col_step, zeros)
 
 
-@triton.autotune(configs=_wgrad_configs(), key=["N", "K", "M_BUCKET", "E"])
+@triton.autotune(configs=_wgrad_configs(), key=["N", "K", "M_BUCKET", "E"],
+                 prune_configs_by={"early_config_prune": rotating_pruner})
 @triton.jit
 def _fp8_wgrad_kernel(gt_ptr, g_scale_ptr, xt_ptr, x_scale_ptr, dw_ptr, offsets_ptr, num_rows, padded_rows, N, K,
                       M_BUCKET, E, E_PAD: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TILE_M: tl.constexpr):

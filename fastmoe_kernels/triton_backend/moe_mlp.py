@@ -125,8 +125,11 @@ def moe_mlp_backward(grad_out, x, w_up, w_down, b_up, b_down, weight, row, assig
     grad_weight = _gather_row_values(grad_row, row, assignment).to(weight.dtype)
 
     # dW_down (activation recomputed from h), db_down.
-    grad_w_down = empty(w_down.shape, dtype=torch.float32, device=x.device)
-    grad_b_down = empty(b_down.shape, dtype=torch.float32, device=x.device) if b_down is not None else None
+    # Weight gradients are written in the parameters' dtypes: one program reduces each element, so
+    # storing its fp32 sum rounded is the cast a separate pass would make, without an fp32 copy of the
+    # experts (28 GiB for DeepSeek-V3's up projections, the out-of-memory of the first H100 run).
+    grad_w_down = empty(w_down.shape, dtype=param_dtypes[1], device=x.device)
+    grad_b_down = empty(b_down.shape, dtype=param_dtypes[3], device=x.device) if b_down is not None else None
     grouped_wgrad(
         h, grad_out, offsets, grad_w_down, _matrices(grad_w_down, widths, "down", f), True,
         g_row_index=assignment, g_row_div=k, scale=weight_flat, activation_of_a=activation, up_col=f,
@@ -134,8 +137,8 @@ def moe_mlp_backward(grad_out, x, w_up, w_down, b_up, b_down, weight, row, assig
     )
 
     # dW_up (gate and up halves), db_up.
-    grad_w_up = empty(w_up.shape, dtype=torch.float32, device=x.device)
-    grad_b_up = empty(b_up.shape, dtype=torch.float32, device=x.device) if b_up is not None else None
+    grad_w_up = empty(w_up.shape, dtype=param_dtypes[0], device=x.device)
+    grad_b_up = empty(b_up.shape, dtype=param_dtypes[2], device=x.device) if b_up is not None else None
     for half in (("gate", "up") if gated else ("gate",)):
         col = f if half == "up" else 0
         grouped_wgrad(
@@ -150,7 +153,6 @@ def moe_mlp_backward(grad_out, x, w_up, w_down, b_up, b_down, weight, row, assig
                    c_row_index=assignment, num_rows=R,
                    second=_matrices(w_up_c, widths, "up", f, il) if gated else None, a2_col=f)
     grad_x = combine(dx_slots, row, None, assignment=assignment)
-    cast = [grad_w_up.to(param_dtypes[0]), grad_w_down.to(param_dtypes[1]),
-            grad_b_up.to(param_dtypes[2]) if grad_b_up is not None else x.new_empty(0),
-            grad_b_down.to(param_dtypes[3]) if grad_b_down is not None else x.new_empty(0)]
-    return (grad_x, *cast, grad_weight)
+    biases = [grad_b_up if grad_b_up is not None else x.new_empty(0),
+              grad_b_down if grad_b_down is not None else x.new_empty(0)]
+    return (grad_x, grad_w_up, grad_w_down, *biases, grad_weight)

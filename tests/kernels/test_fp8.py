@@ -16,7 +16,7 @@ from fastmoe_kernels.ops.grouped_gemm import grouped_gemm_reference
 from fastmoe_kernels.ops.permute import permute_reference
 
 from .conftest import low_precision_dtypes
-from .helpers import plan_for, rel_err, routing
+from .helpers import FP8_SUM_REL_ERR, ON_GPU, plan_for, rel_err, routing
 
 _DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(not backends.availability("triton", _DEVICE)[0],
@@ -133,8 +133,8 @@ def test_grouped_gemm_fp8_equals_the_specification(device, dtype, N, K):
     g = torch.randn(R, N, device=device).to(dtype)
     got = _grads(lambda a, b: grouped_gemm_fp8(a, b, offsets, backend="triton"), x, w, g)
     want = _grads(lambda a, b: fp8.grouped_gemm_fp8_reference(a, b, offsets), x, w, g)
-    # Same e4m3 operands: only the fp32 summation order differs (and one rounding to a 16-bit dtype).
-    limit = 1e-6 if dtype == torch.float32 else 4e-3
+    # Same e4m3 operands: only the summation differs (see FP8_SUM_REL_ERR; and one rounding to a 16-bit dtype).
+    limit = FP8_SUM_REL_ERR if dtype == torch.float32 else 4e-3
     for name, a, b in zip(("out", "dgrad", "wgrad"), got, want):
         assert a.dtype == b.dtype == dtype, name
         assert torch.isfinite(a).all(), name
@@ -156,7 +156,7 @@ def test_gathered_up_projection_equals_permute_then_gemm(device, dtype):
     got = _grads(lambda a, b: gathered_gemm_fp8(a, plan, b, backend="triton"), x, w, g)
     want = _grads(lambda a, b: fp8.grouped_gemm_fp8_reference(permute_reference(a, plan.src), b, plan.offsets),
                   x, w, g)
-    limit = 1e-6 if dtype == torch.float32 else 4e-3
+    limit = FP8_SUM_REL_ERR if dtype == torch.float32 else 4e-3
     for name, a, b in zip(("out", "grad x", "grad w"), got, want):
         assert rel_err(a, b) < limit, (name, rel_err(a, b))
 
@@ -216,11 +216,16 @@ def test_activated_gemm_equals_the_specification(device, dtype, act):
     want = _grads(lambda a, b: fp8.grouped_gemm_fp8_reference(apply_activation(a, act), b, offsets), h, w, g)
     # The e4m3 operands agree but for an element an fp32 rounding of act(h) moves (above); dh skips the
     # rounding of act(h)'s gradient to the 16-bit dtype that the composition makes.
-    limit = 1e-4 if dtype == torch.float32 else 1e-2
+    # On a GPU the products' own summation error (FP8_SUM_REL_ERR) comes on top.
+    limit = max(1e-4, FP8_SUM_REL_ERR) if dtype == torch.float32 else (2e-2 if ON_GPU else 1e-2)
     for name, a, b in zip(("out", "dh", "wgrad"), got, want):
         assert a.dtype == b.dtype == dtype and a.shape == b.shape, name
         assert rel_err(a, b) < limit, (name, rel_err(a, b))
     assert not got[0][sum(sizes):].any() and not got[1][sum(sizes):].any()
+
+
+# Measured on an H100: up to 4.9e-3 (more elements cross an e4m3 boundary with Hopper's summation).
+_LAYER_REL_ERR = 1e-2 if ON_GPU else 2e-3
 
 
 def test_grouped_experts_fp8_triton_equals_the_emulation(device):
@@ -238,7 +243,7 @@ def test_grouped_experts_fp8_triton_equals_the_emulation(device):
         y.backward(torch.ones_like(y))
         results[backend] = [y, xb.grad] + [p.grad for p in experts.parameters()]
     for a, b in zip(results["triton"], results["torch"]):
-        assert rel_err(a, b) < 2e-3  # as the layer below
+        assert rel_err(a, b) < _LAYER_REL_ERR  # as the layer below
     assert not results["triton"][0][sum(sizes):].any()
 
 
@@ -256,7 +261,7 @@ def test_layer_fp8_triton_equals_the_emulation(device, mode):
         y = layer(xb, backend=backend)
         y.backward(torch.ones_like(y))
         results[backend] = [y, xb.grad] + [p.grad for p in layer.experts.parameters()]
-    # Each GEMM equals the emulation to fp32 rounding (above); across the layer such a rounding can move
-    # an activation across an e4m3 rounding boundary (one e4m3 step, 6%, for that element).
+    # Each GEMM equals the emulation to its summation error (above); across the layer such an error can
+    # move an activation across an e4m3 rounding boundary (one e4m3 step, 6%, for that element).
     for a, b in zip(results["triton"], results["torch"]):
-        assert rel_err(a, b) < 2e-3
+        assert rel_err(a, b) < _LAYER_REL_ERR

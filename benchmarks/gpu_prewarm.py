@@ -1,0 +1,72 @@
+"""Compile the Triton kernels of the model cases in parallel, before a benchmark times them.
+
+Triton compiles a kernel per constexpr set (E among them), and the autotuner compiles every config
+that fits, one after the other, in the process that launches it: ~50 compiles per layer shape,
+minutes for the GPU grid's model cases, all on one CPU core. This runs one process per case at once,
+each doing a forward and a forward+backward of the layer (fused and unfused) at a few thousand
+tokens, so that the compiled kernels land in Triton's on-disk cache (``TRITON_CACHE_DIR``) and the
+benchmark's own autotuning only loads them. What these processes time is thrown away (they share
+the GPU).
+
+    python benchmarks/gpu_prewarm.py [--tokens 4096] [--cases Qwen3-30B-A3B,...]
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from typing import List, Optional
+
+
+def warm(label: str, tokens: int) -> None:
+    import torch
+
+    from fastmoe_kernels import ops
+    from fastmoe_kernels.bench.grids import model_cases
+    from fastmoe_kernels.layer import MoELayer
+
+    case = next(c for c in model_cases(tokens=tokens) if c.label == label)
+    device = torch.device("cuda")
+    layer = MoELayer(case.config(), device=device, dtype=case.torch_dtype, backend="triton")
+    x = torch.randn(tokens, case.d_model, device=device).to(case.torch_dtype).requires_grad_()
+    for fused in (True, False):
+        layer.config = layer.config.replace(fused_experts=fused)
+        with torch.no_grad():
+            layer(x)
+        layer(x).float().square().mean().backward()
+        # The benchmark's "experts" targets plan on the triton backend too.
+        with torch.no_grad():
+            route = layer.router(x)
+            plan = ops.make_plan(route.expert_idx, case.num_experts, None, "probs", route.weight, False,
+                                 backend="triton")
+            layer.experts.forward_tokens(x, plan, route.weight, backend="triton", fused=fused)
+    torch.cuda.synchronize()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--cases", default=None, help="comma-separated model labels (default: all)")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a worker: warm this case
+    args = p.parse_args(argv)
+    if args.one:
+        warm(args.one, args.tokens)
+        return 0
+    from fastmoe_kernels.bench.grids import model_cases
+
+    labels = args.cases.split(",") if args.cases else [c.label for c in model_cases()]
+    start = time.perf_counter()
+    workers = {label: subprocess.Popen([sys.executable, __file__, "--one", label, "--tokens", str(args.tokens)])
+               for label in labels}
+    failed = []
+    for label, proc in workers.items():
+        if proc.wait() != 0:
+            failed.append(label)
+    print(f"gpu_prewarm: {len(labels) - len(failed)} of {len(labels)} cases compiled in "
+          f"{time.perf_counter() - start:.0f} s" + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

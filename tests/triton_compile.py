@@ -271,9 +271,14 @@ def _interleaved_step(T: int, d: int, dtype: torch.dtype) -> None:
     y.backward(torch.ones_like(y))
 
 
+# The constexprs an autotune config sets: tile sizes and the tile order (_gemm.expert_tile's GROUP_M).
+CONFIG_CONSTEXPRS = ("BM", "BN", "BK", "GROUP_M")
+
+
 def _variant(record: dict) -> str:
-    """A launch's constexprs without the tile sizes: which variant of a kernel it compiled."""
-    return json.dumps({k: v for k, v in record["constexprs"].items() if k not in ("BM", "BN", "BK")}, sort_keys=True)
+    """A launch's constexprs without the config's own (tile sizes, tile order): which variant of a
+    kernel it compiled."""
+    return json.dumps({k: v for k, v in record["constexprs"].items() if k not in CONFIG_CONSTEXPRS}, sort_keys=True)
 
 
 def check_configs(rows, limit: int) -> list:
@@ -283,8 +288,7 @@ def check_configs(rows, limit: int) -> list:
     usable = defaultdict(bool)  # (kernel, variant) -> some kept config fits without spilling
     for r in rows:
         r["fits"] = r["shared"] <= limit
-        config = (r["constexprs"].get("BM"), r["constexprs"].get("BN"), r["constexprs"].get("BK"),
-                  r["num_warps"], r["num_stages"])
+        config = (*(r["constexprs"].get(k) for k in CONFIG_CONSTEXPRS), r["num_warps"], r["num_stages"])
         variant = _variant(r)
         if not r["tuning"]:  # not autotuned: its one config must fit
             usable[(r["kernel"], variant)] |= r["fits"]

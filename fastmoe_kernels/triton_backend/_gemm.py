@@ -29,21 +29,30 @@ from ._jit import pick
 # MoE) and narrow N; the last fits every variant on every GPU (the pruner's fallback).
 MATMUL_TILES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
                 (64, 64, 64, 4, 4), (64, 256, 64, 8, 3), (32, 128, 64, 4, 4), (32, 64, 32, 4, 2)]
+# The Hopper tiles again with GROUP_M row blocks per column sweep (see expert_tile): on the first H100
+# run the row-major order re-read a wide expert's B from HBM for every 128-row block (Mixtral's up
+# projection: 128 FLOP/byte, under the ridge of ~257, and 54% of dense), while the narrow down
+# projection ran at 89%. The autotuner measures both orders; GROUP_M = 1 is the row-major order.
+GROUPED_ORDER = 8
+GROUPED_TILES = MATMUL_TILES[:2]
 # wgrad tiles are (BM = rows reduced over, BK × BN = the output tile).
 WGRAD_TILES = [(64, 128, 128, 8, 3), (64, 64, 128, 4, 4), (32, 128, 64, 4, 4), (64, 128, 64, 4, 3),
                (64, 64, 64, 4, 4), (32, 64, 32, 4, 2)]
-INTERPRETER_TILE = dict(BM=16, BN=16, BK=16)
+# The interpreter runs the grouped order (GROUP_M 2), the general form of the row-major one (GROUP_M 1).
+INTERPRETER_TILE = dict(BM=16, BN=16, BK=16, GROUP_M=2)
 
 
 def matmul_configs() -> List[triton.Config]:
     if interpreted():
         return [triton.Config(dict(INTERPRETER_TILE), num_warps=1)]
-    return [triton.Config({"BM": m, "BN": n, "BK": k}, num_warps=w, num_stages=s) for m, n, k, w, s in MATMUL_TILES]
+    return [triton.Config({"BM": m, "BN": n, "BK": k, "GROUP_M": group}, num_warps=w, num_stages=s)
+            for tiles, group in ((MATMUL_TILES, 1), (GROUPED_TILES, GROUPED_ORDER))
+            for m, n, k, w, s in tiles]
 
 
 def wgrad_configs() -> List[triton.Config]:
     if interpreted():
-        return [triton.Config(dict(INTERPRETER_TILE), num_warps=1)]
+        return [triton.Config(dict(BM=16, BN=16, BK=16), num_warps=1)]
     return [triton.Config({"BM": m, "BK": k, "BN": n}, num_warps=w, num_stages=s) for m, k, n, w, s in WGRAD_TILES]
 
 
@@ -125,14 +134,21 @@ def pruner(footprint: Footprint, operand_tensor: str, output_tile: Tuple[str, st
 
 # ---- device helpers --------------------------------------------------------------------------------
 @triton.jit
-def expert_tile(tile, n_tiles, e_range, lo_v, hi_v, mt_v, mend_v, BM: tl.constexpr):
+def expert_tile(tile, n_tiles, e_range, lo_v, hi_v, mt_v, mend_v, BM: tl.constexpr, GROUP_M: tl.constexpr):
     """(expert, rows [BM], valid rows, N tile) of GEMM tile ``tile`` of the persistent schedule
-    (``group_table``'s per-expert vectors; M tiles of all experts in order, each with every N tile)."""
-    tile_n = tile % n_tiles
-    tile_m = tile // n_tiles
-    e = tl.sum((mend_v <= tile_m).to(tl.int32), 0)
-    rows = pick(lo_v, e_range, e) + (tile_m - pick(mend_v - mt_v, e_range, e)) * BM + tl.arange(0, BM)
-    return e, rows, rows < pick(hi_v, e_range, e), tile_n
+    (``group_table``'s per-expert vectors). Experts come in order, each with its M tiles × N tiles;
+    inside an expert, GROUP_M row blocks at a time sweep the N tiles column by column, so that the
+    programs running at once share B's column tiles in L2 (GROUP_M = 1: each row block with every N
+    tile in turn, row-major)."""
+    e = tl.sum((mend_v <= tile // n_tiles).to(tl.int32), 0)  # an expert's tiles are whole rows of N tiles
+    m_tiles = pick(mt_v, e_range, e)
+    local = tile - pick(mend_v - mt_v, e_range, e) * n_tiles  # this tile's index inside its expert
+    first_m = local // (GROUP_M * n_tiles) * GROUP_M
+    group_rows = tl.minimum(m_tiles - first_m, GROUP_M)  # the last group of an expert can be shorter
+    in_group = local - first_m * n_tiles
+    tile_m = first_m + in_group % group_rows
+    rows = pick(lo_v, e_range, e) + tile_m * BM + tl.arange(0, BM)
+    return e, rows, rows < pick(hi_v, e_range, e), in_group // group_rows
 
 
 @triton.jit

@@ -45,12 +45,12 @@ def _activation_backward_kernel(
     E: tl.constexpr, E_PAD: tl.constexpr, G_ROW_DIV: tl.constexpr,
     W_ALIGN: tl.constexpr, K_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr,
     ACT: tl.constexpr, GATED: tl.constexpr, OFFSETS_64: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     e_range, lo_v, hi_v, mt_v, mend_v = group_table(offsets_ptr, num_rows, E, E_PAD, BM)
     n_tiles = tl.cdiv(N_OUT, BN)
     for tile in range(tl.program_id(0), tl.sum(mt_v, 0) * n_tiles, tl.num_programs(0)):
-        e, rows, rmask, tile_n = expert_tile(tile, n_tiles, e_range, lo_v, hi_v, mt_v, mend_v, BM)
+        e, rows, rmask, tile_n = expert_tile(tile, n_tiles, e_range, lo_v, hi_v, mt_v, mend_v, BM, GROUP_M)
         cols = tile_n * BN + tl.arange(0, BN)
         # Alignment hints on the loaded sizes and offsets: see grouped_gemm.py.
         k_size = tl.multiple_of(tl.load(k_size_ptr + e), K_ALIGN)

@@ -41,7 +41,7 @@ from .._alloc import empty
 from ..activations import Activation
 from ..fp8 import TILE
 from ._common import activation_args, interpreted, next_pow2, persistent_grid, register, rows_per_expert_bucket
-from ._gemm import expert_tile, grouped_row_span, outside_tile, outside_tile_count, pruner, rotating_pruner, store_tile
+from ._gemm import GROUPED_ORDER, expert_tile, grouped_row_span, outside_tile, outside_tile_count, pruner, rotating_pruner, store_tile
 from ._jit import gather_rows, group_table, load_activated, pick, store_activation_grad
 
 # Globals read inside kernels must be constexpr (the interpreter reads any; the compiler does not).
@@ -61,8 +61,11 @@ FP8_WGRAD_TILES = [(128, 128, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 
 
 def _matmul_configs():
     if interpreted():
-        return [triton.Config(dict(BM=16, BN=32), num_warps=1)]
-    return [triton.Config(dict(BM=m, BN=n), num_warps=w, num_stages=s) for m, n, w, s in FP8_MATMUL_TILES]
+        return [triton.Config(dict(BM=16, BN=32, GROUP_M=2), num_warps=1)]
+    # Each tile in the row-major order, the first also in the grouped one (see _gemm.GROUPED_TILES).
+    return [triton.Config(dict(BM=m, BN=n, GROUP_M=group), num_warps=w, num_stages=s)
+            for tiles, group in ((FP8_MATMUL_TILES, 1), (FP8_MATMUL_TILES[:1], GROUPED_ORDER))
+            for m, n, w, s in tiles]
 
 
 def _matmul_footprint(t, args):
@@ -130,7 +133,7 @@ def _quantize_cols_kernel(x_ptr, row_index_ptr, num_src, stride_xm, qt_ptr, s_pt
     e_range, lo_v, hi_v, mt_v, mend_v = group_table(offsets_ptr, num_rows, E, E_PAD, TILE_M)
     t = tl.program_id(0)
     if t < tl.sum(mt_v, 0):
-        _, rows, rmask, _ = expert_tile(t, 1, e_range, lo_v, hi_v, mt_v, mend_v, TILE_M)  # row tile t of its expert
+        _, rows, rmask, _ = expert_tile(t, 1, e_range, lo_v, hi_v, mt_v, mend_v, TILE_M, 1)  # row tile t of its expert
         cols = tl.program_id(1) * BK + tl.arange(0, BK)
         cmask = cols < K
         src, valid = gather_rows(row_index_ptr, rows, rmask, num_src, 1, GATHER)
@@ -252,6 +255,7 @@ def _fp8_matmul_kernel(
     # with ACT: the product is the gradient of act(h) and C receives dh (h's layout: see _jit.load_activated)
     h_ptr, up_col, col_step, alpha, limit, up_offset, ACT: tl.constexpr, GATED: tl.constexpr,
     E, E_PAD: tl.constexpr, GATHER_A: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     e_range, lo_v, hi_v, mt_v, mend_v = group_table(offsets_ptr, num_rows, E, E_PAD, BM)
     n_tiles = tl.cdiv(N_OUT, BN)
@@ -260,7 +264,7 @@ def _fp8_matmul_kernel(
     total_tiles = gemm_tiles + outside_tile_count(first_row, last_row, num_rows, n_tiles, BM)
     for tile in range(tl.program_id(0), total_tiles, tl.num_programs(0)):
         if tile < gemm_tiles:
-            e, rows, rmask, tile_n = expert_tile(tile, n_tiles, e_range, lo_v, hi_v, mt_v, mend_v, BM)
+            e, rows, rmask, tile_n = expert_tile(tile, n_tiles, e_range, lo_v, hi_v, mt_v, mend_v, BM, GROUP_M)
             cols = tile_n * BN + tl.arange(0, BN)
             ncol = cols < N_OUT
             a_rows, a_valid = gather_rows(a_row_index_ptr, rows, rmask, num_a_rows, 1, GATHER_A)

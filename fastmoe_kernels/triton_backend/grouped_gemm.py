@@ -47,7 +47,7 @@ def _grouped_matmul_kernel(
     E: tl.constexpr, E_PAD: tl.constexpr,
     B_ALIGN: tl.constexpr, B2_ALIGN: tl.constexpr, K_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr,
     SCATTER_C: tl.constexpr, HAS_BIAS: tl.constexpr, DUAL_AB: tl.constexpr, ZERO_OUTSIDE: tl.constexpr,
-    OFFSETS_64: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    OFFSETS_64: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     e_range, lo_v, hi_v, mt_v, mend_v = group_table(offsets_ptr, num_rows, E, E_PAD, BM)
     n_tiles = tl.cdiv(N_OUT, BN)
@@ -58,7 +58,7 @@ def _grouped_matmul_kernel(
         total_tiles += outside_tile_count(first_row, last_row, num_rows, n_tiles, BM)
     for tile in range(tl.program_id(0), total_tiles, tl.num_programs(0)):
         if tile < gemm_tiles:
-            e, rows, rmask, tile_n = expert_tile(tile, n_tiles, e_range, lo_v, hi_v, mt_v, mend_v, BM)
+            e, rows, rmask, tile_n = expert_tile(tile, n_tiles, e_range, lo_v, hi_v, mt_v, mend_v, BM, GROUP_M)
             cols = tile_n * BN + tl.arange(0, BN)
             # Sizes and weight offsets are loaded, so the compiler cannot know they are multiples of
             # 8/16; the host checked (_layout.alignment) and says so. Without these hints the operand

@@ -216,8 +216,10 @@ def test_activated_gemm_equals_the_specification(device, dtype, act):
     want = _grads(lambda a, b: fp8.grouped_gemm_fp8_reference(apply_activation(a, act), b, offsets), h, w, g)
     # The e4m3 operands agree but for an element an fp32 rounding of act(h) moves (above); dh skips the
     # rounding of act(h)'s gradient to the 16-bit dtype that the composition makes.
-    # On a GPU the products' own summation error (FP8_SUM_REL_ERR) comes on top.
-    limit = max(1e-4, FP8_SUM_REL_ERR) if dtype == torch.float32 else (2e-2 if ON_GPU else 1e-2)
+    # One element moved by a step is ~5e-4 of out here (6.3e-4 at FASTMOE_TEST_SEED=440494989, CI); a
+    # wrong activation or rounding is off by percents. On a GPU the products' own summation error
+    # (FP8_SUM_REL_ERR) comes on top.
+    limit = 3e-3 if dtype == torch.float32 else (2e-2 if ON_GPU else 1e-2)
     for name, a, b in zip(("out", "dh", "wgrad"), got, want):
         assert a.dtype == b.dtype == dtype and a.shape == b.shape, name
         assert rel_err(a, b) < limit, (name, rel_err(a, b))

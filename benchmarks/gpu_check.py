@@ -31,6 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 from fastmoe_kernels import backends, ops  # noqa: E402
 from fastmoe_kernels.activations import apply_activation  # noqa: E402
 from fastmoe_kernels.bench.grids import model_cases  # noqa: E402
+from fastmoe_kernels.bench.timing import synchronize  # noqa: E402
 from fastmoe_kernels.layer import MoELayer  # noqa: E402
 
 QUANTITIES = ("out", "dx", "dweight", "dw_up", "dw_down")
@@ -81,11 +82,6 @@ def expert_by_expert_errors(experts, x, idx, weight, g, got: Dict[str, torch.Ten
     sums.add("dx", got["dx"], dx)
     sums.add("dweight", got["dweight"], dweight)
     return sums.relative()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_experts(experts, x, idx, weight, g, backend: str, fused: Optional[bool]) -> Dict[str, torch.Tensor]:

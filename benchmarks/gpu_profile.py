@@ -20,7 +20,6 @@ import gzip
 import json
 import pathlib
 import shutil
-import statistics
 import sys
 from typing import Dict, List, Optional, Tuple
 
@@ -28,23 +27,15 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from fastmoe_kernels.bench.grids import model_cases
+from fastmoe_kernels.bench.timing import measure
 from fastmoe_kernels.layer import MoELayer
 
 DEFAULT_CASES = "Qwen3-30B-A3B,Mixtral-8x7B"
 
 
 def median_ms(fn, reps: int = 10, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """The median of ``reps`` CUDA-event timings after ``warmup`` runs (the benchmark's own timer)."""
+    return measure(fn, torch.device("cuda"), warmup=warmup, min_reps=reps, max_reps=reps).median_ms
 
 
 def measure_ceilings(device: torch.device) -> Dict[str, float]:

@@ -27,6 +27,9 @@ print("device", torch.cuda.get_device_name(0), "capability", torch.cuda.get_devi
 print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, "python", platform.python_version())
 PY
 left() { echo $(( ${DEADLINE_S:-570} - SECONDS )); }  # seconds left of this call's budget
+archive() {  # everything under $OUT into one archive $1: the device tool brings back 8 files at most
+  (cd "$OUT" && tar czf "$1" --exclude="$1" . ; find . -mindepth 1 ! -name "$1" -delete)
+}
 build_extension() {  # the csrc extension, unless a build is already here (a warm machine)
   if ls fastmoe_kernels/_C*.so >/dev/null 2>&1; then echo "extension already built"; return; fi
   ( time python3 -m pip install --no-build-isolation --no-deps -e . ) > "$OUT/build.log" 2>&1
@@ -51,8 +54,7 @@ if [ "$PHASE" = "check" ]; then
   wait $TESTS; echo "pytest exit status $?"
   grep -E "^(FAILED|ERROR)" "$OUT/gpu-tests.log" | cut -c1-220 | head -40
   tail -4 "$OUT/gpu-tests.log"
-  # The device tool brings back 8 files at most: the logs travel as one archive.
-  (cd "$OUT" && tar czf check-logs.tgz --exclude=check-logs.tgz . ; find . -type f ! -name check-logs.tgz -delete)
+  archive check-logs.tgz
   ls fastmoe_kernels/_C*.so >/dev/null 2>&1 && cp fastmoe_kernels/_C*.so "$OUT/"
 elif [ "$PHASE" = "headline" ]; then
   # The model layers on our kernel backends against the baselines (the table), then the
@@ -64,7 +66,7 @@ elif [ "$PHASE" = "headline" ]; then
   timeout $(( $(left) - 150 )) python3 -m fastmoe_kernels.bench --grid gpu --sweeps models --ops none --backends triton,cuda \
     --budget-minutes "${BENCH_MINUTES:-5}" --out "$OUT/headline" --quiet --no-plots 2>&1 | tee "$OUT/headline.log" | tail -40
   timeout $(( $(left) - 10 )) python3 benchmarks/gpu_profile.py --out "$OUT/profile" 2>&1 | tee "$OUT/profile.log" | tail -60
-  (cd "$OUT" && tar czf headline.tgz --exclude=headline.tgz . ; find . -mindepth 1 ! -name headline.tgz -delete)
+  archive headline.tgz
 elif [ "$PHASE" = "followup" ]; then
   # A re-run after fixes (the first H100 run's third call): the fp8 tests, the DeepSeek-V3 check, the
   # model table and the profile of the current defaults.
@@ -81,7 +83,7 @@ elif [ "$PHASE" = "followup" ]; then
   tail -16 "$OUT/headline.log"
   timeout $(( $(left) - 5 )) python3 benchmarks/gpu_profile.py --out "$OUT/profile" > "$OUT/profile.log" 2>&1
   grep -E "^(Step|## )" "$OUT/profile/profile.md"
-  (cd "$OUT" && tar czf followup.tgz --exclude=followup.tgz . ; find . -mindepth 1 ! -name followup.tgz -delete)
+  archive followup.tgz
 elif [ "$PHASE" = "tests" ]; then
   ( time python3 -m pip install --no-build-isolation --no-deps -e . ) > "$OUT/build.log" 2>&1
   tail -3 "$OUT/build.log"

@@ -66,10 +66,15 @@ def gemm_flop_plans(case, mode: str) -> Dict[str, Dict[str, Tuple[int, float]]]:
             "composition": {"_grouped_matmul_kernel": (4, 2 * (up + down)), "_grouped_wgrad_kernel": (2, up + down)}}
 
 
+def launches_match(kernel: str, calls: float, name: str, launches: int) -> bool:
+    """Whether a profiled kernel (its name, launches per step) is a plan's ``name`` launched ``launches`` times."""
+    return name in kernel and abs(calls - launches) < 1e-6
+
+
 def gemm_flops(case, mode: str, calls: Dict[str, float]) -> Dict[str, Tuple[int, float]]:
     """The plan whose launch counts match the profile's (``calls``: name → launches per step)."""
     for plan in gemm_flop_plans(case, mode).values():
-        if all(any(name in k and abs(c - n) < 1e-6 for k, c in calls.items()) for name, (n, _) in plan.items()):
+        if all(any(launches_match(k, c, name, n) for k, c in calls.items()) for name, (n, _) in plan.items()):
             return plan
     return {}
 
@@ -128,8 +133,8 @@ def profile_case(case, backend: str, mode: str, steps: int, ceilings: Dict[str, 
     flops, moved = gemm_flops(case, mode, {r["kernel"]: r["calls"] for r in rows}), row_bytes(case)
     for r in rows:
         r["share"] = r["ms"] / total if total else 0.0
-        name = next((n for n in flops if n in r["kernel"]), None)
-        if name and abs(r["calls"] - flops[name][0]) < 1e-6:
+        name = next((n for n, (launches, _) in flops.items() if launches_match(r["kernel"], r["calls"], n, launches)), None)
+        if name:
             r["TFLOPs"] = flops[name][1] / (r["ms"] * 1e9)
             r["of_dense"] = r["TFLOPs"] / ceilings["dense_bf16_TFLOPs"]
         mover = next((n for n in moved if n in r["kernel"]), None)

@@ -38,13 +38,13 @@ GROUPED_TILES = MATMUL_TILES[:2]
 # wgrad tiles are (BM = rows reduced over, BK × BN = the output tile).
 WGRAD_TILES = [(64, 128, 128, 8, 3), (64, 64, 128, 4, 4), (32, 128, 64, 4, 4), (64, 128, 64, 4, 3),
                (64, 64, 64, 4, 4), (32, 64, 32, 4, 2)]
-# The interpreter runs the grouped order (GROUP_M 2), the general form of the row-major one (GROUP_M 1).
-INTERPRETER_TILE = dict(BM=16, BN=16, BK=16, GROUP_M=2)
+INTERPRETER_TILE = dict(BM=16, BN=16, BK=16)
 
 
 def matmul_configs() -> List[triton.Config]:
     if interpreted():
-        return [triton.Config(dict(INTERPRETER_TILE), num_warps=1)]
+        # The grouped order (GROUP_M 2), the general form of the row-major one (GROUP_M 1).
+        return [triton.Config(dict(INTERPRETER_TILE, GROUP_M=2), num_warps=1)]
     return [triton.Config({"BM": m, "BN": n, "BK": k, "GROUP_M": group}, num_warps=w, num_stages=s)
             for tiles, group in ((MATMUL_TILES, 1), (GROUPED_TILES, GROUPED_ORDER))
             for m, n, k, w, s in tiles]
@@ -52,7 +52,7 @@ def matmul_configs() -> List[triton.Config]:
 
 def wgrad_configs() -> List[triton.Config]:
     if interpreted():
-        return [triton.Config(dict(BM=16, BN=16, BK=16), num_warps=1)]
+        return [triton.Config(dict(INTERPRETER_TILE), num_warps=1)]
     return [triton.Config({"BM": m, "BK": k, "BN": n}, num_warps=w, num_stages=s) for m, k, n, w, s in WGRAD_TILES]
 
 

@@ -92,7 +92,9 @@ setup(
     packages=find_packages(include=["fastmoe_kernels", "fastmoe_kernels.*"]) + ["fastmoe_kernels.csrc"],
     package_dir={"fastmoe_kernels.csrc": CSRC},
     package_data={"fastmoe_kernels.csrc": ["kernels/*.h", "kernels/*.cuh", "kernels/*.cpp", "kernels/*.cu",
-                                           "bindings/*.h", "bindings/*.cpp", "README.md", "build.txt"]},
+                                           "bindings/*.h", "bindings/*.cpp", "README.md", "build.txt"],
+                  # The per-device tuning tables (fastmoe_kernels.tuning) travel with the package.
+                  "fastmoe_kernels": ["tuned/*.json", "tuned/README.md"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -24,6 +24,7 @@ import torch
 from fastmoe_kernels._checks import set_value_checks
 from fastmoe_kernels.bench.grids import GRIDS, build_grid, default_grid, measured_key
 from fastmoe_kernels.bench.report import OUR_IMPLS as _OUR_IMPLS
+from fastmoe_kernels.bench.sweeps import IMPL_VARIANTS, impl_backend
 from fastmoe_kernels.bench.runner import (EFFORT, OPS_PER_BACKEND, Budget, PartialWriter, ThreadGuard, release_memory,
                                           rooflines, set_roofline_ratios)
 
@@ -78,7 +79,7 @@ def pytest_generate_tests(metafunc):
         if name == "test_layer":
             combos = [("layer", i) for i in OUR_IMPLS] + [("experts", i) for i in OUR_IMPLS + baselines]
         elif name == "test_op" and not case.inference_only:
-            combos = [(op, i) for op in OPS_WITH_BACKENDS for i in OUR_IMPLS if i != "triton-unfused"]
+            combos = [(op, i) for op in OPS_WITH_BACKENDS for i in OUR_IMPLS if i not in IMPL_VARIANTS]
         elif name == "test_roofline":
             combos = [("copy", "dense")] if case.inference_only else \
                 [(op, "dense") for op in ("dense_gemm", "dense_up", "dense_down")]
@@ -135,7 +136,7 @@ class BenchSession:
     def why_missing(self, impl: str) -> str:
         if self.build_error:
             return self.build_error
-        backend = "triton" if impl == "triton-unfused" else impl
+        backend = impl_backend(impl)[0]
         if backend in self.backend_skips:
             return self.backend_skips[backend]
         if impl in OUR_IMPLS:  # an op of ours this case does not break down

@@ -9,7 +9,7 @@ import sys as _sys
 
 from ._version import __version__
 from ._checks import flush_value_checks, set_value_checks, value_checks_enabled
-from . import backends
+from . import backends, tuning
 from .backends import BackendUnavailableError, backend_report, describe as describe_backends, set_default_backend
 from .config import MoEConfig
 from .dispatch import CapacityDispatcher, DroplessDispatcher
@@ -48,6 +48,10 @@ _load_csrc = _loader(".csrc_backend")
 backends.add_loader("triton", _loader(".triton_backend"))
 backends.add_loader("cuda", _load_csrc)
 backends.add_loader("cpp", _load_csrc)
+# "auto" on CUDA takes the grouped GEMMs' backend from the device's tuning table where it has the
+# shape (torch's grouped matmul where it was measured fastest), else the order in AUTO_PREFERENCE.
+for _kernel in ("grouped_gemm", "grouped_gemm_wgrad"):
+    backends.set_auto_preference("cuda", _kernel, tuning.gemm_order(tuple(backends.AUTO_PREFERENCE["cuda"][_kernel])))
 
 __all__ = [
     "BackendUnavailableError",

@@ -67,15 +67,17 @@ def test_resolution_follows_coverage_and_records_why(simulated_gpu):
 def test_a_named_backend_runs_its_kernels_and_says_where_it_cannot(simulated_gpu):
     chosen = describe_backends(CUDA, "cuda")
     assert chosen["permute"] == backends.Choice("cuda")
-    # The csrc kernels have no GEMM: the request falls back to auto's choice, with the reason.
+    # The cuda backend's GEMMs are torch's grouped matmul, bf16 only: an fp32 request falls back to
+    # auto's choice, with the reason; its fp8 products do not exist.
     assert chosen["grouped_gemm"].backend == "triton"
-    assert "cuda has no grouped_gemm" in chosen["grouped_gemm"].fallback
+    assert "cuda has no float32 grouped_gemm" in chosen["grouped_gemm"].fallback
+    assert "cuda has no grouped_gemm_fp8" in describe_backends(CUDA, "cuda")["grouped_gemm_fp8"].fallback
     assert describe_backends(CUDA, "triton")["make_plan"] == backends.Choice("triton")
 
 
 def test_get_kernel_never_substitutes(simulated_gpu):
     with pytest.raises(KeyError, match="no 'cuda' implementation"):
-        backends.get_kernel("grouped_gemm", "cuda")
+        backends.get_kernel("moe_mlp", "cuda")
     assert backends.get_kernel("permute", "torch") is backends.implementations("permute")["torch"].fn
 
 
@@ -174,3 +176,27 @@ def test_an_op_called_by_name_in_a_fresh_process_loads_its_backend():
             "print(torch.ops.fastmoe.permute(x, src, row, 'cpp', 'cpp')[0].tolist() == x[2].tolist())\n")
     probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert probe.returncode == 0 and probe.stdout.strip().endswith("True"), probe.stderr[-2000:]
+
+
+def test_the_cuda_gemms_are_torchs_grouped_matmul_where_it_applies(simulated_gpu, monkeypatch):
+    from fastmoe_kernels import tuning
+
+    bf16 = torch.bfloat16
+    facts = dict(packed="", k_dim=64, n_dim=96, element_size=2, num_experts=8, rows=4096, dtype_name="bfloat16",
+                 all_rows_grouped=True)
+    assert backends.resolve("grouped_gemm", "cuda", CUDA, bf16, **facts) == "cuda"
+    assert backends.resolve("grouped_gemm_wgrad", "cuda", CUDA, bf16, **facts) == "cuda"
+    # Rows outside every group must be zeros, which torch's kernel leaves unwritten: not for such calls.
+    assert backends.resolve("grouped_gemm", "cuda", CUDA, bf16, **dict(facts, all_rows_grouped=False)) == "triton"
+    assert backends.resolve("grouped_gemm", "cuda", CUDA, bf16, **dict(facts, packed="n")) == "triton"
+    assert backends.resolve("grouped_gemm", "cuda", CUDA, bf16, **dict(facts, n_dim=93)) == "triton"
+    # auto: Triton's, unless the device's tuning table measured torch's faster at this shape.
+    assert backends.resolve("grouped_gemm", "auto", CUDA, bf16, **facts) == "triton"
+    table = tuning.Table(device="x", triton="y", gemms=[dict(key=dict(K=64, N=96, E=8, rows_bucket=4096,
+                                                                      dtype="bfloat16"), backend="cuda")])
+    monkeypatch.setattr(tuning, "current_table", lambda device=None: table)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    backends.refresh()
+    assert backends.resolve("grouped_gemm", "auto", CUDA, bf16, **facts) == "cuda"
+    assert backends.resolve("grouped_gemm", "auto", CUDA, bf16, **dict(facts, all_rows_grouped=False)) == "triton"
+    backends.refresh()

@@ -308,7 +308,7 @@ def test_every_impossible_or_untrustworthy_point_is_flagged():
 
 
 def test_each_implementation_keeps_one_colour():
-    known = ["torch", "triton", "triton-unfused", "cuda", "cpp", "naive-loop", "torch._grouped_mm", "hf-eager",
+    known = ["torch", "triton", "triton-unfused", "triton-fused", "cuda", "cuda-unfused", "cpp", "naive-loop", "torch._grouped_mm", "hf-eager",
              "hf-batched_mm", "hf-grouped_mm", "dense"]
     assert len({color_of(i) for i in known}) == len(known)
     assert color_of("hf-some-new-kernel") == color_of("hf-some-new-kernel")

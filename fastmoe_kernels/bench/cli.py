@@ -46,6 +46,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-baselines", action="store_true", help="skip the baselines")
     p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--tune", nargs="?", const="", default=None, metavar="PATH",
+                   help="write this device's tuning table from the run (default PATH: the package's "
+                        "fastmoe_kernels/tuned/<device>.json): the autotuned tiles, and per layer shape whether the "
+                        "fused kernels or a composition (and which GEMM backend) was fastest")
     p.add_argument("--from-results", metavar="FILE", default=None,
                    help="measure nothing: redraw the plots and report.md of an existing results.csv/.json into --out")
     return p.parse_args(argv)
@@ -111,6 +115,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"Headline — base case, forward+backward, {table[0]['device'] if table else device}:")
     print(format_table(headline(table), HEADLINE_COLUMNS))
     print(f"\nwrote {paths['csv']}, {paths['json']}, {out / 'report.md'} and {len(plots)} plots")
+    if args.tune is not None:
+        from .tune import write_table
+        from ..tuning import device_name
+
+        tuned = write_table(table, pathlib.Path(args.tune) if args.tune else None, device_name(device),
+                            source=str(out))
+        print(f"wrote the tuning table {tuned}")
     if flagged:
         print(f"{len(flagged)} points flagged by the consistency checks (see report.md, 'Suspect points')",
               file=sys.stderr)

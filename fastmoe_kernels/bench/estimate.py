@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 from .cases import BenchCase
 from .grids import GRIDS, build_grid, measured_key
 from .runner import OPS_PER_BACKEND, cases_with_ops
+from .sweeps import IMPL_VARIANTS
 
 LOOP_BASELINES = ("naive-loop", "hf-eager")
 FAST_BASELINES = ("torch._grouped_mm", "hf-grouped_mm")
@@ -56,7 +57,7 @@ def estimate_seconds(grid: str, model: Optional[GpuModel] = None, *, backends=("
     cases = build_grid(grid)
     unique = {measured_key(c): c for c in cases}
     with_ops = cases_with_ops(cases, ops)
-    impls = list(backends) + (["triton-unfused"] if "triton" in backends else [])
+    impls = list(backends) + [v for v, (b, _) in IMPL_VARIANTS.items() if b in backends]
     total_ms, targets = 0.0, 0
     for key, case in unique.items():
         modes = ("fwd",) if case.inference_only else ("fwd", "fwd+bwd")

@@ -14,7 +14,8 @@ from typing import Dict, List, Mapping
 from .sweeps import OP_ORDER, OUR_IMPLS, SWEEPS, Sweep, in_sweep, x_sort_key, x_value
 
 _FIXED = {
-    "torch": "#1f77b4", "triton": "#d62728", "triton-unfused": "#ff9896", "cuda": "#2ca02c", "cpp": "#9467bd",
+    "torch": "#1f77b4", "triton": "#d62728", "triton-unfused": "#ff9896", "triton-fused": "#8c1515", "cuda": "#2ca02c",
+    "cuda-unfused": "#98df8a", "cpp": "#9467bd",
     "naive-loop": "#7f7f7f", "torch._grouped_mm": "#ff7f0e", "hf-eager": "#8c564b", "hf-batched_mm": "#e377c2",
     "hf-grouped_mm": "#bcbd22", "hf-deepgemm": "#17becf", "hf-sonicmoe": "#393b79", "dense": "#000000",
 }

@@ -19,6 +19,7 @@ from .env import environment
 from .grids import measured_key
 from .report import as_dicts
 from .targets import Target, build_targets, kernel_backends
+from .sweeps import IMPL_VARIANTS
 from .timing import Timing, measure, peak_memory_mb
 
 # Per grid: warm-up runs, fewest timed runs, the confidence target (half-width of the median's 95%
@@ -209,7 +210,7 @@ OUT_OF_MEMORY = (torch.cuda.OutOfMemoryError, MemoryError) if hasattr(torch.cuda
 def planned_targets(case: BenchCase, backends: List[str], with_ops: bool, with_baselines: bool, baselines: int) -> int:
     """How many targets ``build_targets`` will give for a case (for the progress bar and the budget)."""
     modes = 1 if case.inference_only else 2
-    variants = len(backends) + ("triton" in backends)
+    variants = len(backends) + sum(b in backends for b, _ in IMPL_VARIANTS.values())
     n = variants * 2 * modes + (1 if case.inference_only else 1 * modes)
     if with_ops and case.breaks_down_ops:
         n += len(backends) * OPS_PER_BACKEND + OP_ROOFLINES

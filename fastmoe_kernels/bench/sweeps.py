@@ -8,8 +8,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional
 
-# Our implementations as the results name them: each backend, and Triton with the experts unfused.
-OUR_IMPLS = ("torch", "triton", "triton-unfused", "cuda", "cpp")
+# Our implementations as the results name them: each backend with its defaults (``fused=None``), and
+# the fusion choices spelled out for the A/B that the tuning table is written from: Triton with the
+# experts unfused (the composition) and fused, and the cuda backend's composition (torch's grouped
+# matmul for the GEMMs).
+IMPL_VARIANTS = {"triton-unfused": ("triton", False), "triton-fused": ("triton", True), "cuda-unfused": ("cuda", False)}
+OUR_IMPLS = ("torch", "triton", "triton-unfused", "triton-fused", "cuda", "cuda-unfused", "cpp")
+
+
+def impl_backend(impl: str):
+    """(backend, fused) of one of our implementation names."""
+    return IMPL_VARIANTS.get(impl, (impl, None))
 OP_ORDER = ["route", "plan", "permute", "grouped_up", "grouped_down", "unpermute"]
 
 

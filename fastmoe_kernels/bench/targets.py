@@ -2,8 +2,9 @@
 
 Every target shares one set of weights and one routing (drawn once per case):
 
-- ``layer``: ``MoELayer`` on each available backend ("triton" fused, "triton-unfused", "torch",
-  "cuda"); ``fwd`` is inference (no autograd), ``fwd+bwd`` a training step of the layer;
+- ``layer``: ``MoELayer`` on each available backend with its defaults ("triton", "torch", "cuda"), and
+  the fusion choices spelled out ("triton-fused", "triton-unfused", "cuda-unfused": see
+  ``sweeps.IMPL_VARIANTS``); ``fwd`` is inference (no autograd), ``fwd+bwd`` a training step;
 - ``experts``: dispatch plan + expert MLPs + combine for fixed routing — ours on each backend, and
   the baselines (naive loop, ``torch._grouped_mm``, Hugging Face implementations);
 - ops: ``route``, ``plan``, ``permute``, ``grouped_up``, ``grouped_down``, ``unpermute`` (the
@@ -28,6 +29,7 @@ from .. import backends, ops
 from ..layer import MoELayer
 from .baselines import build_baselines
 from .cases import BenchCase
+from .sweeps import IMPL_VARIANTS, impl_backend
 from .timing import Rotation, rotation_count
 
 MODES = ("fwd", "fwd+bwd")
@@ -145,9 +147,9 @@ def build_targets(case: BenchCase, device: torch.device, backend_names: List[str
         skips[f"ops of {case.name}"] = "the op breakdown runs the bf16 ops; the fp8 case times the layer and the experts"
     with_ops = with_ops and case.breaks_down_ops and _ops_fit(case, device, R, skips)
     op_inputs = None
-    variants = [(b, None) for b in backend_names] + ([("triton-unfused", False)] if "triton" in backend_names else [])
-    for impl, fused in variants:
-        backend = "triton" if impl == "triton-unfused" else impl
+    variants = [b for b in backend_names] + [v for v, (b, _) in IMPL_VARIANTS.items() if b in backend_names]
+    for impl in variants:
+        backend, fused = impl_backend(impl)
         layer = _shared_variant(reference, backend, fused)
         params = list(layer.parameters())
         add("layer", impl, "fwd", _infer(layer, xs, layer), layer_flops["fwd"])
@@ -163,7 +165,7 @@ def build_targets(case: BenchCase, device: torch.device, backend_names: List[str
         add("experts", impl, "fwd", _infer(experts_fn, xs), routed_only["fwd"])
         add("experts", impl, "fwd+bwd", _train_step(experts_fn, list(experts.parameters()), grad_out, xs),
             routed_only["fwd+bwd"], track_memory=True)
-        if with_ops and impl != "triton-unfused":
+        if with_ops and impl not in IMPL_VARIANTS:
             if op_inputs is None:
                 op_inputs = _op_inputs(case, device, xs, plan, weight, gen)
             targets += _op_targets(case, device, backend, layer, xs, idx, weight, plan, op_inputs)

@@ -5,8 +5,9 @@ CPU tensors (``cpp``).
 Importing this package loads the compiled extension (prebuilt or JIT, see ``_loader``) and registers
 its kernels; an ImportError says why it could not. It covers the memory-bound, index-heavy kernels:
 routing top-k, the dispatch plan, gather / combine and their backward, and routing statistics. The
-GEMMs of ``cpp`` are torch's own grouped matmul (``torch._grouped_mm``), where its layout limits allow;
-``cuda`` has no GEMM (Triton's are used on GPUs). Float64 data is left to the reference.
+GEMMs of both are torch's own grouped matmul (``torch._grouped_mm``), where its layout limits allow
+(``cuda``'s in ``grouped_mm``: the tuning table decides where auto takes them over Triton's). Float64
+data is left to the reference.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from .. import backends
 from .._alloc import empty
 from .._shapes import num_plan_rows
 from ._loader import load_extension
+from . import grouped_mm  # noqa: F401  (registers the cuda GEMMs)
 
 extension = load_extension()
 _ops = torch.ops.fastmoe_C
@@ -193,19 +195,21 @@ def grouped_gemm_cpp(a, b, offsets, trans_b, bias, widths, packed):
 
 
 @backends.register("grouped_gemm_wgrad", "cpp", devices=("cpu",), dtypes=_GROUPED_MM_DTYPES, applies=_grouped_mm_fits)
-def grouped_gemm_wgrad_cpp(a, grad, offsets, trans_b, has_bias, widths, packed, b_shape):
+def grouped_gemm_wgrad_cpp(a, grad, offsets, trans_b, has_bias, widths, packed, b_shape, out_dtype, bias_dtype):
     offsets = _valid_offsets(offsets, a.shape[0])
     first, last = _group_bounds(offsets)
     E = offsets.shape[0] - 1
-    # fp32 operands: the weight gradient of bf16 data is accumulated and kept in fp32 (fp32 master weights).
+    # fp32 operands: the weight gradient of bf16 data is accumulated in fp32, then rounded once to the
+    # parameters' dtype (fp32 master weights keep it).
     a_rows, g_rows = a[first:last].float().contiguous(), grad[first:last].float().contiguous()
     offs = (offsets[1:] - first).to(torch.int32)
     grad_b = torch._grouped_mm(a_rows.t(), g_rows, offs=offs) if last > first else \
         torch.zeros(E, a.shape[1], grad.shape[1])
     if trans_b:
-        grad_b = grad_b.transpose(1, 2).contiguous()
-    grad_bias = grad.new_empty(0, dtype=torch.float32)
+        grad_b = grad_b.transpose(1, 2)
+    grad_b = grad_b.to(out_dtype).contiguous()
+    grad_bias = grad.new_empty(0, dtype=bias_dtype)
     if has_bias:
         grad_bias = torch.zeros(E, grad.shape[1], dtype=torch.float32).index_add_(
-            0, _expert_of_row(offsets, first, last), g_rows.float())
+            0, _expert_of_row(offsets, first, last), g_rows.float()).to(bias_dtype)
     return grad_b, grad_bias

@@ -74,16 +74,21 @@ def grouped_mlp(
     *,
     widths: Optional[Sequence[int]] = None,
     backend: Optional[str] = None,
+    all_rows_grouped: bool = False,
 ) -> Tensor:
-    """Apply expert e's MLP to rows ``offsets[e]:offsets[e+1]`` of ``x``. Differentiable."""
+    """Apply expert e's MLP to rows ``offsets[e]:offsets[e+1]`` of ``x``. Differentiable.
+
+    ``all_rows_grouped``: every row is in a group (see ``grouped_gemm``); rows outside the groups are
+    then left undefined instead of zeros."""
     where = "grouped_mlp"
     check_tensor(where, "x", x, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor(where, "offsets", offsets, ndim=1, device=x.device)
     act, widths = check_expert_weights(where, x, w_up, w_down, b_up, b_down, activation, widths, offsets.shape[0] - 1)
     if widths is None:
-        h = grouped_gemm(x, w_up, offsets, trans_b=True, bias=b_up, backend=backend)
+        grouping = dict(backend=backend, all_rows_grouped=all_rows_grouped)
+        h = grouped_gemm(x, w_up, offsets, trans_b=True, bias=b_up, **grouping)
         a = apply_activation(h, act)
-        return grouped_gemm(a, w_down, offsets, trans_b=True, bias=b_down, backend=backend)
+        return grouped_gemm(a, w_down, offsets, trans_b=True, bias=b_down, **grouping)
     total = sum(widths)
     packed_n = dict(trans_b=True, widths=widths, packed="n", backend=backend)
     if act.gated:

@@ -18,7 +18,8 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .. import backends
+from .. import backends, tuning
+from ..tuning import LayerShape
 from ..activations import Activation, ActivationLike, apply_activation, is_gated
 from .grouped_gemm import grouped_gemm_reference
 from .._checks import FLOAT_DTYPES, check_tensor
@@ -104,7 +105,9 @@ def moe_mlp_reference(x, plan, weight, w_up, w_down, activation="swiglu", b_up=N
                       backend=None) -> Tensor:
     """The definition: permute → grouped_mlp → unpermute, each op on the backend resolution picks."""
     x_perm = permute(x, plan, backend=backend)
-    y_perm = grouped_mlp(x_perm, w_up, w_down, plan.offsets, activation, b_up, b_down, widths=widths, backend=backend)
+    # A dropless or padded plan groups every row (rows of dropped invalid ids aside, which nothing reads).
+    y_perm = grouped_mlp(x_perm, w_up, w_down, plan.offsets, activation, b_up, b_down, widths=widths, backend=backend,
+                         all_rows_grouped=plan.capacity is None or plan.padded)
     return unpermute(y_perm, plan, weight, backend=backend)
 
 
@@ -160,15 +163,25 @@ backends.register("moe_mlp", "torch")(moe_mlp_fused_reference)
 backends.register("moe_mlp_backward", "torch")(moe_mlp_backward_reference)
 
 
-def default_fusion(fused: Optional[bool], needs_grad: bool, device: torch.device) -> Optional[bool]:
-    """``fused`` as given, or for None: the composition (False) for a training step on a GPU.
+def default_fusion(fused: Optional[bool], needs_grad: bool, device: torch.device,
+                   shape: Optional[LayerShape] = None) -> Optional[bool]:
+    """``fused`` as given; for None, what the device's tuning table measured fastest for this layer
+    ``shape`` and mode (``fastmoe_kernels.tuning``), else the composition (False) for a training step
+    on a GPU.
 
-    Measured on an H100 (benchmarks/results/h100-2026-11-24): the fused kernels' training step was
-    1.3-1.5x slower than the composition's at all five model shapes (its weight gradients gather rows
-    and recompute the activation per output tile), while its forward was faster."""
-    if fused is None and needs_grad and device.type == "cuda":
+    The rule without a table was measured on an H100 (benchmarks/results/h100-2026-11-24): the fused
+    kernels' training step was 1.3-1.5x slower than the composition's at all five model shapes (its
+    weight gradients gather rows and recompute the activation per output tile), while its forward was
+    faster."""
+    if fused is not None:
+        return fused
+    if shape is not None:
+        measured = tuning.fused_choice(device, shape, "fwd+bwd" if needs_grad else "fwd")
+        if measured is not None:
+            return measured
+    if needs_grad and device.type == "cuda":
         return False
-    return fused
+    return None
 
 
 def moe_mlp(
@@ -187,8 +200,9 @@ def moe_mlp(
 ) -> Tensor:
     """Expert MLPs of a routed layer, tokens in, tokens out (see the module docstring).
 
-    ``fused`` None uses the fused kernels when the backend has them, except for a training step on a
-    GPU (the composition was faster there); False forces the composition of permute / grouped_mlp /
+    ``fused`` None follows the device's tuning table (the faster of the two measured at this shape and
+    mode), else uses the fused kernels when the backend has them except for a training step on a GPU
+    (the composition was faster there on the first H100 run); False forces the composition of permute / grouped_mlp /
     unpermute and True the fused kernels (the benchmark suite compares the two).
     """
     where = "moe_mlp"
@@ -201,7 +215,9 @@ def moe_mlp(
         raise TypeError(f"{where}: `fused` must be None, True or False, got {fused!r}")
     tensors = [t for t in (x, w_up, w_down, b_up, b_down, weight) if t is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    fused = default_fusion(fused, needs_grad, x.device)
+    shape = LayerShape.of(x.shape[1], _hidden_width(w_down, widths or []), plan.num_experts, plan.top_k, act.name,
+                          x.dtype, x.shape[0]) if fused is None else None
+    fused = default_fusion(fused, needs_grad, x.device, shape)
     name = "torch" if fused is False else backends.resolve("moe_mlp", backend, x.device, x.dtype)
     if name == "torch":
         return moe_mlp_reference(x, plan, weight, w_up, w_down, act, b_up, b_down, widths=widths, backend=backend)

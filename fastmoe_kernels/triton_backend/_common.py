@@ -8,7 +8,7 @@ from typing import Callable, Optional
 import torch
 import triton
 
-from .. import backends
+from .. import backends, tuning
 
 
 def interpreted() -> bool:
@@ -138,3 +138,40 @@ def activation_args(act) -> dict:
     limit and the up factor's offset (runtime floats)."""
     return dict(ACT=ACTIVATION_CODES[act.name], alpha=float(act.alpha), limit=float(act.limit),
                 up_offset=float(act.up_offset))
+
+
+# ---- autotuned launches through the tuning table -----------------------------------------------
+# What each table-driven launch ran, for tests and the benchmark's tuning report: kernel name → config.
+tuned_launches: dict = {}
+
+
+def autotune_key(kernel, all_args: dict) -> dict:
+    """A launch's key in the tuning table: the values of the kernel's autotune ``key`` arguments and
+    the dtype of its first tensor argument (the operand; Triton's own key adds every tensor's dtype,
+    which the operand's decides for these kernels)."""
+    key = {name: all_args[name] for name in kernel.keys if name in all_args}
+    dtype = next((str(v.dtype) for v in all_args.values() if isinstance(v, torch.Tensor)), None)
+    return dict(key, dtype=dtype)
+
+
+def kernel_name(kernel) -> str:
+    fn = kernel
+    while hasattr(fn, "fn"):
+        fn = fn.fn
+    return fn.__name__
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """Launch the autotuned ``kernel``: with the tuning table's config for this key and device when
+    there is one (no autotuning, no benchmarking), else through its autotuner."""
+    all_args = {**dict(zip(kernel.arg_names, args)), **kwargs}
+    device = next((v.device for v in all_args.values() if isinstance(v, torch.Tensor)), None)
+    table = tuning.current_table(device) if device is not None else None
+    config = table.kernel_config(kernel_name(kernel), autotune_key(kernel, all_args)) if table is not None else None
+    if config is None:
+        return kernel[grid](*args, **kwargs)
+    meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+    tuned_launches[kernel_name(kernel)] = dict(config)
+    launch_grid = grid(dict(all_args, **meta)) if callable(grid) else grid
+    return kernel.fn[launch_grid](*args, **kwargs, **meta, num_warps=config["num_warps"],
+                                  num_stages=config["num_stages"])

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import activation_args, dot_precision, next_pow2, persistent_grid, rows_per_expert_bucket
+from ._common import activation_args, dot_precision, launch, next_pow2, persistent_grid, rows_per_expert_bucket
 from ._gemm import expert_tile, k_loop, matmul_configs, pruner, smallest_bn
 from ._jit import act_fwd, act_grad, gather_rows, group_table, up_fwd, up_grad
 from ._layout import ExpertMatrices
@@ -30,7 +30,7 @@ def _footprint(t, args):
 
 
 @triton.autotune(configs=matmul_configs(), key=["N_OUT", "K_MAX", "M_BUCKET", "E", "GATED"],
-                 prune_configs_by={"early_config_prune": pruner(_footprint, "g_ptr")})
+                 prune_configs_by={"early_config_prune": pruner(_footprint, "g_ptr")}, cache_results=True)
 @triton.jit
 def _activation_backward_kernel(
     # A rows: grad_out[g_row_index[r] // G_ROW_DIV]; the routing weight of row r is scale[g_row_index[r]]
@@ -120,7 +120,7 @@ def activation_backward(
     w_align, k_align, n_align = down.b_align(False)
     device = grad_out.device
 
-    _activation_backward_kernel[persistent_grid(device, num_rows, f, E)](
+    launch(_activation_backward_kernel, persistent_grid(device, num_rows, f, E),
         g_ptr=grad_out, g_row_index_ptr=g_row_index, num_g_rows=grad_out.shape[0], stride_gm=grad_out.stride(0),
         stride_gk=grad_out.stride(1), scale_ptr=scale, num_scales=scale.numel(),
         w_ptr=w, w_offset_ptr=w_offset, k_size_ptr=k_size, n_size_ptr=n_size, stride_wk=stride_wk, stride_wn=stride_wn,

@@ -40,7 +40,7 @@ import triton.language as tl
 from .._alloc import empty
 from ..activations import Activation
 from ..fp8 import TILE
-from ._common import activation_args, interpreted, next_pow2, persistent_grid, register, rows_per_expert_bucket
+from ._common import activation_args, interpreted, launch, next_pow2, persistent_grid, register, rows_per_expert_bucket
 from ._gemm import GROUPED_ORDER, expert_tile, grouped_row_span, outside_tile, outside_tile_count, pruner, rotating_pruner, store_tile
 from ._jit import gather_rows, group_table, load_activated, pick, store_activation_grad
 
@@ -242,7 +242,7 @@ def quantize_weight(w: torch.Tensor, transposed: bool = False) -> Tuple[torch.Te
 
 # ---- the products ----------------------------------------------------------------------------------
 @triton.autotune(configs=_matmul_configs(), key=["N_OUT", "K", "M_BUCKET", "E", "GATED"],
-                 prune_configs_by={"early_config_prune": pruner(_matmul_footprint, "a_ptr")})
+                 prune_configs_by={"early_config_prune": pruner(_matmul_footprint, "a_ptr")}, cache_results=True)
 @triton.jit
 def _fp8_matmul_kernel(
     # A: e4m3 [num_a_rows, K] with scales [num_a_rows, KT]; row r of the product reads A row
@@ -304,7 +304,7 @@ def _fp8_matmul_kernel(
 
 
 @triton.autotune(configs=_wgrad_configs(), key=["N", "K", "M_BUCKET", "E"],
-                 prune_configs_by={"early_config_prune": rotating_pruner})
+                 prune_configs_by={"early_config_prune": rotating_pruner}, cache_results=True)
 @triton.jit
 def _fp8_wgrad_kernel(gt_ptr, g_scale_ptr, xt_ptr, x_scale_ptr, dw_ptr, offsets_ptr, num_rows, padded_rows, N, K,
                       M_BUCKET, E, E_PAD: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TILE_M: tl.constexpr):
@@ -357,7 +357,7 @@ def fp8_matmul(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_sc
     if b_scale_transposed:
         stride_sn, stride_sk = stride_sk, stride_sn
     # + 2 row tiles: the rows before the first group and after the last (written as zeros).
-    _fp8_matmul_kernel[persistent_grid(a_q.device, num_rows, N, E, extra_row_tiles=2)](
+    launch(_fp8_matmul_kernel, persistent_grid(a_q.device, num_rows, N, E, extra_row_tiles=2),
         a_q, a_scale, a_row_index if a_row_index is not None else offsets, a_q.shape[0],
         b_q, b_q.stride(0), b_q.stride(1), b_scale, stride_se, stride_sn, stride_sk,
         out, out.stride(0), offsets, num_rows, N, K, triton.cdiv(K, TILE), rows_per_expert_bucket(num_rows, E),
@@ -379,8 +379,8 @@ def fp8_wgrad(g_t: torch.Tensor, g_scale: torch.Tensor, x_t: torch.Tensor, x_sca
     def grid(meta):
         return (triton.cdiv(N, meta["BN"]) * triton.cdiv(K, meta["BK"]), E)
 
-    _fp8_wgrad_kernel[grid](g_t, g_scale, x_t, x_scale, dw, offsets, num_rows, padded, N, K,
-                            rows_per_expert_bucket(num_rows, E), E, E_PAD=next_pow2(E), TILE_M=TILE)
+    launch(_fp8_wgrad_kernel, grid, g_t, g_scale, x_t, x_scale, dw, offsets, num_rows, padded, N, K,
+           rows_per_expert_bucket(num_rows, E), E, E_PAD=next_pow2(E), TILE_M=TILE)
     return dw
 
 

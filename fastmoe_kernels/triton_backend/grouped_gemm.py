@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .._alloc import empty
 from .._shapes import grouped_gemm_output_width
-from ._common import dot_precision, next_pow2, persistent_grid, register, rows_per_expert_bucket
+from ._common import dot_precision, launch, next_pow2, persistent_grid, register, rows_per_expert_bucket
 from ._gemm import (expert_tile, grouped_row_span, k_loop, k_loop_two_ab, matmul_configs, outside_tile,
                     outside_tile_count, pruner, store_tile)
 from ._jit import gather_rows, group_table
@@ -32,7 +32,7 @@ def _footprint(t, args):
 
 
 @triton.autotune(configs=matmul_configs(), key=["N_OUT", "K_MAX", "M_BUCKET", "E", "DUAL_AB"],
-                 prune_configs_by={"early_config_prune": pruner(_footprint, "a_ptr")})
+                 prune_configs_by={"early_config_prune": pruner(_footprint, "a_ptr")}, cache_results=True)
 @triton.jit
 def _grouped_matmul_kernel(
     # A [num_rows, ·], rows in group order; with DUAL_AB its columns from a2_col are the second A
@@ -132,7 +132,7 @@ def grouped_matmul(
     device = a.device
 
     # + 2 row tiles: the rows before the first group and after the last (zero_outside).
-    _grouped_matmul_kernel[persistent_grid(device, num_rows, n_out, E, extra_row_tiles=2)](
+    launch(_grouped_matmul_kernel, persistent_grid(device, num_rows, n_out, E, extra_row_tiles=2),
         a_ptr=a, stride_am=a.stride(0), stride_ak=a.stride(1), a2_col=a2_col,
         b_ptr=b, b_offset_ptr=b_offset, b2_offset_ptr=b2_offset, k_size_ptr=k_size, n_size_ptr=n_size,
         stride_bk=stride_bk, stride_bn=stride_bn,
@@ -178,13 +178,15 @@ def grouped_gemm_triton(a, b, offsets, trans_b, bias, widths, packed):
 
 
 @register("grouped_gemm_wgrad")
-def grouped_gemm_wgrad_triton(a, grad, offsets, trans_b, has_bias, widths, packed, b_shape):
-    grad_b = empty(b_shape, dtype=torch.float32, device=a.device)
+def grouped_gemm_wgrad_triton(a, grad, offsets, trans_b, has_bias, widths, packed, b_shape, out_dtype, bias_dtype):
+    # The kernel rounds its fp32 sums to the parameters' dtypes as it stores them (one program reduces
+    # each element): no fp32 copy of the experts, no cast pass.
+    grad_b = empty(b_shape, dtype=out_dtype, device=a.device)
     E = offsets.shape[0] - 1
     grad_bias = bias_vecs = None
     if has_bias:
-        grad_bias = empty((sum(widths),) if packed == "n" else (E, grad.shape[1]), dtype=torch.float32, device=a.device)
+        grad_bias = empty((sum(widths),) if packed == "n" else (E, grad.shape[1]), dtype=bias_dtype, device=a.device)
         bias_vecs = op_bias_layout(grad_bias, widths, packed)
     grouped_wgrad(a, grad.to(a.dtype), offsets.to(torch.int32), grad_b, op_layout(grad_b, trans_b, widths, packed),
                   trans_b, grad_bias=grad_bias, bias_vecs=bias_vecs)
-    return grad_b, grad_bias if grad_bias is not None else grad.new_empty(0, dtype=torch.float32)
+    return grad_b, grad_bias if grad_bias is not None else grad.new_empty(0, dtype=bias_dtype)

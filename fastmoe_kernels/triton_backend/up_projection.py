@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import activation_args, dot_precision, next_pow2, persistent_grid, rows_per_expert_bucket
+from ._common import activation_args, dot_precision, launch, next_pow2, persistent_grid, rows_per_expert_bucket
 from ._gemm import expert_tile, k_loop, k_loop_two_b, matmul_configs, pruner
 from ._jit import act_fwd, gather_rows, group_table, up_fwd
 from ._layout import ExpertMatrices, ExpertVectors
@@ -26,7 +26,7 @@ def _footprint(t, args):
 
 
 @triton.autotune(configs=matmul_configs(), key=["N_OUT", "K_MAX", "M_BUCKET", "E", "GATED"],
-                 prune_configs_by={"early_config_prune": pruner(_footprint, "x_ptr")})
+                 prune_configs_by={"early_config_prune": pruner(_footprint, "x_ptr")}, cache_results=True)
 @triton.jit
 def _up_projection_kernel(
     # A rows: x[x_row_index[r] // X_ROW_DIV] (nothing where the index is < 0 or past x's rows)
@@ -115,7 +115,7 @@ def up_projection(
     h_t = h if h is not None else out
     device = x.device
 
-    _up_projection_kernel[persistent_grid(device, num_rows, f, E)](
+    launch(_up_projection_kernel, persistent_grid(device, num_rows, f, E),
         x_ptr=x, x_row_index_ptr=x_row_index, num_x_rows=x.shape[0], stride_xm=x.stride(0), stride_xk=x.stride(1),
         w_ptr=w, gate_offset_ptr=gate_offset, up_offset_ptr=up_offset, k_size_ptr=k_size, n_size_ptr=n_size,
         stride_wk=stride_wk, stride_wn=stride_wn,

@@ -1,4 +1,4 @@
-"""The grouped weight gradient: ``dB_e = A_eᵀ · G_e`` per expert, in fp32.
+"""The grouped weight gradient: ``dB_e = A_eᵀ · G_e`` per expert, summed in fp32 and stored in dB's dtype.
 
 One program per (output tile, expert) reduces over that expert's rows. Rows of A and G can be read
 through an index (the fused gather: neither the permuted x nor the permuted output gradient is
@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import empty
-from ._common import activation_args, dot_precision, rows_per_expert_bucket
+from ._common import activation_args, dot_precision, launch, rows_per_expert_bucket
 from ._gemm import b_offsets, pruner, wgrad_configs
 from ._jit import act_fwd, gather_rows, up_fwd
 from ._layout import ExpertMatrices, ExpertVectors
@@ -29,7 +29,7 @@ def _footprint(t, args):
 
 
 @triton.autotune(configs=wgrad_configs(), key=["N_MAX", "K_MAX", "M_BUCKET", "E", "ACT_OF_A", "GATED"],
-                 prune_configs_by={"early_config_prune": pruner(_footprint, "a_ptr", output_tile=("BK", "BN"))})
+                 prune_configs_by={"early_config_prune": pruner(_footprint, "a_ptr", output_tile=("BK", "BN"))}, cache_results=True)
 @triton.jit
 def _grouped_wgrad_kernel(
     # A rows: a[a_row_index[r] // A_ROW_DIV] with GATHER_A, else a[r]; with ACT_OF_A, A = act(a) (gated:
@@ -92,11 +92,12 @@ def _grouped_wgrad_kernel(
             if HAS_BIAS:
                 bias_acc += tl.sum(g.to(tl.float32), 0)
         db_base = db_ptr + tl.multiple_of(tl.load(b_offset_ptr + e), B_ALIGN)
-        tl.store(db_base + b_offsets(kk, nn, stride_bk, stride_bn, OFFSETS_64), acc,
+        tl.store(db_base + b_offsets(kk, nn, stride_bk, stride_bn, OFFSETS_64), acc.to(db_ptr.dtype.element_ty),
                  mask=kmask[:, None] & nmask[None, :])
         if HAS_BIAS:
             if first_k_tile:
-                tl.store(dbias_ptr + tl.load(bias_offset_ptr + e) + nn * stride_bias, bias_acc, mask=nmask)
+                tl.store(dbias_ptr + tl.load(bias_offset_ptr + e) + nn * stride_bias,
+                         bias_acc.to(dbias_ptr.dtype.element_ty), mask=nmask)
 
 
 def _dummy_index(device) -> torch.Tensor:
@@ -121,7 +122,7 @@ def grouped_wgrad(
     grad_bias: Optional[torch.Tensor] = None,
     bias_vecs: Optional[ExpertVectors] = None,
 ) -> None:
-    """``grad_b[e] (as B_e) = A_eᵀ · G_e`` in fp32, written in place (every element of every expert's
+    """``grad_b[e] (as B_e) = A_eᵀ · G_e`` summed in fp32 and rounded to grad_b's dtype, written in place (every element of every expert's
     matrix, zeros for empty groups); ``grad_bias[e] = Σ_rows G_e`` when given. ``scale`` (with
     ``g_row_index``) scales G's rows by ``scale[g_row_index[r]]``. ``activation_of_a`` (an
     ``activations.Activation``) makes A that activation recomputed from ``a`` (gate columns, then up
@@ -137,7 +138,7 @@ def grouped_wgrad(
     def grid(meta):
         return (triton.cdiv(k_max, meta["BK"]) * triton.cdiv(n_max, meta["BN"]), E)
 
-    _grouped_wgrad_kernel[grid](
+    launch(_grouped_wgrad_kernel, grid,
         a_ptr=a, a_row_index_ptr=a_row_index if a_row_index is not None else _dummy_index(device),
         num_a_rows=a.shape[0], stride_am=a.stride(0), stride_ak=a.stride(1), up_col=up_col,
         g_ptr=g, g_row_index_ptr=g_row_index if g_row_index is not None else _dummy_index(device),

@@ -1,0 +1,128 @@
+"""The grouped-GEMM launches of one layer step, per path and variant, for the kernel model.
+
+Labels name what a launch computes: ``up`` / ``down`` (the forward's projections), ``<proj>.dgrad``
+(input gradient), ``<proj>.wgrad`` (weight gradient); the fused path's own: ``act_bwd`` (dh from
+the saved h), ``up.wgrad.gate`` / ``up.wgrad.up`` (its two gathered up-projection wgrads) and ``dx``
+(``[dgate | dup] @ [W_gate; W_up]``, two A/B pairs per step). The launch order is the order the
+backends issue them (the profiler traces' order within a step).
+
+Shapes follow the kernels: the up projection is ``K = d``, ``N = m·f`` (the fused kernel: N = f with
+``b_mats = m``), the down projection ``K = f``, ``N = d``; a weight gradient reduces over the rows
+(``rows`` per expert) into a ``K × N`` tile grid of the weight as the op reads it (B_e = W_eᵀ).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Dict, List, Mapping, Optional, Tuple
+
+from .kernel_model import Launch, Tile, expected_rows
+
+MATMUL, UP, ACT_BWD, WGRAD = "_grouped_matmul_kernel", "_up_projection_kernel", "_activation_backward_kernel", \
+    "_grouped_wgrad_kernel"
+
+# The configurations the autotuner chose on the first H100 run (3-followup-profile/profile.json, and
+# the 2-profile traces' shared memory and threads for the fused path's own kernels), with the
+# registers and shared memory the traces recorded: the model's default tiles.
+H100_TILES: Dict[str, Tile] = {
+    "matmul": Tile(128, 256, 64, 8, 3, regs=237, smem=147456),
+    "up_projection": Tile(128, 128, 64, 8, 3, regs=255, smem=147456),
+    "act_bwd": Tile(64, 64, 64, 4, 4, regs=255, smem=65536),
+    "wgrad": Tile(64, 128, 128, 8, 3, regs=110, smem=98304),          # (BM rows per step, BN, BK)
+    "wgrad_act": Tile(64, 64, 128, 4, 3, regs=138, smem=33024),       # the fused down wgrad (ACT_OF_A)
+    "wgrad_gathered": Tile(64, 128, 128, 8, 3, regs=108, smem=65792),  # the fused up wgrads (GATHER_A)
+    "dual": Tile(128, 128, 64, 8, 3, regs=176, smem=196608),           # dx with two A/B pairs (DUAL_AB)
+}
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What a layer step's launches depend on."""
+
+    tokens: int
+    d_model: int
+    d_ff: int
+    num_experts: int
+    top_k: int
+    gated: bool = True
+
+    @classmethod
+    def of_case(cls, case) -> "StepShape":
+        return cls(case.tokens, case.d_model, case.d_ff, case.num_experts, case.top_k, case.gated)
+
+    @property
+    def m(self) -> int:
+        return 2 if self.gated else 1
+
+    def rows(self, seed: int = 0) -> Tuple[int, ...]:
+        return expected_rows(self.tokens, self.num_experts, self.top_k, seed)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A selectable change, as the model sees it (None/1: today's kernels)."""
+
+    group_m: int = 1                 # GROUP_M row blocks per column sweep in the persistent GEMMs
+    wgrad_group_k: int = 1           # GROUP_K K blocks per column sweep in the weight gradient
+    wgrad_tile: Optional[Tile] = None  # another weight-gradient tile (the Hopper-sized ones)
+    wgrad_out_bytes: int = 4         # 4: fp32 weight gradients; 2: the parameters' bf16
+    matmul_tile: Optional[Tile] = None
+
+
+def _tile(tiles: Mapping[str, Tile], name: str, variant: Variant, *, wgrad: bool = False) -> Tile:
+    tile = tiles[name]
+    if wgrad:
+        tile = variant.wgrad_tile or tile
+        return replace(tile, group=variant.wgrad_group_k)
+    if name == "matmul" and variant.matmul_tile is not None:
+        tile = variant.matmul_tile
+    return replace(tile, group=variant.group_m)
+
+
+def forward_launches(shape: StepShape, path: str, *, training: bool, tiles: Mapping[str, Tile] = H100_TILES,
+                     variant: Variant = Variant(), rows: Optional[Tuple[int, ...]] = None) -> List[Launch]:
+    """The forward's two GEMM launches on ``path`` ("fused" or "composition")."""
+    rows = rows or shape.rows()
+    d, f, m = shape.d_model, shape.d_ff, shape.m
+    down = Launch(MATMUL, "down", rows, f, d, _tile(tiles, "matmul", variant))
+    if path == "composition":
+        return [Launch(MATMUL, "up", rows, d, m * f, _tile(tiles, "matmul", variant)), down]
+    # The fused up projection stores act(h) and, when training, h (gate and up): per B column, half an
+    # act(h) element (gated) and one element of h.
+    stores = (1.0 if training else 0.0) + (1.0 / m)
+    return [Launch(UP, "up", rows, d, f, _tile(tiles, "up_projection", variant), b_mats=m, store_elems=stores), down]
+
+
+def backward_launches(shape: StepShape, path: str, *, tiles: Mapping[str, Tile] = H100_TILES,
+                      variant: Variant = Variant(), rows: Optional[Tuple[int, ...]] = None) -> List[Launch]:
+    """The backward's GEMM launches on ``path``, in issue order."""
+    rows = rows or shape.rows()
+    d, f, m = shape.d_model, shape.d_ff, shape.m
+    out_bytes = variant.wgrad_out_bytes
+    if path == "composition":
+        wg = _tile(tiles, "wgrad", variant, wgrad=True)
+        mm = _tile(tiles, "matmul", variant)
+        return [Launch(MATMUL, "down.dgrad", rows, d, f, mm),
+                Launch(WGRAD, "down.wgrad", rows, f, d, wg, kind="wgrad", out_bytes=out_bytes),
+                Launch(MATMUL, "up.dgrad", rows, m * f, d, mm),
+                Launch(WGRAD, "up.wgrad", rows, d, m * f, wg, kind="wgrad", out_bytes=out_bytes)]
+    launches = [Launch(ACT_BWD, "act_bwd", rows, d, f, _tile(tiles, "act_bwd", variant), store_elems=m,
+                       epilogue_load_elems=m),
+                # act(h) rebuilt from h's halves in registers per step: no pipelined stages (compile record).
+                Launch(WGRAD, "down.wgrad", rows, f, d, _tile(tiles, "wgrad_act", variant, wgrad=True), kind="wgrad",
+                       a_mats=m, out_bytes=2, pipelined=False)]
+    halves = ("gate", "up") if shape.gated else ("gate",)
+    launches += [Launch(WGRAD, f"up.wgrad.{h}", rows, d, f, _tile(tiles, "wgrad_gathered", variant, wgrad=True),
+                        kind="wgrad", out_bytes=2) for h in halves]
+    # [A | A2] @ [B; B2]: two A/B pairs per step of BK over K = m·f in all.
+    launches.append(Launch(MATMUL, "dx", rows, m * f, d, _tile(tiles, "dual" if shape.gated else "matmul", variant),
+                           ab_pairs=m))
+    return launches
+
+
+def step_launches(shape: StepShape, path: str, mode: str, **kw) -> List[Launch]:
+    """Every GEMM launch of a forward (``mode="fwd"``) or a training step (``"fwd+bwd"``)."""
+    training = mode == "fwd+bwd"
+    out = forward_launches(shape, path, training=training, **kw)
+    if training:
+        out += backward_launches(shape, path, **kw)
+    return out

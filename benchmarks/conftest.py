@@ -24,13 +24,15 @@ import torch
 from fastmoe_kernels._checks import set_value_checks
 from fastmoe_kernels.bench.grids import GRIDS, build_grid, default_grid, measured_key
 from fastmoe_kernels.bench.report import OUR_IMPLS as _OUR_IMPLS
+from fastmoe_kernels.bench.peers import PEERS
 from fastmoe_kernels.bench.sweeps import IMPL_VARIANTS, impl_backend
 from fastmoe_kernels.bench.runner import (EFFORT, OPS_PER_BACKEND, Budget, PartialWriter, ThreadGuard, release_memory,
                                           rooflines, set_roofline_ratios)
 
 OPS_WITH_BACKENDS = ["route", "plan", "permute", "grouped_up", "grouped_down", "unpermute"]
 OUR_IMPLS = list(_OUR_IMPLS)
-BASELINES = ["naive-loop", "torch._grouped_mm", "hf-eager", "hf-batched_mm", "hf-grouped_mm", "hf-deepgemm", "hf-sonicmoe"]
+BASELINES = ["naive-loop", "torch._grouped_mm", "hf-eager", "hf-batched_mm", "hf-grouped_mm", "hf-deepgemm", "hf-sonicmoe",
+             *PEERS]
 # The whole session's budget per grid (seconds): ops are broken down on every case here, so it is
 # larger than fastmoe-bench's.
 SESSION_BUDGET_S = {"smoke": None, "quick": 540.0, "gpu": 840.0, "full": None}
@@ -69,7 +71,7 @@ def pytest_generate_tests(metafunc):
         return
     cases = build_grid(grid_name(metafunc.config))
     seen, params, ids = set(), [], []
-    baselines = ["naive-loop", "torch._grouped_mm"] + _hf_names()
+    baselines = ["naive-loop", "torch._grouped_mm"] + _hf_names() + list(PEERS)
     for case in cases:
         if measured_key(case) in seen:  # a base point repeated by several sweeps is benchmarked once
             continue

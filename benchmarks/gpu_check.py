@@ -30,7 +30,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from fastmoe_kernels import backends, ops  # noqa: E402
 from fastmoe_kernels.activations import apply_activation  # noqa: E402
-from fastmoe_kernels.bench.grids import model_cases  # noqa: E402
+from fastmoe_kernels.bench.grids import model_cases, tiny_model_cases  # noqa: E402
+from fastmoe_kernels.bench.runner import OUT_OF_MEMORY  # noqa: E402
 from fastmoe_kernels.bench.timing import synchronize  # noqa: E402
 from fastmoe_kernels.layer import MoELayer  # noqa: E402
 
@@ -151,17 +152,23 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--cases", default=None, help="comma-separated model labels (default: all)")
     p.add_argument("--json", default=None)
+    p.add_argument("--dry-run", action="store_true",
+                   help="the script itself on any device: tiny fp32 stand-ins of the model cases")
     args = p.parse_args(argv)
-    device = torch.device("cuda")
-    cases = [c for c in model_cases() if not args.cases or c.label in args.cases.split(",")]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    all_cases = tiny_model_cases() if args.dry_run else model_cases()
+    cases = [c for c in all_cases if not args.cases or c.label in args.cases.split(",")]
+    if args.dry_run:
+        args.tokens = cases[0].tokens if cases else 64
     rows = []
     for case in cases:
         try:
             rows += check_case(case, args.tokens, device)
-        except torch.cuda.OutOfMemoryError as exc:
+        except OUT_OF_MEMORY as exc:
             rows.append(dict(case=case.label, backend="*", error=f"out of memory: {str(exc)[:200]}", failed=["oom"]))
             print(f"  {case.label}: out of memory", flush=True)
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

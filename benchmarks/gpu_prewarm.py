@@ -19,15 +19,17 @@ import time
 from typing import List, Optional
 
 
-def warm(label: str, tokens: int) -> None:
+def warm(label: str, tokens: int, dry_run: bool = False) -> None:
     import torch
 
     from fastmoe_kernels import ops
-    from fastmoe_kernels.bench.grids import model_cases
+    from fastmoe_kernels.bench.grids import model_cases, tiny_model_cases
     from fastmoe_kernels.layer import MoELayer
 
-    case = next(c for c in model_cases(tokens=tokens) if c.label == label)
-    device = torch.device("cuda")
+    cases = tiny_model_cases() if dry_run else model_cases(tokens=tokens)
+    case = next(c for c in cases if c.label == label)
+    tokens = case.tokens if dry_run else tokens
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     layer = MoELayer(case.config(), device=device, dtype=case.torch_dtype, backend="triton")
     x = torch.randn(tokens, case.d_model, device=device).to(case.torch_dtype).requires_grad_()
     for fused in (True, False):
@@ -41,23 +43,26 @@ def warm(label: str, tokens: int) -> None:
             plan = ops.make_plan(route.expert_idx, case.num_experts, None, "probs", route.weight, False,
                                  backend="triton")
             layer.experts.forward_tokens(x, plan, route.weight, backend="triton", fused=fused)
-    torch.cuda.synchronize()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--cases", default=None, help="comma-separated model labels (default: all)")
+    p.add_argument("--dry-run", action="store_true", help="tiny stand-ins of the cases, any device")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a worker: warm this case
     args = p.parse_args(argv)
     if args.one:
-        warm(args.one, args.tokens)
+        warm(args.one, args.tokens, args.dry_run)
         return 0
     from fastmoe_kernels.bench.grids import model_cases
 
     labels = args.cases.split(",") if args.cases else [c.label for c in model_cases()]
     start = time.perf_counter()
-    workers = {label: subprocess.Popen([sys.executable, __file__, "--one", label, "--tokens", str(args.tokens)])
+    extra = ["--dry-run"] if args.dry_run else []
+    workers = {label: subprocess.Popen([sys.executable, __file__, "--one", label, "--tokens", str(args.tokens), *extra])
                for label in labels}
     failed = []
     for label, proc in workers.items():

@@ -26,29 +26,29 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fastmoe_kernels.bench.grids import model_cases
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the other benchmarks/ scripts
+
+from fastmoe_kernels.bench.grids import model_cases, tiny_model_cases
 from fastmoe_kernels.bench.timing import measure
 from fastmoe_kernels.layer import MoELayer
 
 DEFAULT_CASES = "Qwen3-30B-A3B,Mixtral-8x7B"
 
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TIMED_REPS = [10, 3]  # (timed, warm-up) runs of each step; a dry run takes (1, 1)
+
+
 def median_ms(fn, reps: int = 10, warmup: int = 3) -> float:
     """The median of ``reps`` CUDA-event timings after ``warmup`` runs (the benchmark's own timer)."""
-    return measure(fn, torch.device("cuda"), warmup=warmup, min_reps=reps, max_reps=reps).median_ms
+    return measure(fn, DEVICE, warmup=warmup, min_reps=reps, max_reps=reps).median_ms
 
 
 def measure_ceilings(device: torch.device) -> Dict[str, float]:
     """The copy bandwidth (bytes read + written) and the dense bf16 GEMM rate, on random data."""
-    n = 2**30 // 4  # 1 GiB of fp32, far past the L2
-    src = torch.randn(n, device=device)
-    dst = torch.empty_like(src)
-    copy_ms = median_ms(lambda: dst.copy_(src))
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    gemm_ms = median_ms(lambda: a @ b)
-    del src, dst, a, b
-    return {"copy_GBps": 2 * n * 4 / copy_ms / 1e6, "dense_bf16_TFLOPs": 2 * 8192**3 / gemm_ms / 1e9}
+    from gpu_ceilings import copy_and_dense
+
+    return copy_and_dense(device, small=device.type != "cuda")
 
 
 def gemm_flop_plans(case, mode: str) -> Dict[str, Dict[str, Tuple[int, float]]]:
@@ -112,19 +112,56 @@ def kernel_table(prof, steps: int) -> List[dict]:
     return rows
 
 
-def profile_case(case, backend: str, mode: str, steps: int, ceilings: Dict[str, float], out: pathlib.Path) -> dict:
-    device = torch.device("cuda")
+def host_table(prof, steps: int, top: int = 25) -> List[dict]:
+    """The host's own time per step by operator (self CPU time: Python and launch work, not the time
+    spent waiting inside a child op), the ops that leave the device idle between kernels."""
+    rows = [dict(op=e.key, calls=e.count / steps, self_cpu_ms=e.self_cpu_time_total / 1e3 / steps)
+            for e in prof.key_averages() if e.self_cpu_time_total > 0 and not e.key.startswith("ProfilerStep")]
+    rows.sort(key=lambda r: -r["self_cpu_ms"])
+    return rows[:top]
+
+
+def device_gaps(trace_path: pathlib.Path, steps: int) -> Dict[str, float]:
+    """Per step: the device's busy time, and its idle time between kernels attributed to the host
+    operator that was running when each gap began (the innermost CPU op spanning the gap's start)."""
+    events = json.load(open(trace_path))["traceEvents"]
+    kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                     key=lambda e: e["ts"])
+    ops = [e for e in events if e.get("cat") in ("cpu_op", "python_function") and "dur" in e]
+    gaps: Dict[str, float] = {}
+    busy = 0.0
+    for prev, nxt in zip(kernels, kernels[1:]):
+        busy += prev["dur"]
+        start, gap = prev["ts"] + prev["dur"], nxt["ts"] - (prev["ts"] + prev["dur"])
+        if gap <= 0:
+            continue
+        spanning = [o for o in ops if o["ts"] <= start <= o["ts"] + o["dur"]]
+        owner = min(spanning, key=lambda o: o["dur"])["name"] if spanning else "(no host op)"
+        gaps[owner] = gaps.get(owner, 0.0) + gap / 1e3 / steps
+    out = dict(sorted(gaps.items(), key=lambda kv: -kv[1])[:20])
+    out["(device busy)"] = busy / 1e3 / steps
+    return out
+
+
+def profile_case(case, backend: str, mode: str, steps: int, ceilings: Dict[str, float], out: pathlib.Path,
+                 cpu_activity: bool = False) -> dict:
+    device = DEVICE
     torch.manual_seed(0)
     layer = MoELayer(case.config(), device=device, dtype=case.torch_dtype, backend=backend)
     x = torch.randn(case.tokens, case.d_model, device=device).to(case.torch_dtype).requires_grad_(mode != "fwd")
     g = torch.randn(case.tokens, case.d_model, device=device).to(case.torch_dtype)
-    step_ms = median_ms(lambda: step(layer, x, g, mode), reps=10, warmup=3)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    step_ms = median_ms(lambda: step(layer, x, g, mode), reps=TIMED_REPS[0], warmup=TIMED_REPS[1])
+    activities = ([ProfilerActivity.CUDA] if device.type == "cuda" else []) + \
+        ([ProfilerActivity.CPU] if cpu_activity or device.type != "cuda" else [])
+    with profile(activities=activities) as prof:
         for _ in range(steps):
             step(layer, x, g, mode)
-        torch.cuda.synchronize()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
     trace = out / f"trace-{case.label}-{mode}.json"
     prof.export_chrome_trace(str(trace))
+    host = host_table(prof, steps) if ProfilerActivity.CPU in activities else []
+    gaps = device_gaps(trace, steps) if ProfilerActivity.CPU in activities and device.type == "cuda" else {}
     with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
         shutil.copyfileobj(src, dst)
     trace.unlink()
@@ -143,9 +180,10 @@ def profile_case(case, backend: str, mode: str, steps: int, ceilings: Dict[str, 
             r["of_copy"] = r["GBps"] / ceilings["copy_GBps"]
     layer_flops = case.expert_flops(mode == "fwd+bwd")
     del layer, x, g
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return dict(case=case.label, mode=mode, backend=backend, step_ms=step_ms, kernel_ms=total,
-                layer_TFLOPs=layer_flops / (step_ms * 1e9), kernels=rows)
+                layer_TFLOPs=layer_flops / (step_ms * 1e9), kernels=rows, host=host, gaps=gaps)
 
 
 def tuned_configs() -> Dict[str, Dict[str, str]]:
@@ -180,6 +218,16 @@ def markdown(results: List[dict], ceilings: Dict[str, float], device_name: str) 
                          f"{cell('TFLOPs', '.0f')} | {cell('of_dense', '.0f', 100)} | {cell('GBps', '.0f')} | "
                          f"{cell('of_copy', '.0f', 100)} |")
         lines.append("")
+        if r.get("gaps"):
+            lines += ["Device idle between kernels, per step, by the host operator running when each gap began:", "",
+                      "| host op | idle ms/step |", "|---|---:|"]
+            lines += [f"| `{op[:80]}` | {ms:.3f} |" for op, ms in r["gaps"].items()]
+            lines.append("")
+        if r.get("host"):
+            lines += ["Host time per step by operator (self CPU time):", "", "| op | calls/step | self CPU ms/step |",
+                      "|---|---:|---:|"]
+            lines += [f"| `{h['op'][:80]}` | {h['calls']:.0f} | {h['self_cpu_ms']:.3f} |" for h in r["host"]]
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -190,25 +238,38 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", default="gpu-profile")
+    p.add_argument("--cpu-activity", action="store_true",
+                   help="record the host too: its time per operator, and the device's idle gaps attributed to it")
+    p.add_argument("--ceilings", default=None, help="a ceilings.json (gpu_ceilings.py) instead of measuring them here")
+    p.add_argument("--dry-run", action="store_true", help="tiny stand-ins of the cases, any device")
     args = p.parse_args(argv)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda")
-    ceilings = measure_ceilings(device)
+    device = DEVICE
+    if args.dry_run:
+        TIMED_REPS[:] = [1, 1]
+    if args.ceilings:
+        found = json.loads(pathlib.Path(args.ceilings).read_text())
+        ceilings = {k: found[k] for k in ("copy_GBps", "dense_bf16_TFLOPs")}
+        ceilings.update({k: found[k] for k in ("fill_GBps", "latency_us") if found.get(k) is not None})
+    else:
+        ceilings = measure_ceilings(device)
     print(f"ceilings: {ceilings}", flush=True)
     labels = args.cases.split(",")
-    cases = [c for c in model_cases(tokens=args.tokens) if c.label in labels]
+    all_cases = tiny_model_cases() if args.dry_run else model_cases(tokens=args.tokens)
+    cases = [c for c in all_cases if c.label in labels]
     results = []
     for case in cases:
         for mode in ("fwd", "fwd+bwd"):
             try:
-                results.append(profile_case(case, args.backend, mode, args.steps, ceilings, out))
+                results.append(profile_case(case, args.backend, mode, args.steps, ceilings, out, args.cpu_activity))
                 r = results[-1]
                 print(f"{case.label} {mode}: step {r['step_ms']:.3f} ms, {r['layer_TFLOPs']:.0f} TFLOP/s", flush=True)
             except Exception as exc:  # report and go on to the next case
                 print(f"{case.label} {mode}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-                torch.cuda.empty_cache()
-    text = markdown(results, ceilings, torch.cuda.get_device_name(0))
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    text = markdown(results, ceilings, torch.cuda.get_device_name(0) if device.type == "cuda" else device.type)
     (out / "profile.md").write_text(text)
     configs = tuned_configs()
     (out / "profile.json").write_text(json.dumps(dict(ceilings=ceilings, results=results, configs=configs), indent=1))

@@ -221,3 +221,14 @@ def test_a_symbolic_size_takes_the_largest_measured_bucket_of_the_shape():
     assert table.layer_entry(wildcard, "fwd")["fused"] is False
     assert table.layer_entry(LayerShape(**small), "fwd")["fused"] is True
     assert table.layer_entry(LayerShape(**dict(small, d_model=7, tokens_bucket=0)), "fwd") is None
+
+
+def test_a_pinned_config_beats_the_table(table_file, monkeypatch):
+    a, b, offsets = _inputs()
+    table_file(Table(device="cpu", triton=triton.__version__,
+                     kernels={"_grouped_matmul_kernel": [dict(key=_forward_key(a, offsets), config=TABLE_CONFIG)]}))
+    pinned = dict(TABLE_CONFIG, BM=16, GROUP_M=2)
+    monkeypatch.setitem(_common.pinned_configs, "_grouped_matmul_kernel", pinned)
+    out = ops.grouped_gemm(a, b, offsets, backend="triton")
+    assert _common.tuned_launches["_grouped_matmul_kernel"] == pinned
+    torch.testing.assert_close(out, _reference(a, b, offsets), rtol=1e-5, atol=1e-5)

@@ -271,8 +271,9 @@ def _interleaved_step(T: int, d: int, dtype: torch.dtype) -> None:
     y.backward(torch.ones_like(y))
 
 
-# The constexprs an autotune config sets: tile sizes and the tile order (_gemm.expert_tile's GROUP_M).
-CONFIG_CONSTEXPRS = ("BM", "BN", "BK", "GROUP_M")
+# The constexprs an autotune config sets: tile sizes and the tile orders (_gemm.expert_tile's GROUP_M, the
+# weight gradient's GROUP_K).
+CONFIG_CONSTEXPRS = ("BM", "BN", "BK", "GROUP_M", "GROUP_K")
 
 
 def _variant(record: dict) -> str:

@@ -111,6 +111,19 @@ def memory_budget_bytes(device: torch.device) -> int:
     return 8 * 2**30 if device.type == "cuda" else 512 * 2**20
 
 
+def probe(out: Dict[str, Union[Baseline, str]], x, expert_idx, weight) -> Dict[str, Union[Baseline, str]]:
+    """Run each callable once: one that cannot run here (missing kernels, unsupported dtype/device)
+    becomes a skip reason instead of an error mid-sweep."""
+    for name, fn in list(out.items()):
+        if callable(fn):
+            try:
+                with torch.no_grad():
+                    fn(x, expert_idx, weight)
+            except Exception as exc:
+                out[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    return out
+
+
 def build_baselines(experts: GroupedExperts, x, expert_idx, weight) -> Dict[str, Union[Baseline, str]]:
     """Every baseline: a callable, or the reason it is skipped (printed by the runner)."""
     out: Dict[str, Union[Baseline, str]] = {"naive-loop": NaiveLoopExperts(experts)}
@@ -132,13 +145,7 @@ def build_baselines(experts: GroupedExperts, x, expert_idx, weight) -> Dict[str,
                 out[f"hf-{name}"] = f"{type(exc).__name__}: {exc}"
                 continue
             out[f"hf-{name}"] = fn
-    # Probe each once: a baseline that cannot run here (missing kernels, unsupported dtype/device)
-    # becomes a skip reason instead of an error mid-sweep.
-    for name, fn in list(out.items()):
-        if callable(fn):
-            try:
-                with torch.no_grad():
-                    fn(x, expert_idx, weight)
-            except Exception as exc:
-                out[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-    return out
+    from .peers import build_peers
+
+    out.update(build_peers(experts, fp8=False))
+    return probe(out, x, expert_idx, weight)

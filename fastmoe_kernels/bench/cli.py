@@ -43,6 +43,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "lowered if the machine gets busy) or a number")
     p.add_argument("--budget-minutes", type=float, default=None,
                    help="time budget of the run (default: the grid's — 4.5 min quick, 14 min gpu; none for full)")
+    p.add_argument("--case-order", default=None, metavar="LABELS",
+                   help="comma-separated model labels measured first, in this order (a budget cut keeps them)")
     p.add_argument("--no-baselines", action="store_true", help="skip the baselines")
     p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -84,6 +86,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.sweeps:
         wanted = set(args.sweeps.split(",")) | {"base"}
         cases = [c for c in cases if c.sweep in wanted]
+    if args.case_order:
+        first = args.case_order.split(",")
+        cases.sort(key=lambda c: first.index(c.label) if c.label in first else len(first))  # stable: the rest as built
     skipped: Dict[str, str] = {}
 
     def log(message: str) -> None:

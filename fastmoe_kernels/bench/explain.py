@@ -128,11 +128,15 @@ class Row:
 
 
 def _path(folder: str, mode: str) -> str:
-    """The path a profile's training steps ran: the fused kernels in the first profile (``2-profile``),
-    the composition after the policy change; every forward ran the fused kernels."""
+    """The path a profile's training steps ran: the fused kernels in the first H100 profile
+    (``2-profile``), the composition with a separate activation after its policy change
+    (``3-followup-profile``), today's composition in a later session's profile; every forward the
+    fused kernels."""
     if mode == "fwd":
         return "fused"
-    return "fused" if folder.startswith("2-") else "composition"
+    if folder.startswith("2-"):
+        return "fused"
+    return "composition-separate" if folder.startswith("3-") else "composition"
 
 
 def explain_folder(run: pathlib.Path, folder: str, device: Device) -> List[Row]:

@@ -54,6 +54,18 @@ def model_cases(tokens: int = 16384, dtype: str = "bfloat16") -> List[BenchCase]
     ]
 
 
+def tiny_model_cases() -> List[BenchCase]:
+    """Stand-ins for the model cases with their names, activations and routing at tiny sizes in fp32:
+    the GPU session's dry run on a CPU (Triton's interpreter; its bf16 products are wrong)."""
+    tiny = dict(tokens=64, d_model=64, d_ff=32, dtype="float32", num_experts=8, top_k=2)
+    out = []
+    for case in model_cases():
+        shared = dict(num_shared_experts=case.num_shared_experts, shared_d_ff=32 if case.num_shared_experts else None)
+        groups = dict(num_groups=2, topk_groups=1) if case.num_groups else {}
+        out.append(replace(case, **tiny, **shared, **groups))
+    return out
+
+
 def _base(grid: str) -> BenchCase:
     if grid in ("gpu", "full"):
         return BenchCase("base", tokens=16384, d_model=2048, d_ff=768, num_experts=128, top_k=8)

@@ -78,16 +78,25 @@ def _tile(tiles: Mapping[str, Tile], name: str, variant: Variant, *, wgrad: bool
     return replace(tile, group=variant.group_m)
 
 
+# The paths: "fused" (moe_mlp's kernels), "composition" (permute, grouped_up with the activation in its
+# epilogue, the down grouped GEMM, unpermute: today's training default on a GPU) and
+# "composition-separate" (the up projection as a plain grouped GEMM and the activation as torch ops:
+# FASTMOE_UP_ACTIVATION=separate, and what the first H100 run's composition profile measured).
+PATHS = ("fused", "composition", "composition-separate")
+
+
 def forward_launches(shape: StepShape, path: str, *, training: bool, tiles: Mapping[str, Tile] = H100_TILES,
                      variant: Variant = Variant(), rows: Optional[Tuple[int, ...]] = None) -> List[Launch]:
-    """The forward's two GEMM launches on ``path`` ("fused" or "composition")."""
+    """The forward's two GEMM launches on ``path`` (one of ``PATHS``)."""
+    if path not in PATHS:
+        raise ValueError(f"launch_plans: path must be one of {PATHS}, got {path!r}")
     rows = rows or shape.rows()
     d, f, m = shape.d_model, shape.d_ff, shape.m
     down = Launch(MATMUL, "down", rows, f, d, _tile(tiles, "matmul", variant))
-    if path == "composition":
+    if path == "composition-separate":
         return [Launch(MATMUL, "up", rows, d, m * f, _tile(tiles, "matmul", variant)), down]
-    # The fused up projection stores act(h) and, when training, h (gate and up): per B column, half an
-    # act(h) element (gated) and one element of h.
+    # The fused up projection (moe_mlp's, and grouped_up's on the composition) stores act(h) and, when
+    # training, h (gate and up): per B column, half an act(h) element (gated) and one element of h.
     stores = (1.0 if training else 0.0) + (1.0 / m)
     return [Launch(UP, "up", rows, d, f, _tile(tiles, "up_projection", variant), b_mats=m, store_elems=stores), down]
 
@@ -98,13 +107,17 @@ def backward_launches(shape: StepShape, path: str, *, tiles: Mapping[str, Tile] 
     rows = rows or shape.rows()
     d, f, m = shape.d_model, shape.d_ff, shape.m
     out_bytes = variant.wgrad_out_bytes
-    if path == "composition":
+    if path.startswith("composition"):
         wg = _tile(tiles, "wgrad", variant, wgrad=True)
         mm = _tile(tiles, "matmul", variant)
-        return [Launch(MATMUL, "down.dgrad", rows, d, f, mm),
-                Launch(WGRAD, "down.wgrad", rows, f, d, wg, kind="wgrad", out_bytes=out_bytes),
-                Launch(MATMUL, "up.dgrad", rows, m * f, d, mm),
-                Launch(WGRAD, "up.wgrad", rows, d, m * f, wg, kind="wgrad", out_bytes=out_bytes)]
+        down = [Launch(MATMUL, "down.dgrad", rows, d, f, mm),
+                Launch(WGRAD, "down.wgrad", rows, f, d, wg, kind="wgrad", out_bytes=out_bytes)]
+        if path == "composition-separate":
+            return down + [Launch(MATMUL, "up.dgrad", rows, m * f, d, mm),
+                           Launch(WGRAD, "up.wgrad", rows, d, m * f, wg, kind="wgrad", out_bytes=out_bytes)]
+        # grouped_up's backward (homogeneous [gate | up] rows): dx one GEMM over 2f, dW_up one wgrad.
+        return down + [Launch(MATMUL, "up.dgrad", rows, m * f, d, mm),
+                       Launch(WGRAD, "up.wgrad", rows, d, m * f, wg, kind="wgrad", out_bytes=out_bytes)]
     launches = [Launch(ACT_BWD, "act_bwd", rows, d, f, _tile(tiles, "act_bwd", variant), store_elems=m,
                        epilogue_load_elems=m),
                 # act(h) rebuilt from h's halves in registers per step: no pipelined stages (compile record).

@@ -27,7 +27,8 @@ import torch
 
 from .. import backends, ops
 from ..layer import MoELayer
-from .baselines import build_baselines
+from .baselines import build_baselines, probe
+from .peers import build_peers
 from .cases import BenchCase
 from .sweeps import IMPL_VARIANTS, impl_backend
 from .timing import Rotation, rotation_count
@@ -174,10 +175,14 @@ def build_targets(case: BenchCase, device: torch.device, backend_names: List[str
     if with_baselines:
         if case.capacity_factor is not None:
             skips["baselines"] = "the baselines are dropless; capacity cases compare our backends only"
-        elif case.fp8_recipe:
-            skips["baselines"] = "the baselines have no fp8 path; they are timed on this case's bf16 twin"
         else:
-            for name, fn in build_baselines(reference.experts, xs.items[0], idx, weight).items():
+            if case.fp8_recipe:
+                skips["baselines"] = ("the baselines have no fp8 path; they are timed on this case's bf16 twin "
+                                      "(torchao's fp8 grouped GEMM, a rowwise recipe, is timed here)")
+                found = probe(build_peers(reference.experts, fp8=True), xs.items[0], idx, weight)
+            else:
+                found = build_baselines(reference.experts, xs.items[0], idx, weight)
+            for name, fn in found.items():
                 if isinstance(fn, str):
                     skips[name] = fn
                     continue

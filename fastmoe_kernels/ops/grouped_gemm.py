@@ -19,6 +19,7 @@ Backward: ``grad_a`` is the same op with ``trans_b`` flipped and ``packed`` n↔
 from __future__ import annotations
 
 import itertools
+import os
 from typing import List, Optional, Sequence
 
 import torch
@@ -28,10 +29,13 @@ from .. import backends
 from .._shapes import grouped_gemm_output_width
 from ..tuning import rows_bucket
 from .._checks import (
-    FLOAT_DTYPES, INDEX_DTYPES, accum_dtype, check_choice, check_tensor, check_values,
+    FLOAT_DTYPES, INDEX_DTYPES, accum_dtype, check_choice, check_tensor, check_values, is_trusted,
 )
 
 PACKINGS = ("", "n", "k")
+# The old weight-gradient contract, kept selectable for the GPU session's A/B (read once, at import):
+# fp32 gradients from the kernel, cast to the parameters' dtype by a second pass.
+WGRAD_IN_FP32 = os.environ.get("FASTMOE_WGRAD_FP32", "0") == "1"
 _FLIP = {"": "", "n": "k", "k": "n"}
 
 
@@ -163,11 +167,13 @@ def _backward(ctx, grad):
         # Weight gradients come in the parameters' dtypes straight from the kernels' fp32 sums: no fp32
         # copy of the experts and no cast pass (the first H100 run: 1.25 ms of a 12.4 ms Qwen3 step,
         # and DeepSeek-V3's out-of-memory).
+        out_dtype = torch.float32 if WGRAD_IN_FP32 else b.dtype
         grad_b, grad_bias = _grouped_gemm_wgrad_op(
-            a, grad, offsets, ctx.trans_b, ctx.has_bias, ctx.widths, ctx.packed, list(b.shape), b.dtype,
-            ctx.bias_dtype, wgrad
+            a, grad, offsets, ctx.trans_b, ctx.has_bias, ctx.widths, ctx.packed, list(b.shape), out_dtype,
+            torch.float32 if WGRAD_IN_FP32 else ctx.bias_dtype, wgrad
         )
-        grad_bias = grad_bias if ctx.has_bias else None
+        grad_b = grad_b.to(b.dtype)
+        grad_bias = grad_bias.to(ctx.bias_dtype) if ctx.has_bias else None
     return grad_a, grad_b, None, None, grad_bias, None, None, None
 
 
@@ -248,8 +254,9 @@ def grouped_gemm(
 
 
 def check_offsets(where: str, offsets: Tensor, num_rows: int) -> None:
-    """Value check: ``offsets`` non-decreasing within [0, num_rows]."""
-    if offsets.numel() == 0:
+    """Value check: ``offsets`` non-decreasing within [0, num_rows]; a plan's own offsets (trusted,
+    unchanged) need none."""
+    if offsets.numel() == 0 or is_trusted(offsets):
         return
 
     def stats():

@@ -9,10 +9,14 @@ Weights (out × in, like nn.Linear and Hugging Face's experts):
   experts, expert 0 first, then (gated only) their up rows — and ``w_down [d, Σf]``; biases
   ``b_up [m·Σf]`` in the same order, ``b_down [E, d]``.
 
-It composes ``grouped_gemm`` (each product on the backend resolution picks) and the activation; the
-fused form of the experts, with the activation in the GEMM epilogue, is ``moe_mlp``.
+It composes ``grouped_up`` (the up projection with the activation in its epilogue, where a backend has
+that kernel; else ``grouped_gemm`` and the activation) and ``grouped_gemm`` (each product on the
+backend resolution picks); the fused form of the whole experts, gather and combine included, is
+``moe_mlp``.
 """
 from __future__ import annotations
+
+import os
 
 from typing import List, Optional, Sequence, Tuple
 
@@ -20,7 +24,10 @@ from torch import Tensor
 
 from .._checks import FLOAT_DTYPES, check_tensor
 from ..activations import Activation, ActivationLike, apply_activation, apply_gated, as_activation
+from .. import backends
+from ..tuning import rows_bucket
 from .grouped_gemm import grouped_gemm
+from .grouped_up import grouped_up, grouped_up_backends
 
 
 def check_expert_weights(where: str, x: Tensor, w_up: Tensor, w_down: Tensor, b_up: Optional[Tensor],
@@ -63,6 +70,30 @@ def check_expert_weights(where: str, x: Tensor, w_up: Tensor, w_down: Tensor, b_
     return act, widths
 
 
+# The separate activation (a GEMM, then torch's elementwise ops), kept selectable for the GPU session's
+# A/B (read once, at import).
+UP_ACTIVATION = os.environ.get("FASTMOE_UP_ACTIVATION", "epilogue").strip().lower()
+if UP_ACTIVATION not in ("epilogue", "separate"):
+    raise ValueError(f"FASTMOE_UP_ACTIVATION must be 'epilogue' or 'separate', got {UP_ACTIVATION!r}")
+
+
+def _activation_in_epilogue(x: Tensor, w_up: Tensor, widths, backend, all_rows_grouped: bool) -> bool:
+    """Whether the up projection runs with its activation fused: where ``grouped_up`` has a kernel and the
+    up projection's own GEMM would run on that kernel's backend (a composition on torch's grouped
+    matmul, the cuda backend's, stays one)."""
+    if UP_ACTIVATION != "epilogue":
+        return False
+    forward, _ = grouped_up_backends(x, backend)
+    if forward == "torch":
+        return False
+    K, N = x.shape[1], (w_up.shape[1] if widths is None else sum(widths))
+    gemm = backends.resolve("grouped_gemm", backend, x.device, x.dtype, packed="" if widths is None else "n", k_dim=K,
+                            n_dim=N, element_size=x.element_size(), num_experts=len(widths) if widths else w_up.shape[0],
+                            rows=rows_bucket(x.shape[0]), dtype_name=str(x.dtype).replace("torch.", ""),
+                            all_rows_grouped=all_rows_grouped)
+    return gemm == forward
+
+
 def grouped_mlp(
     x: Tensor,
     w_up: Tensor,
@@ -84,8 +115,14 @@ def grouped_mlp(
     check_tensor(where, "x", x, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor(where, "offsets", offsets, ndim=1, device=x.device)
     act, widths = check_expert_weights(where, x, w_up, w_down, b_up, b_down, activation, widths, offsets.shape[0] - 1)
+    grouping = dict(backend=backend, all_rows_grouped=all_rows_grouped)
+    if _activation_in_epilogue(x, w_up, widths, backend, all_rows_grouped):
+        # One launch with the activation in the up projection's epilogue (h kept for the backward).
+        a = grouped_up(x, w_up, offsets, act, b_up, widths=widths, backend=backend, all_rows_grouped=all_rows_grouped)
+        if widths is None:
+            return grouped_gemm(a, w_down, offsets, trans_b=True, bias=b_down, **grouping)
+        return grouped_gemm(a, w_down, offsets, trans_b=True, bias=b_down, widths=widths, packed="k", **grouping)
     if widths is None:
-        grouping = dict(backend=backend, all_rows_grouped=all_rows_grouped)
         h = grouped_gemm(x, w_up, offsets, trans_b=True, bias=b_up, **grouping)
         a = apply_activation(h, act)
         return grouped_gemm(a, w_down, offsets, trans_b=True, bias=b_down, **grouping)

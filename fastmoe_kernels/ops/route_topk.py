@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from .._checks import FLOAT_DTYPES, check_choice, check_finite, check_int, check_tensor
+from .._checks import FLOAT_DTYPES, check_choice, check_finite, check_int, check_tensor, trust
 
 NORMALIZE_EPS = 1e-20
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -158,7 +158,10 @@ def _route_topk_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     check_finite("route_topk", "logits", logits)
     fn = backends.get_kernel("route_topk", backend)
-    return fn(logits, k, score, normalize, expert_bias, num_groups, topk_groups, scaling, return_probs)
+    expert_idx, weight, probs = fn(logits, k, score, normalize, expert_bias, num_groups, topk_groups, scaling,
+                                   return_probs)
+    trust(expert_idx)  # in [0, E) by construction: make_plan and routing_stats skip their id checks
+    return expert_idx, weight, probs
 
 
 @_route_topk_op.register_fake

@@ -3,12 +3,25 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import os
 from typing import Callable, Optional
 
 import torch
 import triton
 
 from .. import backends, tuning
+
+
+@functools.lru_cache(maxsize=None)
+def _dummy_index(device: str) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.int32, device=device)
+
+
+def dummy_index(device: torch.device) -> torch.Tensor:
+    """An empty int32 tensor standing for an index argument a launch does not use (one per device,
+    not an allocation per call)."""
+    return _dummy_index(str(device))
 
 
 def interpreted() -> bool:
@@ -141,8 +154,11 @@ def activation_args(act) -> dict:
 
 
 # ---- autotuned launches through the tuning table -----------------------------------------------
-# What each table-driven launch ran, for tests and the benchmark's tuning report: kernel name → config.
+# What each table-driven or pinned launch ran, for tests and the A/B report: kernel name → config.
 tuned_launches: dict = {}
+# Configs pinned per kernel for every key (the GPU session's A/B of tile orders and tiles): kernel name
+# → config dict; from FASTMOE_PIN_CONFIGS (JSON, read once) or set by the A/B tool. Pinned beats the table.
+pinned_configs: dict = json.loads(os.environ.get("FASTMOE_PIN_CONFIGS") or "{}")
 
 
 def autotune_key(kernel, all_args: dict) -> dict:
@@ -165,9 +181,11 @@ def launch(kernel, grid, *args, **kwargs):
     """Launch the autotuned ``kernel``: with the tuning table's config for this key and device when
     there is one (no autotuning, no benchmarking), else through its autotuner."""
     all_args = {**dict(zip(kernel.arg_names, args)), **kwargs}
-    device = next((v.device for v in all_args.values() if isinstance(v, torch.Tensor)), None)
-    table = tuning.current_table(device) if device is not None else None
-    config = table.kernel_config(kernel_name(kernel), autotune_key(kernel, all_args)) if table is not None else None
+    config = pinned_configs.get(kernel_name(kernel))
+    if config is None:
+        device = next((v.device for v in all_args.values() if isinstance(v, torch.Tensor)), None)
+        table = tuning.current_table(device) if device is not None else None
+        config = table.kernel_config(kernel_name(kernel), autotune_key(kernel, all_args)) if table is not None else None
     if config is None:
         return kernel[grid](*args, **kwargs)
     meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}

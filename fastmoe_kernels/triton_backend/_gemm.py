@@ -38,6 +38,13 @@ GROUPED_TILES = MATMUL_TILES[:2]
 # wgrad tiles are (BM = rows reduced over, BK × BN = the output tile).
 WGRAD_TILES = [(64, 128, 128, 8, 3), (64, 64, 128, 4, 4), (32, 128, 64, 4, 4), (64, 128, 64, 4, 3),
                (64, 64, 64, 4, 4), (32, 64, 32, 4, 2)]
+# Hopper-sized weight-gradient tiles (128×256 outputs, 3 and 4 stages) with GROUP_K K blocks per column
+# sweep, offered beside the row-major ones (GROUP_K 1). On the first H100 run the wgrad walked every N
+# tile of one K block before the next, so Mixtral's up-projection wgrad re-read each expert's 235 MB dh
+# from HBM for every K block (22.5 ms, 26% of the step). The kernel model predicts 19.5 → 11.9 ms with
+# both (benchmarks/results/model-2026-12-02/predictions.md); the autotuner measures each against today's.
+WGRAD_GROUPED_ORDER = 8
+WGRAD_HOPPER_TILES = [(64, 128, 256, 8, 3), (64, 128, 256, 8, 4), (64, 256, 128, 8, 3)]
 INTERPRETER_TILE = dict(BM=16, BN=16, BK=16)
 
 
@@ -52,8 +59,11 @@ def matmul_configs() -> List[triton.Config]:
 
 def wgrad_configs() -> List[triton.Config]:
     if interpreted():
-        return [triton.Config(dict(INTERPRETER_TILE), num_warps=1)]
-    return [triton.Config({"BM": m, "BK": k, "BN": n}, num_warps=w, num_stages=s) for m, k, n, w, s in WGRAD_TILES]
+        # The grouped order (GROUP_K 2), the general form of the row-major one.
+        return [triton.Config(dict(INTERPRETER_TILE, GROUP_K=2), num_warps=1)]
+    return [triton.Config({"BM": m, "BK": k, "BN": n, "GROUP_K": group}, num_warps=w, num_stages=s)
+            for tiles, group in ((WGRAD_TILES, 1), (WGRAD_TILES[:1] + WGRAD_HOPPER_TILES, WGRAD_GROUPED_ORDER))
+            for m, k, n, w, s in tiles]
 
 
 def smallest_bn(configs: List[triton.Config]) -> int:
@@ -149,6 +159,17 @@ def expert_tile(tile, n_tiles, e_range, lo_v, hi_v, mt_v, mend_v, BM: tl.constex
     tile_m = first_m + in_group % group_rows
     rows = pick(lo_v, e_range, e) + tile_m * BM + tl.arange(0, BM)
     return e, rows, rows < pick(hi_v, e_range, e), in_group // group_rows
+
+
+@triton.jit
+def wgrad_tile(tile, k_tiles, n_tiles, GROUP_K: tl.constexpr):
+    """(K tile, N tile) of weight-gradient program ``tile``: GROUP_K K blocks at a time sweep the N tiles
+    column by column, so that the programs running at once share G's column blocks in L2 (GROUP_K = 1:
+    every N tile of one K block before the next)."""
+    first_k = tile // (GROUP_K * n_tiles) * GROUP_K
+    group_k = tl.minimum(k_tiles - first_k, GROUP_K)  # the last group can be shorter
+    in_group = tile - first_k * n_tiles
+    return first_k + in_group % group_k, in_group // group_k
 
 
 @triton.jit

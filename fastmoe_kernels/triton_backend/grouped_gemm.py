@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .._alloc import empty
 from .._shapes import grouped_gemm_output_width
-from ._common import dot_precision, launch, next_pow2, persistent_grid, register, rows_per_expert_bucket
+from ._common import dot_precision, dummy_index, launch, next_pow2, persistent_grid, register, rows_per_expert_bucket
 from ._gemm import (expert_tile, grouped_row_span, k_loop, k_loop_two_ab, matmul_configs, outside_tile,
                     outside_tile_count, pruner, store_tile)
 from ._jit import gather_rows, group_table
@@ -92,9 +92,6 @@ def _grouped_matmul_kernel(
             store_tile(c_ptr, z_rows, z_valid, z_cols, N_OUT, stride_cm, stride_cn, tl.zeros((BM, BN), dtype=tl.float32))
 
 
-def _dummy_index(device) -> torch.Tensor:
-    return empty(0, dtype=torch.int32, device=device)
-
 
 def grouped_matmul(
     a: torch.Tensor,
@@ -138,7 +135,7 @@ def grouped_matmul(
         stride_bk=stride_bk, stride_bn=stride_bn,
         bias_ptr=bias if bias is not None else out, bias_offset_ptr=bias_vecs.offset if bias_vecs is not None else b_offset,
         stride_bias=bias_vecs.stride if bias_vecs is not None else 0,
-        c_ptr=out, c_row_index_ptr=c_row_index if c_row_index is not None else _dummy_index(device),
+        c_ptr=out, c_row_index_ptr=c_row_index if c_row_index is not None else dummy_index(device),
         num_c_rows=out.shape[0], stride_cm=out.stride(0), stride_cn=out.stride(1),
         offsets_ptr=offsets, num_rows=num_rows, N_OUT=n_out, K_MAX=k_max, M_BUCKET=rows_per_expert_bucket(num_rows, E),
         E=E, E_PAD=next_pow2(E), B_ALIGN=b_align, B2_ALIGN=b2_align, K_ALIGN=k_align, N_ALIGN=n_align,

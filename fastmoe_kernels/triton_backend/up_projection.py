@@ -29,7 +29,8 @@ def _footprint(t, args):
                  prune_configs_by={"early_config_prune": pruner(_footprint, "x_ptr")}, cache_results=True)
 @triton.jit
 def _up_projection_kernel(
-    # A rows: x[x_row_index[r] // X_ROW_DIV] (nothing where the index is < 0 or past x's rows)
+    # A rows: x[x_row_index[r] // X_ROW_DIV] with GATHER_X (nothing where the index is < 0 or past x's
+    # rows), else x[r] (rows already in expert order: the composition's permuted x)
     x_ptr, x_row_index_ptr, num_x_rows, stride_xm, stride_xk,
     # expert e's gate (and up) matrix at w_ptr + gate_offset[e] (up_offset[e]), k_size[e] × n_size[e]
     w_ptr, gate_offset_ptr, up_offset_ptr, k_size_ptr, n_size_ptr, stride_wk, stride_wn,
@@ -39,7 +40,7 @@ def _up_projection_kernel(
     h_ptr, stride_hm, stride_hn, h_up_col,
     offsets_ptr, num_rows, N_OUT, K_MAX, M_BUCKET,
     alpha, limit, up_offset,  # the activation's parameters (see _jit.act_fwd, up_fwd)
-    E: tl.constexpr, E_PAD: tl.constexpr, X_ROW_DIV: tl.constexpr,
+    E: tl.constexpr, E_PAD: tl.constexpr, X_ROW_DIV: tl.constexpr, GATHER_X: tl.constexpr,
     GATE_ALIGN: tl.constexpr, UP_ALIGN: tl.constexpr, K_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr,
     ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_H: tl.constexpr,
     OFFSETS_64: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
@@ -53,7 +54,7 @@ def _up_projection_kernel(
         k_size = tl.multiple_of(tl.load(k_size_ptr + e), K_ALIGN)
         n_size = tl.multiple_of(tl.load(n_size_ptr + e), N_ALIGN)
         ncol = cols < n_size
-        x_rows, x_valid = gather_rows(x_row_index_ptr, rows, rmask, num_x_rows, X_ROW_DIV, True)
+        x_rows, x_valid = gather_rows(x_row_index_ptr, rows, rmask, num_x_rows, X_ROW_DIV, GATHER_X)
         x_row_ptrs = x_ptr + x_rows[:, None] * stride_xm
         gate_base = w_ptr + tl.multiple_of(tl.load(gate_offset_ptr + e), GATE_ALIGN)
         k_end = tl.where(tile_n * BN < n_size, k_size, 0)
@@ -86,7 +87,7 @@ def _up_projection_kernel(
 
 def up_projection(
     x: torch.Tensor,
-    x_row_index: torch.Tensor,
+    x_row_index: Optional[torch.Tensor],
     x_row_div: int,
     w: torch.Tensor,
     gate: ExpertMatrices,
@@ -102,7 +103,7 @@ def up_projection(
 ) -> torch.Tensor:
     """``out [R, f]`` = the ``activation`` (an ``activations.Activation``) of each row's up projection
     (gated when ``up`` is given),
-    reading x's rows through ``x_row_index // x_row_div``; the pre-activation goes to ``h [R, m·f]``
+    reading x's rows through ``x_row_index // x_row_div`` (row r itself when None); the pre-activation goes to ``h [R, m·f]``
     (gate columns, then up columns) when given. Written in place and returned."""
     E = offsets.shape[0] - 1
     num_rows, f = out.shape
@@ -116,7 +117,8 @@ def up_projection(
     device = x.device
 
     launch(_up_projection_kernel, persistent_grid(device, num_rows, f, E),
-        x_ptr=x, x_row_index_ptr=x_row_index, num_x_rows=x.shape[0], stride_xm=x.stride(0), stride_xk=x.stride(1),
+        x_ptr=x, x_row_index_ptr=x_row_index if x_row_index is not None else offsets, num_x_rows=x.shape[0],
+        stride_xm=x.stride(0), stride_xk=x.stride(1),
         w_ptr=w, gate_offset_ptr=gate_offset, up_offset_ptr=up_offset, k_size_ptr=k_size, n_size_ptr=n_size,
         stride_wk=stride_wk, stride_wn=stride_wn,
         bias_ptr=bias if bias is not None else out,
@@ -126,7 +128,7 @@ def up_projection(
         out_ptr=out, stride_om=out.stride(0), stride_on=out.stride(1),
         h_ptr=h_t, stride_hm=h_t.stride(0), stride_hn=h_t.stride(1), h_up_col=f,
         offsets_ptr=offsets, num_rows=num_rows, N_OUT=f, K_MAX=k_max, M_BUCKET=rows_per_expert_bucket(num_rows, E),
-        E=E, E_PAD=next_pow2(E), X_ROW_DIV=x_row_div,
+        E=E, E_PAD=next_pow2(E), X_ROW_DIV=x_row_div, GATHER_X=x_row_index is not None,
         GATE_ALIGN=gate_align, UP_ALIGN=up_align, K_ALIGN=k_align, N_ALIGN=n_align,
         **activation_args(activation), GATED=up is not None, HAS_BIAS=bias is not None, STORE_H=h is not None,
         OFFSETS_64=gate.offsets_64 or (up is not None and up.offsets_64), PRECISION=dot_precision(x.dtype),

@@ -14,9 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._alloc import empty
-from ._common import activation_args, dot_precision, launch, rows_per_expert_bucket
-from ._gemm import b_offsets, pruner, wgrad_configs
+from ._common import activation_args, dot_precision, dummy_index, launch, rows_per_expert_bucket
+from ._gemm import b_offsets, pruner, wgrad_configs, wgrad_tile
 from ._jit import act_fwd, gather_rows, up_fwd
 from ._layout import ExpertMatrices, ExpertVectors
 
@@ -46,18 +45,18 @@ def _grouped_wgrad_kernel(
     B_ALIGN: tl.constexpr, K_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr,
     GATHER_A: tl.constexpr, GATHER_G: tl.constexpr, SCALE_G: tl.constexpr, ACT_OF_A: tl.constexpr,
     ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, OFFSETS_64: tl.constexpr,
-    PRECISION: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+    PRECISION: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, GROUP_K: tl.constexpr,
 ):
-    tile = tl.program_id(0)
     e = tl.program_id(1)
     n_tiles = tl.cdiv(N_MAX, BN)
-    kk = (tile // n_tiles) * BK + tl.arange(0, BK)
-    nn = (tile % n_tiles) * BN + tl.arange(0, BN)
+    tile_k, tile_n = wgrad_tile(tl.program_id(0), tl.cdiv(K_MAX, BK), n_tiles, GROUP_K)
+    kk = tile_k * BK + tl.arange(0, BK)
+    nn = tile_n * BN + tl.arange(0, BN)
     k_size = tl.multiple_of(tl.load(k_size_ptr + e), K_ALIGN)
     n_size = tl.multiple_of(tl.load(n_size_ptr + e), N_ALIGN)
-    first_k_tile = tile // n_tiles == 0
+    first_k_tile = tile_k == 0
     # The first K tile runs even for an expert of width 0 (packed along K): its bias gradient is due.
-    if ((tile // n_tiles) * BK < k_size or first_k_tile) and (tile % n_tiles) * BN < n_size:
+    if (tile_k * BK < k_size or first_k_tile) and tile_n * BN < n_size:
         kmask = kk < k_size
         nmask = nn < n_size
         # Clamped like group_table's ranges: bad offsets give undefined values, never a stray access.
@@ -100,9 +99,6 @@ def _grouped_wgrad_kernel(
                          bias_acc.to(dbias_ptr.dtype.element_ty), mask=nmask)
 
 
-def _dummy_index(device) -> torch.Tensor:
-    return empty(0, dtype=torch.int32, device=device)
-
 
 def grouped_wgrad(
     a: torch.Tensor,
@@ -139,9 +135,9 @@ def grouped_wgrad(
         return (triton.cdiv(k_max, meta["BK"]) * triton.cdiv(n_max, meta["BN"]), E)
 
     launch(_grouped_wgrad_kernel, grid,
-        a_ptr=a, a_row_index_ptr=a_row_index if a_row_index is not None else _dummy_index(device),
+        a_ptr=a, a_row_index_ptr=a_row_index if a_row_index is not None else dummy_index(device),
         num_a_rows=a.shape[0], stride_am=a.stride(0), stride_ak=a.stride(1), up_col=up_col,
-        g_ptr=g, g_row_index_ptr=g_row_index if g_row_index is not None else _dummy_index(device),
+        g_ptr=g, g_row_index_ptr=g_row_index if g_row_index is not None else dummy_index(device),
         num_g_rows=g.shape[0], stride_gm=g.stride(0), stride_gn=g.stride(1), scale_ptr=scale if scale is not None else g,
         num_scales=scale.numel() if scale is not None else 0,
         db_ptr=grad_b, b_offset_ptr=b_offset, k_size_ptr=k_size, n_size_ptr=n_size,

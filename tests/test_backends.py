@@ -7,7 +7,8 @@ from fastmoe_kernels import MoELayer, backend_report, backends, describe_backend
 
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
-GEMM_KERNELS = ("grouped_gemm", "grouped_gemm_wgrad", "moe_mlp", "moe_mlp_backward", "grouped_gemm_fp8",
+GEMM_KERNELS = ("grouped_gemm", "grouped_gemm_wgrad", "moe_mlp", "moe_mlp_backward", "grouped_up", "grouped_up_backward",
+                "grouped_gemm_fp8",
                 "grouped_gemm_fp8_backward", "grouped_gemm_fp8_gathered", "grouped_gemm_fp8_gathered_backward",
                 "grouped_gemm_fp8_activated", "grouped_gemm_fp8_activated_backward")
 INDEX_KERNELS = ("route_topk", "route_topk_backward", "make_plan", "permute", "combine", "unpermute_backward",

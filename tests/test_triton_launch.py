@@ -128,3 +128,20 @@ def test_tf32_follows_torchs_new_api(setting, expected):
         assert _common.dot_precision(torch.bfloat16) == "tf32"  # 16-bit dots ignore it
     finally:
         matmul.fp32_precision = before
+
+
+def test_the_hopper_wgrad_tiles_are_offered_where_their_registers_hold(monkeypatch):
+    """The 128×256-output weight-gradient tiles (grouped order) join the plain wgrad's configs; with the
+    activation rebuilt from h in registers (ACT_OF_A) the pruner drops them (Triton 3.6's sm_90 record:
+    112–216 spilled bytes there, none elsewhere)."""
+    monkeypatch.setattr(_common, "shared_memory_override", SM90_SHARED)
+    configs = wgrad._grouped_wgrad_kernel.configs if not _common.interpreted() else [
+        triton.Config({"BM": m, "BK": k, "BN": n, "GROUP_K": g}, num_warps=w, num_stages=s)
+        for tiles, g in ((_gemm.WGRAD_TILES, 1), (_gemm.WGRAD_TILES[:1] + _gemm.WGRAD_HOPPER_TILES, 8))
+        for m, k, n, w, s in tiles]
+    prune = _gemm.pruner(wgrad._footprint, "a_ptr", ("BK", "BN"))
+    hopper = [c for c in configs if c.kwargs["BK"] * c.kwargs["BN"] == 128 * 256]
+    plain = prune(configs, {}, a_ptr=torch.empty(0, dtype=torch.bfloat16), ACT_OF_A=False, GATED=False)
+    rebuilt = prune(configs, {}, a_ptr=torch.empty(0, dtype=torch.bfloat16), ACT_OF_A=True, GATED=True)
+    assert hopper and any(c in plain for c in hopper) and not any(c in rebuilt for c in hopper)
+    assert {c.kwargs["GROUP_K"] for c in plain} == {1, 8}

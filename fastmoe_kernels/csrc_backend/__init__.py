@@ -185,6 +185,15 @@ def grouped_gemm_cpp(a, b, offsets, trans_b, bias, widths, packed):
     first, last = _group_bounds(offsets)
     mats = b.to(a.dtype).contiguous()
     n = mats.shape[1] if trans_b else mats.shape[2]
+    if first == 0 and last == a.shape[0] and last > 0:
+        # Every row grouped (the layer's dropless and padded plans): the product is the output, with no
+        # zeroed buffer to copy it into (a fill and a copy of the output per GEMM, measured on the CPU
+        # profile of a training step: benchmarks/results/cpu-2026-12-02-layer-gap).
+        out = torch._grouped_mm(a.contiguous(), mats.transpose(1, 2) if trans_b else mats,
+                                offs=offsets[1:].to(torch.int32))
+        if bias is not None:
+            out += bias.to(a.dtype)[_expert_of_row(offsets, first, last)]
+        return out
     out = a.new_zeros(a.shape[0], n)  # rows outside every group are zeros
     if last > first:
         out[first:last] = torch._grouped_mm(a[first:last].contiguous(), mats.transpose(1, 2) if trans_b else mats,
@@ -203,10 +212,10 @@ def grouped_gemm_wgrad_cpp(a, grad, offsets, trans_b, has_bias, widths, packed, 
     # parameters' dtype (fp32 master weights keep it).
     a_rows, g_rows = a[first:last].float().contiguous(), grad[first:last].float().contiguous()
     offs = (offsets[1:] - first).to(torch.int32)
-    grad_b = torch._grouped_mm(a_rows.t(), g_rows, offs=offs) if last > first else \
-        torch.zeros(E, a.shape[1], grad.shape[1])
-    if trans_b:
-        grad_b = grad_b.transpose(1, 2)
+    # Computed in the weight's own layout ([E, N, K] = Gᵀ·A with trans_b): no transposed copy after.
+    left, right = (g_rows, a_rows) if trans_b else (a_rows, g_rows)
+    grad_b = torch._grouped_mm(left.t(), right, offs=offs) if last > first else \
+        torch.zeros(E, left.shape[1], right.shape[1])
     grad_b = grad_b.to(out_dtype).contiguous()
     grad_bias = grad.new_empty(0, dtype=bias_dtype)
     if has_bias:

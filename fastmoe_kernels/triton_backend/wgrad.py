@@ -22,9 +22,12 @@ from ._layout import ExpertMatrices, ExpertVectors
 
 def _footprint(t, args):
     # A [BM, BK] (twice: gate and up of the saved pre-activation when recomputing a gated activation)
-    # and G [BM, BN] per step; the [BK, BN] fp32 accumulator.
+    # and G [BM, BN] per step; the [BK, BN] fp32 accumulator, and with ACT_OF_A the fp32 tiles the
+    # activation is rebuilt from (in registers: Triton 3.6's sm_90 record showed the 128×256 outputs
+    # spilling 112–216 bytes with them, and no other wgrad config spilling).
     a_tiles = 2 if (args["ACT_OF_A"] and args["GATED"]) else 1
-    return a_tiles * t["BM"] * t["BK"] + t["BM"] * t["BN"], t["BK"] * t["BN"]
+    rebuilt = a_tiles * t["BM"] * t["BK"] if args["ACT_OF_A"] else 0
+    return a_tiles * t["BM"] * t["BK"] + t["BM"] * t["BN"], t["BK"] * t["BN"] + rebuilt
 
 
 @triton.autotune(configs=wgrad_configs(), key=["N_MAX", "K_MAX", "M_BUCKET", "E", "ACT_OF_A", "GATED"],

@@ -1,0 +1,92 @@
+"""What a training step on the Triton backend launches, counted with torch.profiler's CPU activity
+(it sees inside the package's custom ops) and the Triton interpreter's launches, at Qwen3's
+structure (E = 128, k = 8, SwiGLU) and tiny sizes: the exact list of Triton kernels per step, no
+torch elementwise op on an activation-sized tensor in the forward, in the backward only the
+activation's derivative (which the training issue's part B moves into a GEMM epilogue), and no cast
+of a weight gradient."""
+import collections
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from fastmoe_kernels import MoELayer  # noqa: E402
+
+T, D, F, E, K = 32, 16, 8, 128, 8
+R = T * K
+ALLOCATIONS = {"aten::new_empty", "aten::empty", "aten::empty_strided", "aten::empty_like"}
+# The activation's derivative from h (torch.func's vjp of SwiGLU on [gate | up]): views, the SiLU and
+# its backward, the products, and the zeroed buffer of the halves' gradients.
+ACTIVATION_BACKWARD = {"aten::chunk", "aten::split", "aten::slice", "aten::narrow", "aten::as_strided", "aten::silu",
+                       "aten::silu_backward", "aten::mul", "aten::zero_", "aten::to"}
+COMPOSITION_STEP = [
+    "_route_topk_fwd_kernel", "_chunk_count_kernel", "_chunk_scan_kernel", "_expert_offsets_kernel", "_place_kernel",
+    "_gather_kernel", "_up_projection_kernel", "_grouped_matmul_kernel", "_combine_kernel", "_stats_kernel",
+    # backward: the combine's (rows of the output gradient, the routing-weight gradient), the down
+    # projection's dgrad and wgrad, the up projection's (one dgrad over 2f, one wgrad), the gather's
+    "_gather_kernel", "_rowdot_kernel", "_grouped_matmul_kernel", "_grouped_wgrad_kernel", "_grouped_matmul_kernel",
+    "_grouped_wgrad_kernel", "_combine_kernel", "_route_topk_bwd_kernel"]
+
+
+@pytest.fixture
+def triton_launches(monkeypatch):
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("counts the interpreter's launches (no GPU here)")
+    names = []
+    real = InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        names.append(self.fn.__name__)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    return names
+
+
+def _activation_sized(event) -> list:
+    return [tuple(s) for s in (event.input_shapes or []) if s and len(s) == 2 and s[0] == R and s[0] * s[1] >= R * F]
+
+
+def _profile(layer, x, backward: bool):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        y = layer(x)
+        if backward:
+            y.square().sum().backward()
+    return [e for e in prof.events() if e.name.startswith("aten::")]
+
+
+@pytest.fixture
+def no_poison():
+    """The tests' poisoning of new buffers is a fill per output: not the step's own work."""
+    from fastmoe_kernels import _alloc
+
+    _alloc.set_poison(False)
+    yield
+    _alloc.set_poison(None)
+
+
+def test_a_composition_training_step_launches_exactly_its_kernels(triton_launches, no_poison):
+    torch.manual_seed(0)
+    layer = MoELayer(d_model=D, d_ff=F, num_experts=E, top_k=K, backend="triton", fused_experts=False).train()
+    x = torch.randn(T, D, requires_grad=True)
+    layer(x).square().sum().backward()  # layouts built, autotuned
+    triton_launches.clear()
+    forward = _profile(layer, x, backward=False)
+    assert not [e.name for e in forward if _activation_sized(e) and e.name not in ALLOCATIONS]
+    triton_launches.clear()
+    step = _profile(layer, x, backward=True)
+    assert triton_launches == COMPOSITION_STEP
+    beyond = collections.Counter(e.name for e in step if _activation_sized(e)
+                                 and e.name not in ALLOCATIONS | ACTIVATION_BACKWARD)
+    assert not beyond, beyond
+    # No weight gradient is cast (the kernels store them in the parameters' dtype).
+    weight_shapes = {tuple(p.shape) for p in layer.experts.parameters()}
+    casts = [e for e in step if e.name in ("aten::_to_copy", "aten::copy_")
+             and any(tuple(s) in weight_shapes for s in (e.input_shapes or []) if s)]
+    assert not casts, [(e.name, e.input_shapes) for e in casts]

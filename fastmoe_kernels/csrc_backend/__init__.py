@@ -153,14 +153,7 @@ def routing_stats_csrc(probs, expert_idx, num_segments):
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _grouped_mm_fits(packed: str = "", k_dim: int = 0, n_dim: int = 0, element_size: int = 4, **_) -> Optional[str]:
-    if not hasattr(torch, "_grouped_mm"):
-        return "this torch has no torch._grouped_mm"
-    if packed:
-        return "torch._grouped_mm takes one matrix per expert (no packed heterogeneous widths)"
-    if (k_dim * element_size) % 16 or (n_dim * element_size) % 16:
-        return f"torch._grouped_mm needs rows of 16-byte multiples (K={k_dim}, N={n_dim})"
-    return None
+_grouped_mm_fits = grouped_mm.grouped_mm_layout_fits
 
 
 def _valid_offsets(offsets: torch.Tensor, num_rows: int) -> torch.Tensor:

@@ -20,15 +20,23 @@ from .. import backends
 _DTYPES = (torch.bfloat16,)
 
 
-def grouped_mm_fits(packed: str = "", k_dim: int = 0, n_dim: int = 0, element_size: int = 2,
-                    all_rows_grouped: bool = False, **_) -> Optional[str]:
-    """None when torch's CUDA grouped matmul covers the call, else why not."""
+def grouped_mm_layout_fits(packed: str = "", k_dim: int = 0, n_dim: int = 0, element_size: int = 4,
+                           **_) -> Optional[str]:
+    """None when torch's grouped matmul (CPU or CUDA) takes the call's weight layout, else why not."""
     if not hasattr(torch, "_grouped_mm"):
         return "this torch has no torch._grouped_mm"
     if packed:
         return "torch._grouped_mm takes one matrix per expert (no packed heterogeneous widths)"
     if (k_dim * element_size) % 16 or (n_dim * element_size) % 16:
         return f"torch._grouped_mm needs rows of 16-byte multiples (K={k_dim}, N={n_dim})"
+    return None
+
+
+def grouped_mm_fits(all_rows_grouped: bool = False, **facts) -> Optional[str]:
+    """None when torch's CUDA grouped matmul covers the call, else why not."""
+    layout = grouped_mm_layout_fits(**facts)
+    if layout is not None:
+        return layout
     if not all_rows_grouped:
         return "torch._grouped_mm leaves rows outside every group unwritten: only for calls whose groups cover every row"
     return None

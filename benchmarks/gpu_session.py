@@ -22,6 +22,11 @@ A phase that would start with less than its minimum time left is skipped and say
    Mixtral, and the kernel model's explanation of it (``bench.explain``).
 7. ``tune`` (10 s): the tuning table, the measured ceilings and the model's comparison, for commit.
 
+Before the call (here, no device time): the peers' wheels into ``.whl/`` (ignored by git, named in the
+device tool's ``carry``), by the device README's recipe, e.g. ``python3 -m pip download --no-deps
+--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
+--platform manylinux_2_24_x86_64 -d .whl liger-kernel==0.8.5 torchao==0.18.0``.
+
     OUT=/path python benchmarks/gpu_session.py [--budget-s 480] [--phases env,check,...]
     python benchmarks/gpu_session.py --dry-run --out DIR    (the whole script on a CPU: tiny shapes, CI)
 """

@@ -67,6 +67,8 @@ AUTO_PREFERENCE: Dict[str, Dict[str, Order]] = {
         "moe_mlp_backward": ("triton", "torch"),
         "grouped_up": ("triton", "torch"),  # the composition's up projection with its activation
         "grouped_up_backward": ("triton", "torch"),
+        "grouped_mlp_node": ("triton", "torch"),  # the composition as one node (FASTMOE_MLP_BACKWARD=epilogue)
+        "grouped_mlp_node_backward": ("triton", "torch"),
         # fp8 (e4m3) products: Triton on fp8 tensor cores (cc >= 8.9), else the emulation.
         "grouped_gemm_fp8": ("triton", "torch"),
         "grouped_gemm_fp8_backward": ("triton", "torch"),
@@ -94,6 +96,8 @@ AUTO_PREFERENCE: Dict[str, Dict[str, Order]] = {
         "moe_mlp_backward": ("torch",),
         "grouped_up": ("torch",),  # the reference: the cpp GEMMs and torch's activation, composed
         "grouped_up_backward": ("torch",),
+        "grouped_mlp_node": ("torch",),
+        "grouped_mlp_node_backward": ("torch",),
         "grouped_gemm_fp8": ("torch",),  # the emulation: no CPU has fp8 arithmetic worth a kernel
         "grouped_gemm_fp8_backward": ("torch",),
         "grouped_gemm_fp8_gathered": ("torch",),

@@ -18,9 +18,10 @@ T, D, F, E, K = 32, 16, 8, 128, 8
 R = T * K
 ALLOCATIONS = {"aten::new_empty", "aten::empty", "aten::empty_strided", "aten::empty_like"}
 # The activation's derivative from h (torch.func's vjp of SwiGLU on [gate | up]): views, the SiLU and
-# its backward, the products, and the zeroed buffer of the halves' gradients.
+# its backward, the products. (No zero_: h's own gradient is not materialised by autograd, which
+# filled an [R, 2f] buffer of zeros each step before.)
 ACTIVATION_BACKWARD = {"aten::chunk", "aten::split", "aten::slice", "aten::narrow", "aten::as_strided", "aten::silu",
-                       "aten::silu_backward", "aten::mul", "aten::zero_", "aten::to"}
+                       "aten::silu_backward", "aten::mul", "aten::to"}
 COMPOSITION_STEP = [
     "_route_topk_fwd_kernel", "_chunk_count_kernel", "_chunk_scan_kernel", "_expert_offsets_kernel", "_place_kernel",
     "_gather_kernel", "_up_projection_kernel", "_grouped_matmul_kernel", "_combine_kernel", "_stats_kernel",
@@ -90,3 +91,42 @@ def test_a_composition_training_step_launches_exactly_its_kernels(triton_launche
     casts = [e for e in step if e.name in ("aten::_to_copy", "aten::copy_")
              and any(tuple(s) in weight_shapes for s in (e.input_shapes or []) if s)]
     assert not casts, [(e.name, e.input_shapes) for e in casts]
+
+
+# The training issue's part B variants, selectable for the GPU's A/B: the same check of what they launch.
+NODE_STEP = COMPOSITION_STEP[:10] + [
+    # backward: the combine's; the dH kernel (dh and act(h) from G @ W_down), dW_down, the up
+    # projection's dgrad over 2f and its wgrad; the gather's; the router's
+    "_gather_kernel", "_rowdot_kernel", "_activation_backward_kernel", "_grouped_wgrad_kernel",
+    "_grouped_matmul_kernel", "_grouped_wgrad_kernel", "_combine_kernel", "_route_topk_bwd_kernel"]
+FUSED_STORED_STEP = [
+    "_route_topk_fwd_kernel", "_chunk_count_kernel", "_chunk_scan_kernel", "_expert_offsets_kernel", "_place_kernel",
+    "_up_projection_kernel", "_grouped_matmul_kernel", "_combine_kernel", "_stats_kernel",
+    # backward: dH (dh, A_s, the routing weights' partial sums), dW_down, dW_up over 2f, dx over 2f, the
+    # combine by row, the router's
+    "_activation_backward_kernel", "_grouped_wgrad_kernel", "_grouped_wgrad_kernel", "_grouped_matmul_kernel",
+    "_combine_kernel", "_route_topk_bwd_kernel"]
+# The routing-weight partials' sum over N tiles ([P, R] → [R]) and its gather per assignment: no tensor
+# of R rows and ≥ d_ff columns.
+
+
+@pytest.mark.parametrize("variant", ["node", "fused-stored"])
+def test_the_part_b_training_steps_launch_exactly_their_kernels(triton_launches, no_poison, monkeypatch, variant):
+    import importlib
+
+    fused = variant == "fused-stored"
+    if fused:
+        monkeypatch.setattr(importlib.import_module("fastmoe_kernels.triton_backend.moe_mlp"), "FUSED_BACKWARD", "stored")
+        monkeypatch.setattr(importlib.import_module("fastmoe_kernels.triton_backend.moe_mlp"), "DOWN_OUTPUT", "rows")
+    else:
+        monkeypatch.setattr(importlib.import_module("fastmoe_kernels.ops.grouped_mlp"), "MLP_BACKWARD", "epilogue")
+    torch.manual_seed(0)
+    layer = MoELayer(d_model=D, d_ff=F, num_experts=E, top_k=K, backend="triton", fused_experts=fused).train()
+    x = torch.randn(T, D, requires_grad=True)
+    layer(x).square().sum().backward()  # layouts built, autotuned
+    triton_launches.clear()
+    step = _profile(layer, x, backward=True)
+    assert triton_launches == (FUSED_STORED_STEP if fused else NODE_STEP)
+    # No torch op on an activation-sized tensor at all (the activation's derivative is in the epilogue).
+    beyond = collections.Counter(e.name for e in step if _activation_sized(e) and e.name not in ALLOCATIONS)
+    assert not beyond, [(e.name, e.input_shapes) for e in step if _activation_sized(e) and e.name not in ALLOCATIONS]

@@ -27,6 +27,7 @@ from ..activations import Activation, ActivationLike, apply_activation, apply_ga
 from .. import backends
 from ..tuning import rows_bucket
 from .grouped_gemm import grouped_gemm
+from .grouped_mlp_node import grouped_mlp_node, node_backends
 from .grouped_up import grouped_up, grouped_up_backends
 
 
@@ -77,6 +78,20 @@ if UP_ACTIVATION not in ("epilogue", "separate"):
     raise ValueError(f"FASTMOE_UP_ACTIVATION must be 'epilogue' or 'separate', got {UP_ACTIVATION!r}")
 
 
+# The composition's backward: "separate" (grouped_up's node, whose backward runs the activation's
+# derivative as torch elementwise ops, then the down projection's own node) or "epilogue" (one node for
+# both, the derivative in the epilogue of the down projection's input gradient: ops/grouped_mlp_node.py).
+# Kept selectable for the GPU session's A/B; read once, at import.
+MLP_BACKWARD = os.environ.get("FASTMOE_MLP_BACKWARD", "separate").strip().lower()
+if MLP_BACKWARD not in ("separate", "epilogue"):
+    raise ValueError(f"FASTMOE_MLP_BACKWARD must be 'separate' or 'epilogue', got {MLP_BACKWARD!r}")
+
+
+def _one_node(x: Tensor, backend) -> bool:
+    """Whether the experts run as one node (FASTMOE_MLP_BACKWARD=epilogue) on the backend of grouped_up."""
+    return MLP_BACKWARD == "epilogue" and node_backends(x, backend) == grouped_up_backends(x, backend)
+
+
 def _activation_in_epilogue(x: Tensor, w_up: Tensor, widths, backend, all_rows_grouped: bool) -> bool:
     """Whether the up projection runs with its activation fused: where ``grouped_up`` has a kernel and the
     up projection's own GEMM would run on that kernel's backend (a composition on torch's grouped
@@ -117,6 +132,8 @@ def grouped_mlp(
     act, widths = check_expert_weights(where, x, w_up, w_down, b_up, b_down, activation, widths, offsets.shape[0] - 1)
     grouping = dict(backend=backend, all_rows_grouped=all_rows_grouped)
     if _activation_in_epilogue(x, w_up, widths, backend, all_rows_grouped):
+        if _one_node(x, backend):
+            return grouped_mlp_node(x, w_up, w_down, offsets, act, b_up, b_down, widths=widths, **grouping)
         # One launch with the activation in the up projection's epilogue (h kept for the backward).
         a = grouped_up(x, w_up, offsets, act, b_up, widths=widths, backend=backend, all_rows_grouped=all_rows_grouped)
         if widths is None:

@@ -107,9 +107,14 @@ def _setup(ctx, inputs, output):
     x, w_up, b_up, offsets, activation, params, interleaved, widths, _grouped, _save, _fwd, backward = inputs
     ctx.save_for_backward(x, w_up, b_up, offsets, output[1])
     ctx.activation, ctx.widths, ctx.backend = (activation, params, interleaved), widths, backward
+    # h is saved, never differentiated: autograd would otherwise fill a zero gradient of its size
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_a, _grad_h):
+    if grad_a is None:  # no gradient reached a (grads are not materialised)
+        return (None,) * 12
     x, w_up, b_up, offsets, h = ctx.saved_tensors
     grad_x, grad_w, grad_b = _grouped_up_backward_op(grad_a.contiguous(), x, w_up, b_up, offsets, h, *ctx.activation,
                                                      ctx.widths, ctx.backend)

@@ -85,9 +85,14 @@ def _setup(ctx, inputs, output):
      _fwd, backward) = inputs
     ctx.save_for_backward(x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, output[1])
     ctx.activation, ctx.widths, ctx.backend = (activation, params, interleaved), widths, backward
+    # h is saved, never differentiated: autograd would otherwise fill a zero gradient of its size
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, _grad_h):
+    if grad_out is None:  # no gradient reached the output (grads are not materialised)
+        return (None,) * 16
     x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, h = ctx.saved_tensors
     grads = _moe_mlp_backward_op(
         grad_out.contiguous(), x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, h,

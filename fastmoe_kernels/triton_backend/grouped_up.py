@@ -48,24 +48,29 @@ def grouped_up_triton(x, w_up, b_up, offsets, activation: Activation, widths, al
 
 @register("grouped_up_backward")
 def grouped_up_backward_triton(grad_a, x, w_up, b_up, offsets, h, activation: Activation, widths):
-    gated, il = activation.gated, activation.interleaved
-    dt = x.dtype
-    w_up_c = _cast(w_up, dt)
-    f = _up_width(w_up, widths, gated)
-    offsets = offsets.to(torch.int32)
     # dh from h ([gate | up], whatever the weights' order) and the gradient of a (torch.func: autograd is
-    # off inside a custom op).
+    # off inside a custom op). The grouped_mlp node (FASTMOE_MLP_BACKWARD=epilogue) moves this into the
+    # down projection's input-gradient epilogue instead.
     concatenated = Activation(activation.name, activation.alpha, activation.limit)
     _, vjp = torch.func.vjp(lambda t: apply_activation(t, concatenated), h)
     (dh,) = vjp(grad_a.to(h.dtype))
-    dh = dh.contiguous()
+    return up_backward_from_dh(dh.contiguous(), x, w_up, b_up, offsets.to(torch.int32), activation, widths,
+                               dh_in_weight_order=not widths and not activation.interleaved)
+
+
+def up_backward_from_dh(dh, x, w_up, b_up, offsets, activation: Activation, widths, *, dh_in_weight_order: bool):
+    """``(grad_x, grad_w_up, grad_b_up or empty)`` from dh [R, m·f]: [gate | up], or in W_up's own row
+    order (``dh_in_weight_order``: [gate | up] rows, or interleaved ones with dh interleaved alike)."""
+    gated, il = activation.gated, activation.interleaved
+    w_up_c = _cast(w_up, x.dtype)
+    f = _up_width(w_up, widths, gated)
     R = x.shape[0]
-    grad_x = empty(R, x.shape[1], dtype=dt, device=x.device)
+    grad_x = empty(R, x.shape[1], dtype=x.dtype, device=x.device)
     grad_w_up = empty(w_up.shape, dtype=w_up.dtype, device=x.device)
     grad_b_up = empty(b_up.shape, dtype=b_up.dtype, device=x.device) if b_up is not None else None
-    if not widths and not il:
-        # h's [gate | up] columns are W_up's rows in order: dx is one GEMM over 2f and dW_up one weight
-        # gradient over dh's 2f columns (x read once).
+    if dh_in_weight_order:
+        # dh's columns are W_up's rows in order: dx is one GEMM over 2f and dW_up one weight gradient
+        # over dh's 2f columns (x read once).
         grouped_matmul(dh, stacked(w_up_c), False, offsets, grad_x, b=w_up_c, n_out=x.shape[1], zero_outside=True,
                        num_rows=R)
         grouped_wgrad(x, dh, offsets, grad_w_up, stacked(grad_w_up), True, grad_bias=grad_b_up,

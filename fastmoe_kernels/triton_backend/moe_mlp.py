@@ -9,9 +9,23 @@ Backward: dh = act'(h) · w · (g[src] @ W_down), and Σ_n (g[src] @ W_down) · 
 Saved for backward: x, the routing and h — never the permuted x or the expert outputs.
 ``activation`` is an ``activations.Activation``; interleaved gate/up weights (gpt-oss) are read in
 place (every other row), h always holds [gate | up].
+
+Variants kept selectable for the GPU session's A/B (environment, read once; the defaults are what the
+first H100 run measured):
+- ``FASTMOE_DOWN_OUTPUT``: "scatter" (the down projection writes each row to its assignment slot) or
+  "rows" (it writes contiguous expert-order rows, plain stores, and the combine reads them by row).
+- ``FASTMOE_FUSED_BACKWARD``: "recompute" (above) or "stored": the dH kernel also writes
+  ``A_s = w · act(h)`` (``act(h)`` with a down bias, whose gradient needs w·G), so every GEMM after it
+  has plain operands — dW_down from (A_s, g[src]), dW_up one weight gradient over dh's 2f columns
+  (dh written in W_up's row order, interleaved for gpt-oss), dx one GEMM over 2f into expert-order rows,
+  then the combine by row (SonicMoE's order of the work, on our kernels). Its dH epilogue is split by
+  even/odd columns (``FASTMOE_DH_EPILOGUE``). Costs an [R, f] buffer during the backward.
+- ``FASTMOE_UP_WGRAD_X``: with "stored", the up projection's weight gradient gathers x's rows on load
+  ("gather") or reads a materialised x[src] ("permuted": one gather pass, then plain loads).
 """
 from __future__ import annotations
 
+import os
 from typing import List, Optional
 
 import torch
@@ -19,11 +33,23 @@ import torch
 from .._alloc import empty
 from ._common import register
 from ._layout import packed_cols, packed_rows, packed_vectors, stacked, stacked_vectors
-from .activation_backward import activation_backward, partial_rows_needed
+from .activation_backward import activation_backward, epilogue_split, partial_rows_needed
 from .grouped_gemm import grouped_matmul
-from .permute import combine
+from .permute import combine, gather
 from .up_projection import up_projection
 from .wgrad import grouped_wgrad
+
+
+def _choice(name: str, default: str, choices: tuple) -> str:
+    value = os.environ.get(name, default).strip().lower()
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+DOWN_OUTPUT = _choice("FASTMOE_DOWN_OUTPUT", "scatter", ("scatter", "rows"))
+FUSED_BACKWARD = _choice("FASTMOE_FUSED_BACKWARD", "recompute", ("recompute", "stored"))
+UP_WGRAD_X = _choice("FASTMOE_UP_WGRAD_X", "gather", ("gather", "permuted"))
 
 
 def _matrices(t: torch.Tensor, widths: List[int], part: str, f: int, interleaved: bool = False):
@@ -89,10 +115,17 @@ def moe_mlp_forward(x, w_up, w_down, b_up, b_down, weight, row, assignment, offs
         gate_bias=_vectors(b_up, widths, "gate", f, il), up_bias=_vectors(b_up, widths, "up", f, il) if gated else None,
         h=h,
     )
+    down = dict(b=w_down, n_out=d, bias=b_down, bias_vecs=_vectors(b_down, widths, "down", f), num_rows=R)
+    h_out = h if h is not None else x.new_empty(0)
+    if DOWN_OUTPUT == "rows":
+        # Expert-order rows, plain stores; the combine gathers them by the plan's row (rows no group owns
+        # are zeros, so a row index pointing there reads nothing stale).
+        y_rows = empty(R, d, dtype=x.dtype, device=x.device)
+        grouped_matmul(a, _matrices(w_down, widths, "down", f), True, offsets, y_rows, zero_outside=True, **down)
+        return combine(y_rows, row, weight), h_out
     y_slots = empty(T * k, d, dtype=x.dtype, device=x.device)
-    grouped_matmul(a, _matrices(w_down, widths, "down", f), True, offsets, y_slots, b=w_down, n_out=d,
-                   c_row_index=assignment, bias=b_down, bias_vecs=_vectors(b_down, widths, "down", f), num_rows=R)
-    return combine(y_slots, row, weight, assignment=assignment), (h if h is not None else x.new_empty(0))
+    grouped_matmul(a, _matrices(w_down, widths, "down", f), True, offsets, y_slots, c_row_index=assignment, **down)
+    return combine(y_slots, row, weight, assignment=assignment), h_out
 
 
 @register("moe_mlp_backward")
@@ -108,12 +141,19 @@ def moe_mlp_backward(grad_out, x, w_up, w_down, b_up, b_down, weight, row, assig
     offsets = offsets.to(torch.int32)
     grad_out = grad_out.to(dt)
     weight_flat = weight.reshape(-1)
+    stored = FUSED_BACKWARD == "stored"
+    # With "stored" and homogeneous experts dh is written in W_up's row order (interleaved for gpt-oss):
+    # dW_up and dx are then one plain GEMM over its 2f columns each.
+    one_up_matrix = stored and not widths
 
-    # dh and the routing-weight gradient's partial sums, from g[src] @ W_down.
+    # dh and the routing-weight gradient's partial sums, from g[src] @ W_down ("stored": and A_s).
     dh = empty(R, (2 if gated else 1) * f, dtype=dt, device=x.device)
     partial = empty(partial_rows_needed(f), R, dtype=torch.float32, device=x.device)
+    a_scaled = stored and b_down is None  # a down bias's gradient is Σ w·g: then G is scaled, not A
+    a_down = empty(R, f, dtype=dt, device=x.device) if stored else None
     activation_backward(grad_out, assignment, k, weight_flat, w_down_c, _matrices(w_down_c, widths, "down", f),
-                        offsets, h, dh, partial, activation=activation)
+                        offsets, h, dh, partial, activation=activation, dh_interleaved=one_up_matrix and il,
+                        a_out=a_down, a_scaled=a_scaled, split=epilogue_split(stored))
     grad_row = partial.sum(0) if partial.shape[0] else torch.zeros(R, dtype=torch.float32, device=x.device)
     if b_down is not None:
         # The down bias is part of each expert's output: its share of the weight gradient.
@@ -124,35 +164,54 @@ def moe_mlp_backward(grad_out, x, w_up, w_down, b_up, b_down, weight, row, assig
         grad_row = grad_row + torch.where(src_ok, (grad_out.float()[src] * b_down_c.float()[expert_of_row]).sum(-1), 0.0)
     grad_weight = _gather_row_values(grad_row, row, assignment).to(weight.dtype)
 
-    # dW_down (activation recomputed from h), db_down.
+    # dW_down, db_down.
     # Weight gradients are written in the parameters' dtypes: one program reduces each element, so
     # storing its fp32 sum rounded is the cast a separate pass would make, without an fp32 copy of the
     # experts (28 GiB for DeepSeek-V3's up projections, the out-of-memory of the first H100 run).
     grad_w_down = empty(w_down.shape, dtype=param_dtypes[1], device=x.device)
     grad_b_down = empty(b_down.shape, dtype=param_dtypes[3], device=x.device) if b_down is not None else None
-    grouped_wgrad(
-        h, grad_out, offsets, grad_w_down, _matrices(grad_w_down, widths, "down", f), True,
-        g_row_index=assignment, g_row_div=k, scale=weight_flat, activation_of_a=activation, up_col=f,
-        grad_bias=grad_b_down, bias_vecs=_vectors(grad_b_down, widths, "down", f),
-    )
+    down = dict(g_row_index=assignment, g_row_div=k, grad_bias=grad_b_down,
+                bias_vecs=_vectors(grad_b_down, widths, "down", f))
+    down_mats = _matrices(grad_w_down, widths, "down", f)
+    if stored:
+        grouped_wgrad(a_down, grad_out, offsets, grad_w_down, down_mats, True, scale=None if a_scaled else weight_flat,
+                      **down)
+        a_down = None  # freed before the up projection's gradients
+    else:
+        # The activation recomputed from h in the prologue, G scaled by the routing weight on load.
+        grouped_wgrad(h, grad_out, offsets, grad_w_down, down_mats, True, scale=weight_flat, activation_of_a=activation,
+                      up_col=f, **down)
 
-    # dW_up (gate and up halves), db_up.
+    # dW_up (one over 2f, or the gate and up halves), db_up.
     grad_w_up = empty(w_up.shape, dtype=param_dtypes[0], device=x.device)
     grad_b_up = empty(b_up.shape, dtype=param_dtypes[2], device=x.device) if b_up is not None else None
-    for half in (("gate", "up") if gated else ("gate",)):
-        col = f if half == "up" else 0
-        grouped_wgrad(
-            x, dh[:, col:col + f], offsets, grad_w_up, _matrices(grad_w_up, widths, half, f, il), True,
-            a_row_index=assignment, a_row_div=k, grad_bias=grad_b_up,
-            bias_vecs=_vectors(grad_b_up, widths, half, f, il),
-        )
+    if stored and UP_WGRAD_X == "permuted":
+        x_a, x_rows = gather(x, assignment, R, div=k), {}
+    else:
+        x_a, x_rows = x, dict(a_row_index=assignment, a_row_div=k)
+    if one_up_matrix:
+        grouped_wgrad(x_a, dh, offsets, grad_w_up, stacked(grad_w_up), True, grad_bias=grad_b_up,
+                      bias_vecs=stacked_vectors(grad_b_up) if grad_b_up is not None else None, **x_rows)
+    else:
+        for half in (("gate", "up") if gated else ("gate",)):
+            col = f if half == "up" else 0
+            grouped_wgrad(x_a, dh[:, col:col + f], offsets, grad_w_up, _matrices(grad_w_up, widths, half, f, il), True,
+                          grad_bias=grad_b_up, bias_vecs=_vectors(grad_b_up, widths, half, f, il), **x_rows)
+    x_a = None
 
     # dx = Σ_j (dh @ W_up)[slot], with [dgate | dup] @ [W_gate; W_up] in one accumulator.
-    dx_slots = empty(T * k, d, dtype=dt, device=x.device)
-    grouped_matmul(dh, _matrices(w_up_c, widths, "gate", f, il), False, offsets, dx_slots, b=w_up_c, n_out=d,
-                   c_row_index=assignment, num_rows=R,
-                   second=_matrices(w_up_c, widths, "up", f, il) if gated else None, a2_col=f)
-    grad_x = combine(dx_slots, row, None, assignment=assignment)
+    second = dict(second=_matrices(w_up_c, widths, "up", f, il), a2_col=f) if gated and not one_up_matrix else {}
+    up_mats = stacked(w_up_c) if one_up_matrix else _matrices(w_up_c, widths, "gate", f, il)
+    if stored:
+        # Expert-order rows, plain stores, then the combine by row.
+        dx_rows = empty(R, d, dtype=dt, device=x.device)
+        grouped_matmul(dh, up_mats, False, offsets, dx_rows, b=w_up_c, n_out=d, zero_outside=True, num_rows=R, **second)
+        grad_x = combine(dx_rows, row, None)
+    else:
+        dx_slots = empty(T * k, d, dtype=dt, device=x.device)
+        grouped_matmul(dh, up_mats, False, offsets, dx_slots, b=w_up_c, n_out=d, c_row_index=assignment, num_rows=R,
+                       **second)
+        grad_x = combine(dx_slots, row, None, assignment=assignment)
     biases = [grad_b_up if grad_b_up is not None else x.new_empty(0),
               grad_b_down if grad_b_down is not None else x.new_empty(0)]
     return (grad_x, grad_w_up, grad_w_down, *biases, grad_weight)

@@ -1,5 +1,5 @@
 """The A/B of every selectable variant the open issues built, at the shapes each concerns, with the
-kernel model's predictions beside the measurements (benchmarks/results/model-2026-12-02/predictions.json).
+kernel model's predictions beside the measurements (benchmarks/results/model-2026-12-03/predictions.json).
 
 A variant is either configs pinned per kernel (tile orders, tiles: ``_common.pinned_configs``, switched
 in this process) or an environment flag read at import (a fresh process per setting). Each measurement
@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 HERE = pathlib.Path(__file__).resolve().parent
-PREDICTIONS = HERE / "results" / "model-2026-12-02" / "predictions.json"
+PREDICTIONS = HERE / "results" / "model-2026-12-03" / "predictions.json"
 
 MATMUL = dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3)
 UP = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
@@ -67,7 +67,63 @@ VARIANTS = [
     Variant("trusted plans", "every value check run → the package's own plans and ids trusted (checks on, async)",
             ("Qwen3-30B-A3B",), ("fwd", "fwd+bwd"), False,
             a={"env": {"FASTMOE_TRUST_VALUES": "0"}}, b={"env": {"FASTMOE_TRUST_VALUES": "1"}}),
+    # The training issue's part B (defaults unchanged until these measure faster).
+    Variant("node backward", "the composition's two nodes and torch's activation backward → one node, the "
+            "activation's backward in the dH epilogue (split)",
+            ("Qwen3-30B-A3B", "Mixtral-8x7B"), ("fwd+bwd",), False,
+            a={"env": {"FASTMOE_MLP_BACKWARD": "separate"}},
+            b={"env": {"FASTMOE_MLP_BACKWARD": "epilogue", "FASTMOE_DH_EPILOGUE": "split"}},
+            prediction="node backward"),
+    Variant("node dH epilogue", "the node's dH epilogue whole → split by even/odd columns",
+            ("Qwen3-30B-A3B", "Mixtral-8x7B"), ("fwd+bwd",), False,
+            a={"env": {"FASTMOE_MLP_BACKWARD": "epilogue", "FASTMOE_DH_EPILOGUE": "whole"}},
+            b={"env": {"FASTMOE_MLP_BACKWARD": "epilogue", "FASTMOE_DH_EPILOGUE": "split"}}),
+    Variant("fused stored backward", "the fused path's recomputing backward → A_s stored by the dH kernel, plain "
+            "dW_down, one dW_up over 2f, one plain dx, contiguous down rows",
+            ("Qwen3-30B-A3B", "Mixtral-8x7B"), ("fwd+bwd",), True,
+            a={"env": {"FASTMOE_FUSED_BACKWARD": "recompute", "FASTMOE_DOWN_OUTPUT": "scatter"}},
+            b={"env": {"FASTMOE_FUSED_BACKWARD": "stored", "FASTMOE_DOWN_OUTPUT": "rows"}},
+            prediction="fused stored backward"),
+    Variant("dW_up x", "the stored backward's dW_up gathering x on load → from a materialised x[src]",
+            ("Qwen3-30B-A3B", "Mixtral-8x7B"), ("fwd+bwd",), True,
+            a={"env": {"FASTMOE_FUSED_BACKWARD": "stored", "FASTMOE_UP_WGRAD_X": "gather"}},
+            b={"env": {"FASTMOE_FUSED_BACKWARD": "stored", "FASTMOE_UP_WGRAD_X": "permuted"}}),
+    Variant("router GEMM", "the fp32 router logits on CUDA cores (torch, with x cast to fp32) → on tensor cores at "
+            "fp32's accuracy (tf32 for bf16 operands, tf32x3 otherwise; x read as bf16)",
+            ("Qwen3-30B-A3B", "Mixtral-8x7B"), ("fwd+bwd",), None,
+            a={"env": {"FASTMOE_ROUTER_GEMM": "torch"}}, b={"env": {"FASTMOE_ROUTER_GEMM": "tensor-cores"}}),
+    Variant("down output rows", "the fused down projection scattering rows to their slots → contiguous rows, "
+            "the combine reading them by row",
+            ("Qwen3-30B-A3B", "Mixtral-8x7B"), ("fwd",), True,
+            a={"env": {"FASTMOE_DOWN_OUTPUT": "scatter"}}, b={"env": {"FASTMOE_DOWN_OUTPUT": "rows"}}),
 ]
+
+
+def default_env() -> Dict[str, str]:
+    """Each A/B flag's default (the package's registry, ``fastmoe_kernels._variants.FLAGS``): a setting
+    that spells out a default is the default, so variants whose A or B is today's default share one
+    measurement of it (each distinct setting is measured once per case and mode)."""
+    import fastmoe_kernels.ops  # noqa: F401 - the modules that read the flags
+    import fastmoe_kernels.triton_backend  # noqa: F401
+    from fastmoe_kernels._variants import FLAGS
+
+    return {name: default for name, (default, _) in FLAGS.items()}
+
+
+# The order the A/B runs in when its budget cannot hold every variant: the open changes whose defaults
+# wait on it (part B), then the part-A choices it confirms.
+PRIORITY = ("node backward", "fused stored backward", "wgrad tile and order", "tile order", "up activation",
+            "router GEMM", "node dH epilogue", "wgrad dtype", "down output rows", "dW_up x", "trusted plans")
+
+
+def setting_key(variant: Variant, setting: str) -> tuple:
+    """What a measurement under ``setting`` depends on besides the case and mode: the non-default
+    environment, the pins, the layer's path and whether value checks run."""
+    chosen = variant.a if setting == "a" else variant.b
+    defaults = default_env()
+    env = tuple(sorted((k, v) for k, v in chosen.get("env", {}).items() if defaults.get(k) != v))
+    pins = json.dumps({k: v for k, v in chosen.items() if k != "env"}, sort_keys=True)
+    return env, pins, variant.fused, variant.name == "trusted plans"
 
 
 def _cases(tokens: int, dry_run: bool):
@@ -106,8 +162,17 @@ def measure_case(case, mode: str, fused: Optional[bool], device: torch.device, c
     return dict(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms)
 
 
-def run_settings(variant: Variant, setting: str, tokens: int, device: torch.device, dry_run: bool) -> List[dict]:
-    """Every (case, mode) of ``variant`` under one setting, in this process (pins switched here)."""
+def _pairs(variant: Variant, dry_run: bool) -> List[Tuple[str, str]]:
+    """The (case, mode) pairs a variant measures. A dry run checks the script, not the numbers: the
+    first case in the variant's first mode, one timed step (variants sharing a setting share it)."""
+    pairs = [(c, m) for c in variant.cases for m in variant.modes]
+    return pairs[:1] if dry_run else pairs
+
+
+def run_settings(variant: Variant, setting: str, tokens: int, device: torch.device, dry_run: bool,
+                 pairs: Optional[List[Tuple[str, str]]] = None) -> List[dict]:
+    """The (case, mode) ``pairs`` (default: all) of ``variant`` under one setting, in this process (pins
+    switched here)."""
     from fastmoe_kernels.triton_backend import _common
 
     pins = {} if variant.env_flag else (variant.a if setting == "a" else variant.b)
@@ -117,10 +182,8 @@ def run_settings(variant: Variant, setting: str, tokens: int, device: torch.devi
     rows = []
     saved = dict(_common.pinned_configs)
     _common.pinned_configs.update(pins)
-    # A dry run checks the script, not the numbers: one case and mode per variant, one timed step.
-    pairs = [(c, m) for c in variant.cases for m in variant.modes][:1 if dry_run else None]
     try:
-        for label, mode in pairs:
+        for label, mode in (pairs if pairs is not None else _pairs(variant, dry_run)):
             r = measure_case(cases[label], mode, variant.fused, device, variant.name == "trusted plans",
                              reps=1 if dry_run else 10, warmup=1 if dry_run else 2)
             rows.append(dict(variant=variant.name, setting=setting, case=label, mode=mode, **r))
@@ -130,9 +193,11 @@ def run_settings(variant: Variant, setting: str, tokens: int, device: torch.devi
     return rows
 
 
-def _in_fresh_process(variant: Variant, setting: str, tokens: int, dry_run: bool, timeout: float) -> List[dict]:
+def _in_fresh_process(variant: Variant, setting: str, tokens: int, dry_run: bool, timeout: float,
+                      pairs: List[Tuple[str, str]]) -> List[dict]:
     env = dict(os.environ, **(variant.a if setting == "a" else variant.b)["env"])
-    cmd = [sys.executable, __file__, "--worker", variant.name, "--setting", setting, "--tokens", str(tokens)]
+    cmd = [sys.executable, __file__, "--worker", variant.name, "--setting", setting, "--tokens", str(tokens),
+           "--pairs", json.dumps(pairs)]
     if dry_run:
         cmd.append("--dry-run")
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -176,33 +241,44 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true", help="tiny fp32 shapes on any device (the interpreter on a CPU)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--setting", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--pairs", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.worker:
         variant = next(v for v in VARIANTS if v.name == args.worker)
-        print(json.dumps(run_settings(variant, args.setting, args.tokens, device, args.dry_run)))
+        pairs = [tuple(p) for p in json.loads(args.pairs)] if args.pairs else None
+        print(json.dumps(run_settings(variant, args.setting, args.tokens, device, args.dry_run, pairs)))
         return 0
     deadline = time.monotonic() + args.budget_s
     wanted = args.variants.split(",") if args.variants else [v.name for v in VARIANTS]
     rows: List[dict] = []
     failures = []
-    for variant in (v for v in VARIANTS if v.name in wanted):
+    measured: Dict[tuple, dict] = {}  # (setting_key, case, mode) → its row (shared by the variants using it)
+    for variant in sorted((v for v in VARIANTS if v.name in wanted), key=lambda v: PRIORITY.index(v.name)):
         for setting in ("a", "b"):
+            key = setting_key(variant, setting)
+            pairs = _pairs(variant, args.dry_run)
+            missing = [p for p in pairs if (key, *p) not in measured]
             left = deadline - time.monotonic()
-            if left < 5:
+            if missing and left < 5:
                 failures.append(f"{variant.name} {setting}: out of budget")
                 continue
-            try:
-                got = (_in_fresh_process(variant, setting, args.tokens, args.dry_run, left) if variant.env_flag
-                       else run_settings(variant, setting, args.tokens, device, args.dry_run))
-            except Exception as exc:  # one variant's failure is a result, not the end of the A/B
-                failures.append(f"{variant.name} {setting}: {type(exc).__name__}: {str(exc)[-500:]}")
-                continue
-            for r in got:
-                r["model"] = predicted(variant, r["case"], r["mode"])
+            if missing:
+                try:
+                    got = (_in_fresh_process(variant, setting, args.tokens, args.dry_run, left, missing)
+                           if variant.env_flag else run_settings(variant, setting, args.tokens, device, args.dry_run,
+                                                                 missing))
+                except Exception as exc:  # one variant's failure is a result, not the end of the A/B
+                    failures.append(f"{variant.name} {setting}: {type(exc).__name__}: {str(exc)[-500:]}")
+                    continue
+                measured.update({(key, r["case"], r["mode"]): r for r in got})
+            shared = f" ({len(pairs) - len(missing)} shared with an earlier variant's setting)" if len(missing) < len(
+                pairs) else ""
+            got = [dict(measured[(key, *p)], variant=variant.name, setting=setting,
+                        model=predicted(variant, p[0], p[1])) for p in pairs if (key, *p) in measured]
             rows += got
             print(f"ab: {variant.name} {setting}: " + ", ".join(f"{r['case']} {r['mode']} {r['median_ms']:.3f} ms"
-                                                             for r in got), flush=True)
+                                                             for r in got) + shared, flush=True)
     text = markdown(rows) + ("\n\nNot measured:\n" + "\n".join(f"- {f}" for f in failures) if failures else "")
     print(text, flush=True)
     if args.out:

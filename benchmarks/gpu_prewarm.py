@@ -8,15 +8,27 @@ tokens, so that the compiled kernels land in Triton's on-disk cache (``TRITON_CA
 benchmark's own autotuning only loads them. What these processes time is thrown away (they share
 the GPU).
 
-    python benchmarks/gpu_prewarm.py [--tokens 4096] [--cases Qwen3-30B-A3B,...]
+Each case is warmed under the defaults and under the A/B's environment-flag variants whose kernels the
+defaults never launch (``VARIANT_ENV``: the training issue's part B), one process each.
+
+    python benchmarks/gpu_prewarm.py [--tokens 4096] [--cases Qwen3-30B-A3B,...] [--variants default,node,...]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
 from typing import List, Optional
+
+
+# The flags (benchmarks/gpu_ab.py's variants) under which the layer launches kernels the defaults do not.
+VARIANT_ENV = {
+    "default": {},
+    "node": {"FASTMOE_MLP_BACKWARD": "epilogue", "FASTMOE_DH_EPILOGUE": "split"},
+    "stored": {"FASTMOE_FUSED_BACKWARD": "stored", "FASTMOE_DOWN_OUTPUT": "rows", "FASTMOE_ROUTER_GEMM": "tensor-cores"},
+}
 
 
 def warm(label: str, tokens: int, dry_run: bool = False) -> None:
@@ -52,6 +64,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--cases", default=None, help="comma-separated model labels (default: all)")
     p.add_argument("--dry-run", action="store_true", help="tiny stand-ins of the cases, any device")
+    p.add_argument("--variants", default=",".join(VARIANT_ENV), help=f"comma-separated, of {sorted(VARIANT_ENV)}")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a worker: warm this case
     args = p.parse_args(argv)
     if args.one:
@@ -62,13 +75,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     labels = args.cases.split(",") if args.cases else [c.label for c in model_cases()]
     start = time.perf_counter()
     extra = ["--dry-run"] if args.dry_run else []
-    workers = {label: subprocess.Popen([sys.executable, __file__, "--one", label, "--tokens", str(args.tokens), *extra])
-               for label in labels}
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANT_ENV))
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; known: {sorted(VARIANT_ENV)}")
+    workers = {f"{label} ({variant})": subprocess.Popen(
+        [sys.executable, __file__, "--one", label, "--tokens", str(args.tokens), *extra],
+        env=dict(os.environ, **VARIANT_ENV[variant])) for label in labels for variant in variants}
     failed = []
-    for label, proc in workers.items():
+    for name, proc in workers.items():
         if proc.wait() != 0:
-            failed.append(label)
-    print(f"gpu_prewarm: {len(labels) - len(failed)} of {len(labels)} cases compiled in "
+            failed.append(name)
+    print(f"gpu_prewarm: {len(workers) - len(failed)} of {len(workers)} case variants compiled in "
           f"{time.perf_counter() - start:.0f} s" + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
     return 1 if failed else 0
 

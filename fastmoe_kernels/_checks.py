@@ -29,6 +29,8 @@ from typing import Callable, Iterable, List, Optional, Union
 
 import torch
 
+from ._variants import flag
+
 CHECK_MODES = ("auto", "sync", "async", "off")
 _mode_override: Optional[str] = None
 
@@ -152,7 +154,7 @@ def check_values(device: torch.device, stats: Callable[[], torch.Tensor], messag
 _trusted: dict = {}
 # FASTMOE_TRUST_VALUES=0 checks everything as before (kept selectable for the GPU session's A/B of
 # host time; read once).
-TRUST_VALUES = os.environ.get("FASTMOE_TRUST_VALUES", "1") != "0"
+TRUST_VALUES = flag("FASTMOE_TRUST_VALUES", "1", ("0", "1")) == "1"
 
 
 def _trust_key(t: torch.Tensor) -> tuple:

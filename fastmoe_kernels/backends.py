@@ -69,6 +69,10 @@ AUTO_PREFERENCE: Dict[str, Dict[str, Order]] = {
         "grouped_up_backward": ("triton", "torch"),
         "grouped_mlp_node": ("triton", "torch"),  # the composition as one node (FASTMOE_MLP_BACKWARD=epilogue)
         "grouped_mlp_node_backward": ("triton", "torch"),
+        # The router's fp32 GEMMs on tensor cores at fp32's accuracy (the router takes them where
+        # FASTMOE_ROUTER_GEMM=tensor-cores; torch's F.linear otherwise).
+        "router_logits": ("triton", "torch"),
+        "router_logits_backward": ("triton", "torch"),
         # fp8 (e4m3) products: Triton on fp8 tensor cores (cc >= 8.9), else the emulation.
         "grouped_gemm_fp8": ("triton", "torch"),
         "grouped_gemm_fp8_backward": ("triton", "torch"),
@@ -98,6 +102,8 @@ AUTO_PREFERENCE: Dict[str, Dict[str, Order]] = {
         "grouped_up_backward": ("torch",),
         "grouped_mlp_node": ("torch",),
         "grouped_mlp_node_backward": ("torch",),
+        "router_logits": ("torch",),  # fp32 on the CPU is the reference's own product
+        "router_logits_backward": ("torch",),
         "grouped_gemm_fp8": ("torch",),  # the emulation: no CPU has fp8 arithmetic worth a kernel
         "grouped_gemm_fp8_backward": ("torch",),
         "grouped_gemm_fp8_gathered": ("torch",),

@@ -13,7 +13,12 @@ from torch import Tensor, nn
 
 from .config import MoEConfig
 from .losses import expert_bias_delta
-from .ops import route_topk
+from ._variants import flag
+from .ops import route_topk, router_logits
+
+# The fp32 router GEMM: torch's F.linear ("torch": CUDA cores on a GPU) or ops.router_logits's tensor-core
+# kernels at fp32's accuracy ("tensor-cores"); kept selectable for the GPU session's A/B.
+ROUTER_GEMM = flag("FASTMOE_ROUTER_GEMM", "torch", ("torch", "tensor-cores"))
 
 
 @dataclass
@@ -55,12 +60,21 @@ class TopKRouter(nn.Module):
     def forward(self, x: Tensor, *, return_probs: bool = False, backend: Optional[str] = None) -> RouterOutput:
         cfg = self.config
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-        # "input": the logits rounded to x's dtype, as a bf16 transformers router computes them.
-        inp = x if cfg.router_precision == "input" else x.to(compute)
-        if self.training and cfg.router_jitter > 0:
-            # Switch Transformer's multiplicative jitter on the router input.
-            inp = inp * torch.empty_like(inp).uniform_(1 - cfg.router_jitter, 1 + cfg.router_jitter)
-        logits = F.linear(inp, self.weight.to(inp.dtype)).to(compute)
+        jitter = self.training and cfg.router_jitter > 0
+        if (ROUTER_GEMM == "tensor-cores" and cfg.router_precision == "fp32" and compute == torch.float32
+                and self.weight.dtype != torch.float64):
+            # The same fp32 product on tensor cores, x read in its own dtype (no fp32 copy of it
+            # unless jitter makes one): ops/router_logits.py.
+            inp = x * torch.empty_like(x, dtype=compute).uniform_(1 - cfg.router_jitter, 1 + cfg.router_jitter) \
+                if jitter else x
+            logits = router_logits(inp, self.weight, backend=backend)
+        else:
+            # "input": the logits rounded to x's dtype, as a bf16 transformers router computes them.
+            inp = x if cfg.router_precision == "input" else x.to(compute)
+            if jitter:
+                # Switch Transformer's multiplicative jitter on the router input.
+                inp = inp * torch.empty_like(inp).uniform_(1 - cfg.router_jitter, 1 + cfg.router_jitter)
+            logits = F.linear(inp, self.weight.to(inp.dtype)).to(compute)
         if self.training and cfg.router_noise_std > 0:
             logits = logits + torch.randn_like(logits) * cfg.router_noise_std
         out = route_topk(

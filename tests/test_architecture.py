@@ -11,6 +11,7 @@ BELOW_THE_OPS = {"fastmoe_kernels.backends", "fastmoe_kernels._alloc", "fastmoe_
                  "fastmoe_kernels._checks", "fastmoe_kernels.activations", "fastmoe_kernels.config",
                  "fastmoe_kernels.fp8",  # the fp8 recipe's constants and specification (imports torch only)
                  "fastmoe_kernels.tuning",  # the per-device tuning tables (imports torch only)
+                 "fastmoe_kernels._variants",  # the A/B's environment flags (imports os only)
                  "fastmoe_kernels._C"}  # the compiled extension
 
 

@@ -8,7 +8,7 @@ from fastmoe_kernels import MoELayer, backend_report, backends, describe_backend
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
 GEMM_KERNELS = ("grouped_gemm", "grouped_gemm_wgrad", "moe_mlp", "moe_mlp_backward", "grouped_up", "grouped_up_backward",
-                "grouped_mlp_node", "grouped_mlp_node_backward",
+                "grouped_mlp_node", "grouped_mlp_node_backward", "router_logits", "router_logits_backward",
                 "grouped_gemm_fp8",
                 "grouped_gemm_fp8_backward", "grouped_gemm_fp8_gathered", "grouped_gemm_fp8_gathered_backward",
                 "grouped_gemm_fp8_activated", "grouped_gemm_fp8_activated_backward")

@@ -2,8 +2,10 @@
 (it sees inside the package's custom ops) and the Triton interpreter's launches, at Qwen3's
 structure (E = 128, k = 8, SwiGLU) and tiny sizes: the exact list of Triton kernels per step, no
 torch elementwise op on an activation-sized tensor in the forward, in the backward only the
-activation's derivative (which the training issue's part B moves into a GEMM epilogue), and no cast
-of a weight gradient."""
+activation's derivative, and no cast of a weight gradient. The training issue's part B variants (the
+composition as one node, FASTMOE_MLP_BACKWARD=epilogue; the fused path's stored backward with
+contiguous rows) are held to the same list of launches and to no torch op at all on an
+activation-sized tensor: their activation's derivative is in the dH kernel's epilogue."""
 import collections
 import os
 

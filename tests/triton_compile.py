@@ -9,7 +9,7 @@ Triton's own ptxas) and returns without launching, and every autotune config is 
 only the one a benchmark would pick. The tensors stay on the CPU and are never read by a kernel,
 so the layer's outputs are meaningless here; only the compiled kernels are checked.
 
-    python tests/triton_compile.py --arch 90 [--arch 80] [--json out.json]
+    python tests/triton_compile.py --arch 90 [--arch 80] [--json out.json] [--part-b | --part-b-only]
 
 Exits non-zero when a kernel fails to compile; when a config that the autotuner's pruner keeps does
 not fit the target's shared memory (the pruner's estimate is too low), or variants that share an
@@ -195,13 +195,24 @@ def cubin_resources(cubin):
     return (int(regs.group(1)) if regs else None), (int(stack.group(1)) if stack else None)
 
 
-def drive_layer(dtype: torch.dtype, arch: int, fp8_only: bool = False) -> None:
-    """Every kernel variant the layer can launch: activations, bias, widths, dispatch, routing, and
-    the fp8 GEMMs where the target has fp8 tensor cores (only those with ``fp8_only``)."""
+def drive_layer(dtype: torch.dtype, arch: int, fp8_only: bool = False, part_b_only: bool = False,
+                part_b: bool = False, router_only: bool = False) -> None:
+    """Every kernel variant the layer's defaults can launch: activations, bias, widths, dispatch,
+    routing, and the fp8 GEMMs where the target has fp8 tensor cores (only those with ``fp8_only``);
+    the training issue's part B variants too with ``part_b`` (only those with ``part_b_only``: CI's
+    time holds the defaults' kernels for two targets, not these; their record is committed,
+    benchmarks/results/sm90-compile-2026-12-03-part-b/)."""
     from fastmoe_kernels import MoELayer
 
     if fp8_only:
         _fp8_steps(MoELayer, dtype, arch)
+        return
+    if part_b_only:
+        _part_b_steps(MoELayer, 96, 64, dtype)
+        return
+    if router_only:
+        _part_b_steps(MoELayer, 96, 64, dtype, only=[ROUTER])
+        _part_b_steps(MoELayer, 96, 64, torch.float32, only=[ROUTER])
         return
 
     T, d = 96, 64
@@ -225,6 +236,8 @@ def drive_layer(dtype: torch.dtype, arch: int, fp8_only: bool = False) -> None:
         _train_step(MoELayer, T, d, dtype, extra)
     _fp8_steps(MoELayer, dtype, arch)
     _interleaved_step(T, d, dtype)
+    if part_b:
+        _part_b_steps(MoELayer, T, d, dtype)
     # The int64-offset variants (weights whose in-matrix offsets pass 2³¹) compile and pipeline too.
     from fastmoe_kernels.triton_backend._layout import ExpertMatrices
 
@@ -235,6 +248,44 @@ def drive_layer(dtype: torch.dtype, arch: int, fp8_only: bool = False) -> None:
             _train_step(MoELayer, T, d, dtype, extra)
     finally:
         ExpertMatrices.offsets_64 = int32_offsets
+
+
+# The training issue's part B variants (selected by environment flags read at import; set here on the
+# modules): the composition as one node, the fused path's stored backward with contiguous rows and
+# x[src] materialised, and the dH epilogue whole or split.
+# The router's fp32 GEMMs on tensor cores (FASTMOE_ROUTER_GEMM): bf16 operands take one tf32 pass, fp32
+# ones (and the backward's fp32 gradient) tf32x3.
+ROUTER = ({"fastmoe_kernels.router": {"ROUTER_GEMM": "tensor-cores"}}, dict())
+PART_B = [
+    ({"fastmoe_kernels.ops.grouped_mlp": {"MLP_BACKWARD": "epilogue"}}, dict(fused_experts=False)),
+    ({"fastmoe_kernels.ops.grouped_mlp": {"MLP_BACKWARD": "epilogue"}},
+     dict(fused_experts=False, activation="geglu", bias=True, d_ff=[32, 64, 48, 16])),
+    ({"fastmoe_kernels.triton_backend.moe_mlp": {"FUSED_BACKWARD": "stored", "DOWN_OUTPUT": "rows"}},
+     dict(fused_experts=True)),
+    ({"fastmoe_kernels.triton_backend.moe_mlp": {"FUSED_BACKWARD": "stored", "DOWN_OUTPUT": "rows",
+                                                  "UP_WGRAD_X": "permuted"}},
+     dict(fused_experts=True, activation="gelu", bias=True, d_ff=[32, 64, 48, 16])),
+    ROUTER,
+]
+
+
+def _part_b_steps(layer_cls, T: int, d: int, dtype: torch.dtype, only=None) -> None:
+    import importlib
+
+    for flags, extra in (only or PART_B):
+        for epilogue in ("whole", "split"):
+            saved = []
+            settings = {**flags, "fastmoe_kernels.triton_backend.activation_backward": {"EPILOGUE": epilogue}}
+            for module_name, values in settings.items():
+                module = importlib.import_module(module_name)
+                for name, value in values.items():
+                    saved.append((module, name, getattr(module, name)))
+                    setattr(module, name, value)
+            try:
+                _train_step(layer_cls, T, d, dtype, extra)
+            finally:
+                for module, name, value in reversed(saved):
+                    setattr(module, name, value)
 
 
 def _fp8_steps(layer_cls, dtype: torch.dtype, arch: int) -> None:
@@ -318,6 +369,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", action="append", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--json", help="write every compiled kernel's resources here")
     parser.add_argument("--fp8-only", action="store_true", help="only the fp8 kernels (fp8_recipe='blockwise')")
+    parser.add_argument("--part-b", action="store_true",
+                        help="also the training issue's part B variants (node, stored backward, split dH)")
+    parser.add_argument("--part-b-only", action="store_true", help="only the part B variants")
+    parser.add_argument("--router-only", action="store_true", help="only the router's tensor-core GEMMs")
     args = parser.parse_args(argv)
     arches = args.arch or [90]
     dtypes = [getattr(torch, name) for name in (args.dtype or ["bfloat16", "float16", "float32"])]
@@ -346,7 +401,7 @@ def main(argv=None) -> int:
         limit = SHARED_LIMIT.get(arch, SHARED_LIMIT[80])
         _common.shared_memory_override = limit  # what the pruners compare with on this target
         for dtype in dtypes:
-            drive_layer(dtype, arch, args.fp8_only)
+            drive_layer(dtype, arch, args.fp8_only, args.part_b_only, args.part_b, args.router_only)
         rows = sorted(RECORDER.kernels.values(), key=lambda r: (r["kernel"], r["constexprs"].get("BM", 0)))
         problems = check_configs(rows, limit)
         for r in rows:

@@ -32,6 +32,12 @@ H100_TILES: Dict[str, Tile] = {
     "wgrad_gathered": Tile(64, 128, 128, 8, 3, regs=108, smem=65792),  # the fused up wgrads (GATHER_A)
     "dual": Tile(128, 128, 64, 8, 3, regs=176, smem=196608),           # dx with two A/B pairs (DUAL_AB)
 }
+# The dH kernel with its epilogue split by even/odd columns (FASTMOE_DH_EPILOGUE=split): live registers
+# acc + ½(h_gate + h_up). The largest tiles the device's Triton (3.6) compiles for it with at most 64 B
+# of spills (benchmarks/results/sm90-compile-2026-12-03-part-b/): 128×128 on the node's plain G (24 B),
+# 128×64 where G's rows are gathered (the fused stored backward, 8 B); the whole epilogue holds 32×128.
+ACT_BWD_SPLIT = Tile(128, 128, 64, 8, 3, regs=255, smem=98304)
+ACT_BWD_SPLIT_GATHERED = Tile(128, 64, 64, 4, 4, regs=255, smem=98304)
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,7 @@ class Variant:
     wgrad_tile: Optional[Tile] = None  # another weight-gradient tile (the Hopper-sized ones)
     wgrad_out_bytes: int = 4         # 4: fp32 weight gradients; 2: the parameters' bf16
     matmul_tile: Optional[Tile] = None
+    act_bwd_tile: Optional[Tile] = None  # the dH kernel's tile (ACT_BWD_SPLIT: the split epilogue's)
 
 
 def _tile(tiles: Mapping[str, Tile], name: str, variant: Variant, *, wgrad: bool = False) -> Tile:
@@ -82,7 +89,13 @@ def _tile(tiles: Mapping[str, Tile], name: str, variant: Variant, *, wgrad: bool
 # epilogue, the down grouped GEMM, unpermute: today's training default on a GPU) and
 # "composition-separate" (the up projection as a plain grouped GEMM and the activation as torch ops:
 # FASTMOE_UP_ACTIVATION=separate, and what the first H100 run's composition profile measured).
-PATHS = ("fused", "composition", "composition-separate")
+# The training issue's part B paths: "node" (the composition as one autograd node,
+# FASTMOE_MLP_BACKWARD=epilogue: the activation's backward in the dH epilogue of G @ W_down, which also
+# writes a = act(h); dW_down from (a, G); dx and dW_up over dh's 2f columns) and "fused-stored"
+# (FASTMOE_FUSED_BACKWARD=stored, FASTMOE_DOWN_OUTPUT=rows: the dH kernel reads g's rows by index and
+# writes dh and A_s = w·act(h); dW_down from (A_s, g[src]); dW_up one wgrad over 2f with x gathered; dx
+# one plain GEMM over 2f).
+PATHS = ("fused", "composition", "composition-separate", "node", "fused-stored")
 
 
 def forward_launches(shape: StepShape, path: str, *, training: bool, tiles: Mapping[str, Tile] = H100_TILES,
@@ -93,6 +106,7 @@ def forward_launches(shape: StepShape, path: str, *, training: bool, tiles: Mapp
     rows = rows or shape.rows()
     d, f, m = shape.d_model, shape.d_ff, shape.m
     down = Launch(MATMUL, "down", rows, f, d, _tile(tiles, "matmul", variant))
+    path = {"node": "composition", "fused-stored": "fused"}.get(path, path)  # their forwards' launches
     if path == "composition-separate":
         return [Launch(MATMUL, "up", rows, d, m * f, _tile(tiles, "matmul", variant)), down]
     # The fused up projection (moe_mlp's, and grouped_up's on the composition) stores act(h) and, when
@@ -107,6 +121,8 @@ def backward_launches(shape: StepShape, path: str, *, tiles: Mapping[str, Tile] 
     rows = rows or shape.rows()
     d, f, m = shape.d_model, shape.d_ff, shape.m
     out_bytes = variant.wgrad_out_bytes
+    if path in ("node", "fused-stored"):
+        return _part_b_backward(shape, path, tiles, variant, rows)
     if path.startswith("composition"):
         wg = _tile(tiles, "wgrad", variant, wgrad=True)
         mm = _tile(tiles, "matmul", variant)
@@ -132,6 +148,23 @@ def backward_launches(shape: StepShape, path: str, *, tiles: Mapping[str, Tile] 
     return launches
 
 
+def _part_b_backward(shape: StepShape, path: str, tiles: Mapping[str, Tile], variant: Variant,
+                     rows: Tuple[int, ...]) -> List[Launch]:
+    """The part B backwards: every GEMM after the dH kernel has plain operands (see ``PATHS``)."""
+    d, f, m = shape.d_model, shape.d_ff, shape.m
+    out_bytes = variant.wgrad_out_bytes
+    wg = _tile(tiles, "wgrad", variant, wgrad=True)
+    mm = _tile(tiles, "matmul", variant)
+    act_tile = replace(variant.act_bwd_tile or tiles["act_bwd"], group=variant.group_m)
+    # dh (m values per column of f) and the activation a (one), from h's m halves.
+    launches = [Launch(ACT_BWD, "act_bwd", rows, d, f, act_tile, store_elems=m + 1, epilogue_load_elems=m),
+                Launch(WGRAD, "down.wgrad", rows, f, d, wg, kind="wgrad", out_bytes=out_bytes)]
+    up_wg = wg if path == "node" else _tile(tiles, "wgrad_gathered", variant, wgrad=True)
+    launches += [Launch(WGRAD, "up.wgrad", rows, d, m * f, up_wg, kind="wgrad", out_bytes=out_bytes),
+                 Launch(MATMUL, "dx" if path == "fused-stored" else "up.dgrad", rows, m * f, d, mm)]
+    return launches
+
+
 def step_launches(shape: StepShape, path: str, mode: str, **kw) -> List[Launch]:
     """Every GEMM launch of a forward (``mode="fwd"``) or a training step (``"fwd+bwd"``)."""
     training = mode == "fwd+bwd"
@@ -139,3 +172,20 @@ def step_launches(shape: StepShape, path: str, mode: str, **kw) -> List[Launch]:
     if training:
         out += backward_launches(shape, path, **kw)
     return out
+
+
+# The composition's activation as torch elementwise kernels moved ~3.15× the bytes it must (read h's
+# halves, write act(h); read the gradient and h, write dh): the first H100 run measured 1.68 ms at
+# Qwen3 and 8.4 ms at Mixtral for forward+backward where these bytes at its copy rate take 0.55 and
+# 2.58 ms (3.04× and 3.25×).
+TORCH_ACTIVATION_TRAFFIC = 3.15
+
+
+def torch_activation_bytes(shape: StepShape, path: str, mode: str) -> float:
+    """Bytes the torch elementwise activation passes of ``path`` move in a step (0 where a GEMM
+    epilogue does it), calibrated to the first H100 run (``TORCH_ACTIVATION_TRAFFIC``)."""
+    R, f, m = sum(shape.rows()), shape.d_ff, shape.m
+    forward = (m + 1) * f if path == "composition-separate" else 0  # read h, write act(h)
+    backward = (1 + 2 * m) * f if path in ("composition", "composition-separate") else 0  # read g, h; write dh
+    elems = forward + (backward if mode == "fwd+bwd" else 0)
+    return TORCH_ACTIVATION_TRAFFIC * R * elems * 2.0  # bf16

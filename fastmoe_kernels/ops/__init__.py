@@ -7,6 +7,7 @@ from .moe_mlp import moe_mlp
 from .permute import permute, unpermute
 from .plan import DispatchPlan, expert_capacity, make_plan
 from .route_topk import route_topk
+from .router_logits import router_logits
 from .routing_stats import routing_stats
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "moe_mlp",
     "permute",
     "route_topk",
+    "router_logits",
     "routing_stats",
     "unpermute",
 ]

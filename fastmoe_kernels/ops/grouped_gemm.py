@@ -25,6 +25,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .._variants import flag
 from .. import backends
 from .._shapes import grouped_gemm_output_width
 from ..tuning import rows_bucket
@@ -35,7 +36,7 @@ from .._checks import (
 PACKINGS = ("", "n", "k")
 # The old weight-gradient contract, kept selectable for the GPU session's A/B (read once, at import):
 # fp32 gradients from the kernel, cast to the parameters' dtype by a second pass.
-WGRAD_IN_FP32 = os.environ.get("FASTMOE_WGRAD_FP32", "0") == "1"
+WGRAD_IN_FP32 = flag("FASTMOE_WGRAD_FP32", "0", ("0", "1")) == "1"
 _FLIP = {"": "", "n": "k", "k": "n"}
 
 

@@ -22,6 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from torch import Tensor
 
+from .._variants import flag
 from .._checks import FLOAT_DTYPES, check_tensor
 from ..activations import Activation, ActivationLike, apply_activation, apply_gated, as_activation
 from .. import backends
@@ -73,18 +74,14 @@ def check_expert_weights(where: str, x: Tensor, w_up: Tensor, w_down: Tensor, b_
 
 # The separate activation (a GEMM, then torch's elementwise ops), kept selectable for the GPU session's
 # A/B (read once, at import).
-UP_ACTIVATION = os.environ.get("FASTMOE_UP_ACTIVATION", "epilogue").strip().lower()
-if UP_ACTIVATION not in ("epilogue", "separate"):
-    raise ValueError(f"FASTMOE_UP_ACTIVATION must be 'epilogue' or 'separate', got {UP_ACTIVATION!r}")
+UP_ACTIVATION = flag("FASTMOE_UP_ACTIVATION", "epilogue", ("epilogue", "separate"))
 
 
 # The composition's backward: "separate" (grouped_up's node, whose backward runs the activation's
 # derivative as torch elementwise ops, then the down projection's own node) or "epilogue" (one node for
 # both, the derivative in the epilogue of the down projection's input gradient: ops/grouped_mlp_node.py).
 # Kept selectable for the GPU session's A/B; read once, at import.
-MLP_BACKWARD = os.environ.get("FASTMOE_MLP_BACKWARD", "separate").strip().lower()
-if MLP_BACKWARD not in ("separate", "epilogue"):
-    raise ValueError(f"FASTMOE_MLP_BACKWARD must be 'separate' or 'epilogue', got {MLP_BACKWARD!r}")
+MLP_BACKWARD = flag("FASTMOE_MLP_BACKWARD", "separate", ("separate", "epilogue"))
 
 
 def _one_node(x: Tensor, backend) -> bool:

@@ -28,13 +28,13 @@ columns (the fp8 dgrad does the same).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from .._variants import flag
 from ._common import activation_args, dot_precision, dummy_index, launch, next_pow2, persistent_grid, rows_per_expert_bucket
 from ._gemm import expert_tile, k_loop, matmul_configs, pruner, smallest_bn
 from ._jit import act_fwd, act_grad, gather_rows, group_table, up_fwd, up_grad
@@ -42,9 +42,7 @@ from ._layout import ExpertMatrices
 
 # The epilogue over the whole tile ("whole", the kernel the first H100 run measured) or over its even
 # and odd columns ("split"); unset, each caller keeps its own default (see moe_mlp.py). Read once.
-EPILOGUE = os.environ.get("FASTMOE_DH_EPILOGUE", "").strip().lower()
-if EPILOGUE not in ("", "whole", "split"):
-    raise ValueError(f"FASTMOE_DH_EPILOGUE must be 'whole' or 'split', got {EPILOGUE!r}")
+EPILOGUE = flag("FASTMOE_DH_EPILOGUE", "", ("", "whole", "split"))  # "": each caller's own default
 
 
 def epilogue_split(default: bool) -> bool:

@@ -53,8 +53,13 @@ def grouped_up_backward_triton(grad_a, x, w_up, b_up, offsets, h, activation: Ac
     # down projection's input-gradient epilogue instead.
     concatenated = Activation(activation.name, activation.alpha, activation.limit)
     _, vjp = torch.func.vjp(lambda t: apply_activation(t, concatenated), h)
-    (dh,) = vjp(grad_a.to(h.dtype))
-    return up_backward_from_dh(dh.contiguous(), x, w_up, b_up, offsets.to(torch.int32), activation, widths,
+    (dh,) = vjp(grad_a if grad_a.dtype == h.dtype else grad_a.to(h.dtype))
+    # The recomputed activation and what vjp saved ([R, f] tensors each) are freed before the GEMMs
+    # allocate dx and dW_up (the CPU memory count, benchmarks/results/cpu-2026-12-03-memory/: Mixtral's
+    # step 9.38 → 9.13 GiB; the vjp's own temporaries are the rest of its excess).
+    del _, vjp
+    dh = dh.contiguous()
+    return up_backward_from_dh(dh, x, w_up, b_up, offsets.to(torch.int32), activation, widths,
                                dh_in_weight_order=not widths and not activation.interleaved)
 
 

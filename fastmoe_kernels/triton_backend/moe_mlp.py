@@ -25,11 +25,11 @@ first H100 run measured):
 """
 from __future__ import annotations
 
-import os
 from typing import List, Optional
 
 import torch
 
+from .._variants import flag
 from .._alloc import empty
 from ._common import register
 from ._layout import packed_cols, packed_rows, packed_vectors, stacked, stacked_vectors
@@ -40,16 +40,9 @@ from .up_projection import up_projection
 from .wgrad import grouped_wgrad
 
 
-def _choice(name: str, default: str, choices: tuple) -> str:
-    value = os.environ.get(name, default).strip().lower()
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
-
-
-DOWN_OUTPUT = _choice("FASTMOE_DOWN_OUTPUT", "scatter", ("scatter", "rows"))
-FUSED_BACKWARD = _choice("FASTMOE_FUSED_BACKWARD", "recompute", ("recompute", "stored"))
-UP_WGRAD_X = _choice("FASTMOE_UP_WGRAD_X", "gather", ("gather", "permuted"))
+DOWN_OUTPUT = flag("FASTMOE_DOWN_OUTPUT", "scatter", ("scatter", "rows"))
+FUSED_BACKWARD = flag("FASTMOE_FUSED_BACKWARD", "recompute", ("recompute", "stored"))
+UP_WGRAD_X = flag("FASTMOE_UP_WGRAD_X", "gather", ("gather", "permuted"))
 
 
 def _matrices(t: torch.Tensor, widths: List[int], part: str, f: int, interleaved: bool = False):

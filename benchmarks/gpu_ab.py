@@ -232,6 +232,29 @@ def markdown(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def _prefetch_concurrently(variants: List[Variant], tokens: int, measured: Dict[tuple, dict]) -> None:
+    """A dry run's environment-flag settings, each in its fresh process, all at once (one per core):
+    it checks that every setting runs, not its time, so nothing is lost by sharing the CPU."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = {}
+    for v in variants:
+        for setting in ("a", "b"):
+            key = setting_key(v, setting)
+            if v.env_flag and key not in jobs:
+                jobs[key] = (v, setting)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        futures = {key: pool.submit(_in_fresh_process, v, setting, tokens, True, 900.0, _pairs(v, True))
+                   for key, (v, setting) in jobs.items()}
+    for key, future in futures.items():
+        v, setting = jobs[key]
+        try:
+            measured.update({(key, r["case"], r["mode"]): r for r in future.result()})
+        except Exception as exc:  # reported by the main loop's retry, serially
+            print(f"ab: {v.name} {setting}: concurrent dry run failed ({type(exc).__name__}); retrying alone",
+                  flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None)
@@ -254,7 +277,10 @@ def main(argv=None) -> int:
     rows: List[dict] = []
     failures = []
     measured: Dict[tuple, dict] = {}  # (setting_key, case, mode) → its row (shared by the variants using it)
-    for variant in sorted((v for v in VARIANTS if v.name in wanted), key=lambda v: PRIORITY.index(v.name)):
+    chosen = sorted((v for v in VARIANTS if v.name in wanted), key=lambda v: PRIORITY.index(v.name))
+    if args.dry_run:
+        _prefetch_concurrently(chosen, args.tokens, measured)
+    for variant in chosen:
         for setting in ("a", "b"):
             key = setting_key(variant, setting)
             pairs = _pairs(variant, args.dry_run)

@@ -92,6 +92,10 @@ VARIANTS = [
             "fp32's accuracy (tf32 for bf16 operands, tf32x3 otherwise; x read as bf16)",
             ("Qwen3-30B-A3B", "Mixtral-8x7B"), ("fwd+bwd",), None,
             a={"env": {"FASTMOE_ROUTER_GEMM": "torch"}}, b={"env": {"FASTMOE_ROUTER_GEMM": "tensor-cores"}}),
+    Variant("fp8 weight cache", "the fp8 weights quantised on every call (and again, transposed, in the backward) → "
+            "once per weight version, both layouts in one pass",
+            ("Qwen3-30B-A3B fp8", "Mixtral-8x7B fp8"), ("fwd", "fwd+bwd"), None,
+            a={"env": {"FASTMOE_FP8_WEIGHT_CACHE": "off"}}, b={"env": {"FASTMOE_FP8_WEIGHT_CACHE": "on"}}),
     Variant("down output rows", "the fused down projection scattering rows to their slots → contiguous rows, "
             "the combine reading them by row",
             ("Qwen3-30B-A3B", "Mixtral-8x7B"), ("fwd",), True,
@@ -113,7 +117,7 @@ def default_env() -> Dict[str, str]:
 # The order the A/B runs in when its budget cannot hold every variant: the open changes whose defaults
 # wait on it (part B), then the part-A choices it confirms.
 PRIORITY = ("node backward", "fused stored backward", "wgrad tile and order", "tile order", "up activation",
-            "router GEMM", "node dH epilogue", "wgrad dtype", "down output rows", "dW_up x", "trusted plans")
+            "router GEMM", "fp8 weight cache", "node dH epilogue", "wgrad dtype", "down output rows", "dW_up x", "trusted plans")
 
 
 def setting_key(variant: Variant, setting: str) -> tuple:
@@ -135,6 +139,7 @@ def _cases(tokens: int, dry_run: bool):
 def measure_case(case, mode: str, fused: Optional[bool], device: torch.device, checks: bool, reps: int,
                  warmup: int = 2) -> dict:
     from fastmoe_kernels import set_value_checks
+    from fastmoe_kernels.bench.targets import forget_fp8_weights
     from fastmoe_kernels.bench.timing import measure
     from fastmoe_kernels.layer import MoELayer
 
@@ -150,6 +155,7 @@ def measure_case(case, mode: str, fused: Optional[bool], device: torch.device, c
         layer(x).backward(g)
         for p in layer.parameters():
             p.grad = None
+        forget_fp8_weights()  # a weight update follows each step (see bench.targets)
 
     set_value_checks(None if checks else False)
     try:

@@ -22,6 +22,7 @@ for the routed experts' GEMMs.
 """
 from __future__ import annotations
 
+import contextvars
 from typing import Tuple
 
 import torch
@@ -30,6 +31,12 @@ from torch import Tensor
 FP8_RECIPES = ("blockwise",)  # MoEConfig.fp8_recipe
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
+# Whether the fp8 GEMM being called will run a backward (set by the op layer around the call; read by
+# the Triton backend's weight cache, which then writes the dgrad's transposed layout in the same pass).
+# Inside a custom op autograd is off, so the op cannot see it otherwise.
+backward_expected: "contextvars.ContextVar[bool]" = contextvars.ContextVar("fastmoe_fp8_backward_expected",
+                                                                           default=False)
+
 TILE = 128
 
 
@@ -159,3 +166,31 @@ def grouped_gemm_fp8_reference(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
         raise ValueError(f"grouped_gemm_fp8_reference: `offsets` must be [E+1] = [{w.shape[0] + 1}], got "
                          f"{tuple(offsets.shape)}")
     return _GroupedGemmFp8.apply(x, w, offsets)
+
+
+# ---- the Triton backend's fp8 weight cache, from anywhere (a no-op while that backend is not loaded) ----
+def _weight_cache():
+    import sys
+
+    return sys.modules.get("fastmoe_kernels.triton_backend.fp8_weight_cache")
+
+
+def clear_weight_cache() -> None:
+    """Forget every cached fp8 weight (see triton_backend/fp8_weight_cache.py)."""
+    cache = _weight_cache()
+    if cache is not None:
+        cache.clear()
+
+
+def refresh_weight_cache(weight: Tensor) -> None:
+    """Forget ``weight``'s cached fp8 copy: for a change its version counter cannot show (its memory
+    rewritten behind torch's back, e.g. by a framework reusing a flat buffer)."""
+    cache = _weight_cache()
+    if cache is not None:
+        cache.refresh(weight)
+
+
+def weight_cache_bytes(device=None) -> int:
+    """Bytes the cached fp8 weights hold (on ``device``, or on all)."""
+    cache = _weight_cache()
+    return cache.cached_bytes(device) if cache is not None else 0

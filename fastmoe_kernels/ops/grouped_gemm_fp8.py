@@ -33,7 +33,7 @@ from torch import Tensor
 from .. import backends
 from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
 from ..activations import Activation
-from ..fp8 import grouped_gemm_fp8_backward_reference, grouped_gemm_fp8_forward_reference
+from ..fp8 import backward_expected, grouped_gemm_fp8_backward_reference, grouped_gemm_fp8_forward_reference
 from .grouped_gemm import check_offsets
 from .permute import _combine_op
 
@@ -144,7 +144,13 @@ def apply_fp8_gemm(x: Tensor, w: Tensor, offsets: Tensor, *, src: Optional[Tenso
     if activation is not None:
         act_name = activation.name
         act_params = [float(activation.alpha), float(activation.limit), float(activation.interleaved)]
-    return _fp8_op(x.contiguous(), w, offsets, src, row, act_name, act_params, ",".join([forward, backward, combine]))
+    # The weight cache writes the dgrad's layout in the forward's pass when a backward will follow.
+    token = backward_expected.set(torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+    try:
+        return _fp8_op(x.contiguous(), w, offsets, src, row, act_name, act_params,
+                       ",".join([forward, backward, combine]))
+    finally:
+        backward_expected.reset(token)
 
 
 def grouped_gemm_fp8(x: Tensor, w: Tensor, offsets: Tensor, *, backend: Optional[str] = None) -> Tensor:

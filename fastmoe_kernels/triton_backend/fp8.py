@@ -14,8 +14,9 @@ kernels promote each K block to the fp32 accumulator).
   ``[K, 128·tiles]`` buffer (zeros past an expert's last row): the K-major layout fp8 tensor cores
   need for a reduction over tokens, with every tile aligned so that the wgrad's loads are
   contiguous, vectorised and pipelined (an expert's rows start anywhere; its tiles do not).
-- ``_quantize_blocks_kernel``: weights ``[E, N, K]`` → e4m3 in ``[E, N, K]`` (forward) or
-  ``[E, K, N]`` (dgrad: again K-major for its reduction over N), one scale per 128×128 block.
+- ``_quantize_blocks_kernel``: weights ``[E, N, K]`` → e4m3 in ``[E, N, K]`` (forward) and/or
+  ``[E, K, N]`` (dgrad: again K-major for its reduction over N), one scale per 128×128 block; kept per
+  weight version by ``fp8_weight_cache`` (quantised once per optimizer step, not per call).
 - ``_fp8_matmul_kernel``: forward and dgrad (a persistent grouped GEMM, as ``grouped_gemm.py``).
 - ``_fp8_wgrad_kernel``: ``dW_e = Σ_tiles (G_tᵀ·X_t) · s_G · s_X``.
 
@@ -43,6 +44,7 @@ from ..fp8 import TILE
 from ._common import activation_args, interpreted, launch, next_pow2, persistent_grid, register, rows_per_expert_bucket
 from ._gemm import GROUPED_ORDER, expert_tile, grouped_row_span, outside_tile, outside_tile_count, pruner, rotating_pruner, store_tile
 from ._jit import gather_rows, group_table, load_activated, pick, store_activation_grad
+from .fp8_weight_cache import cached_weight
 
 # Globals read inside kernels must be constexpr (the interpreter reads any; the compiler does not).
 FP8_MAX = tl.constexpr(448.0)
@@ -148,8 +150,8 @@ def _quantize_cols_kernel(x_ptr, row_index_ptr, num_src, stride_xm, qt_ptr, s_pt
 
 
 @triton.jit
-def _quantize_blocks_kernel(w_ptr, stride_we, stride_wn, stride_wk, q_ptr, s_ptr, N, K, NB, KB,
-                            TRANSPOSED: tl.constexpr, BLOCK: tl.constexpr):
+def _quantize_blocks_kernel(w_ptr, stride_we, stride_wn, stride_wk, q_ptr, qt_ptr, s_ptr, N, K, NB, KB,
+                            WRITE_Q: tl.constexpr, WRITE_QT: tl.constexpr, BLOCK: tl.constexpr):
     e, nb, kb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = nb * BLOCK + tl.arange(0, BLOCK)
     k = kb * BLOCK + tl.arange(0, BLOCK)
@@ -159,10 +161,11 @@ def _quantize_blocks_kernel(w_ptr, stride_we, stride_wn, stride_wk, q_ptr, s_ptr
     scale = _scale_of(tl.max(tl.max(tl.abs(w), 1), 0))
     q = _to_e4m3(w, scale)
     base = e.to(tl.int64) * N * K
-    if TRANSPOSED:
-        tl.store(q_ptr + base + k[None, :] * N + n[:, None], q, mask=mask)
-    else:
+    # Both layouts from one read of the block (the weight cache's training entries): same values, same scale.
+    if WRITE_Q:
         tl.store(q_ptr + base + n[:, None] * K + k[None, :], q, mask=mask)
+    if WRITE_QT:
+        tl.store(qt_ptr + base + k[None, :] * N + n[:, None], q, mask=mask)
     tl.store(s_ptr + (e * NB + nb) * KB + kb, scale)
 
 
@@ -228,16 +231,29 @@ def quantize_cols(x: torch.Tensor, offsets: torch.Tensor, num_rows: int, row_ind
 
 def quantize_weight(w: torch.Tensor, transposed: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """``w [E, N, K]`` → (e4m3 ``[E, N, K]``, or ``[E, K, N]`` when ``transposed``; scales
-    ``[E, ceil(N/128), ceil(K/128)]``). One layout per call: the forward reads the first, the dgrad
-    the second, and neither needs the other's copy written."""
+    ``[E, ceil(N/128), ceil(K/128)]``). One layout per call (see :func:`quantize_weight_layouts`)."""
+    q, qt, s = quantize_weight_layouts(w, forward=not transposed, transposed=transposed)
+    return (qt if transposed else q), s
+
+
+def quantize_weight_layouts(w: torch.Tensor, *, forward: bool = True, transposed: bool = True):
+    """``w [E, N, K]`` → (e4m3 ``[E, N, K]`` or None, e4m3 ``[E, K, N]`` or None, scales
+    ``[E, ceil(N/128), ceil(K/128)]``): the layouts asked for, from one read of each 128×128 block —
+    the forward reads the first, the dgrad the second (K-major for its reduction over N)."""
     E, N, K = w.shape
     NB, KB = triton.cdiv(N, TILE), triton.cdiv(K, TILE)
-    q = empty(*((E, K, N) if transposed else (E, N, K)), dtype=torch.float8_e4m3fn, device=w.device)
+    q = empty(E, N, K, dtype=torch.float8_e4m3fn, device=w.device) if forward else None
+    qt = empty(E, K, N, dtype=torch.float8_e4m3fn, device=w.device) if transposed else None
     s = empty(E, NB, KB, dtype=torch.float32, device=w.device)
     if E and N and K:
-        _quantize_blocks_kernel[(E, NB, KB)](w, w.stride(0), w.stride(1), w.stride(2), q, s, N, K, NB, KB,
-                                             TRANSPOSED=transposed, BLOCK=TILE)
-    return q, s
+        some = q if q is not None else qt
+        _quantize_blocks_kernel[(E, NB, KB)](w, w.stride(0), w.stride(1), w.stride(2),
+                                             q if q is not None else some, qt if qt is not None else some, s,
+                                             N, K, NB, KB, WRITE_Q=forward, WRITE_QT=transposed, BLOCK=TILE,
+                                             # a 128×128 fp32 block over 256 threads: with 128 and both
+                                             # layouts it spilled 184 B on sm_90 (Triton 3.6)
+                                             num_warps=8)
+    return q, qt, s
 
 
 # ---- the products ----------------------------------------------------------------------------------
@@ -427,14 +443,14 @@ def grouped_gemm_fp8_activated_backward_triton(grad, h, w, offsets, activation):
 
 def _forward(x, w, offsets, num_rows, *, src=None, activation=None):
     x_q, x_s = quantize_rows(x, activation=activation)  # each row (token) once, read through src by the GEMM
-    w_q, w_s = quantize_weight(w)
+    w_q, w_s = cached_weight(w, False, quantize_weight_layouts)
     return fp8_matmul(x_q, x_s, w_q, w_s, offsets, num_rows, x.dtype, a_row_index=src)
 
 
 def _backward(grad, x, w, offsets, *, src=None, activation=None):
     """(dgrad in x's dtype: of the rows ``[R, K]``, or of h for an activated x; wgrad in w's dtype)."""
     R = grad.shape[0]
-    w_qt, w_s = quantize_weight(w, transposed=True)
+    w_qt, w_s = cached_weight(w, True, quantize_weight_layouts)
     g_q, g_s = quantize_rows(grad)
     grad_of = (x, activation) if activation is not None else None
     grad_rows = fp8_matmul(g_q, g_s, w_qt, w_s, offsets, R, x.dtype, b_scale_transposed=True, grad_of=grad_of)

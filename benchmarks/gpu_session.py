@@ -50,7 +50,11 @@ BENCH = ROOT / "benchmarks"
 LAST_GPU_RUN = "6c1f44f"  # the commit the first H100 run measured (benchmarks/results/h100-2026-11-24)
 # GPU tests of what changed since that run (the kernel tests of the GEMMs, the layer, the tools).
 CHECK_TESTS = ["tests/kernels/test_grouped_gemm.py", "tests/kernels/test_grouped_up.py", "tests/kernels/test_moe_mlp.py",
-               "tests/kernels/test_layer.py", "tests/test_gpu.py", "tests/test_tuning.py", "tests/test_trusted_values.py"]
+               "tests/kernels/test_layer.py", "tests/test_gpu.py", "tests/test_tuning.py", "tests/test_trusted_values.py",
+               # the part B variants, the router's tensor-core GEMMs and the fp8 weight cache (bf16 runs
+               # only here: the interpreters multiply it wrongly)
+               "tests/kernels/test_training_variants.py", "tests/kernels/test_router_logits.py",
+               "tests/kernels/test_fp8_weight_cache.py"]
 CUDA_TESTS = ["tests/kernels/test_permute.py", "tests/kernels/test_plan.py", "tests/kernels/test_route_topk.py"]
 SESSION_CASES = "Qwen3-30B-A3B,Mixtral-8x7B"
 HEADLINE_ORDER = ["Qwen3-30B-A3B", "Mixtral-8x7B", "gpt-oss-20b", "DeepSeek-V3", "OLMoE", "Mixtral-8x7B fp8",

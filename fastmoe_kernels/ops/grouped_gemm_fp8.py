@@ -144,11 +144,14 @@ def apply_fp8_gemm(x: Tensor, w: Tensor, offsets: Tensor, *, src: Optional[Tenso
     if activation is not None:
         act_name = activation.name
         act_params = [float(activation.alpha), float(activation.limit), float(activation.interleaved)]
+    names = ",".join([forward, backward, combine])
+    if torch.compiler.is_compiling():
+        # (Dynamo cannot trace a ContextVar: a compiled graph's cache writes each layout when first asked.)
+        return _fp8_op(x.contiguous(), w, offsets, src, row, act_name, act_params, names)
     # The weight cache writes the dgrad's layout in the forward's pass when a backward will follow.
     token = backward_expected.set(torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
     try:
-        return _fp8_op(x.contiguous(), w, offsets, src, row, act_name, act_params,
-                       ",".join([forward, backward, combine]))
+        return _fp8_op(x.contiguous(), w, offsets, src, row, act_name, act_params, names)
     finally:
         backward_expected.reset(token)
 

@@ -38,3 +38,22 @@ def _seed(request):
 def pytest_runtest_setup(item):
     if "gpu" in item.keywords and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (none visible: torch.cuda.is_available() is False)")
+
+
+@pytest.fixture
+def triton_launches(monkeypatch):
+    """The names of the Triton kernels launched while the test runs, in order (the interpreter's
+    launches: skips where kernels are compiled)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("counts the interpreter's launches (no GPU here)")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    names = []
+    real = InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        names.append(self.fn.__name__)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    return names

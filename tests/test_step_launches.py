@@ -7,7 +7,6 @@ composition as one node, FASTMOE_MLP_BACKWARD=epilogue; the fused path's stored 
 contiguous rows) are held to the same list of launches and to no torch op at all on an
 activation-sized tensor: their activation's derivative is in the dH kernel's epilogue."""
 import collections
-import os
 
 import pytest
 import torch
@@ -31,23 +30,6 @@ COMPOSITION_STEP = [
     # projection's dgrad and wgrad, the up projection's (one dgrad over 2f, one wgrad), the gather's
     "_gather_kernel", "_rowdot_kernel", "_grouped_matmul_kernel", "_grouped_wgrad_kernel", "_grouped_matmul_kernel",
     "_grouped_wgrad_kernel", "_combine_kernel", "_route_topk_bwd_kernel"]
-
-
-@pytest.fixture
-def triton_launches(monkeypatch):
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("counts the interpreter's launches (no GPU here)")
-    names = []
-    real = InterpretedFunction.run
-
-    def run(self, *args, **kwargs):
-        names.append(self.fn.__name__)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(InterpretedFunction, "run", run)
-    return names
 
 
 def _activation_sized(event) -> list:
@@ -74,11 +56,17 @@ def no_poison():
     _alloc.set_poison(None)
 
 
-def test_a_composition_training_step_launches_exactly_its_kernels(triton_launches, no_poison):
+def _warmed_up(fused: bool):
+    """A Qwen3-structured layer and its input, after one step (layouts built, autotuned)."""
     torch.manual_seed(0)
-    layer = MoELayer(d_model=D, d_ff=F, num_experts=E, top_k=K, backend="triton", fused_experts=False).train()
+    layer = MoELayer(d_model=D, d_ff=F, num_experts=E, top_k=K, backend="triton", fused_experts=fused).train()
     x = torch.randn(T, D, requires_grad=True)
-    layer(x).square().sum().backward()  # layouts built, autotuned
+    layer(x).square().sum().backward()
+    return layer, x
+
+
+def test_a_composition_training_step_launches_exactly_its_kernels(triton_launches, no_poison):
+    layer, x = _warmed_up(fused=False)
     triton_launches.clear()
     forward = _profile(layer, x, backward=False)
     assert not [e.name for e in forward if _activation_sized(e) and e.name not in ALLOCATIONS]
@@ -122,10 +110,7 @@ def test_the_part_b_training_steps_launch_exactly_their_kernels(triton_launches,
         monkeypatch.setattr(importlib.import_module("fastmoe_kernels.triton_backend.moe_mlp"), "DOWN_OUTPUT", "rows")
     else:
         monkeypatch.setattr(importlib.import_module("fastmoe_kernels.ops.grouped_mlp"), "MLP_BACKWARD", "epilogue")
-    torch.manual_seed(0)
-    layer = MoELayer(d_model=D, d_ff=F, num_experts=E, top_k=K, backend="triton", fused_experts=fused).train()
-    x = torch.randn(T, D, requires_grad=True)
-    layer(x).square().sum().backward()  # layouts built, autotuned
+    layer, x = _warmed_up(fused)
     triton_launches.clear()
     step = _profile(layer, x, backward=True)
     assert triton_launches == (FUSED_STORED_STEP if fused else NODE_STEP)

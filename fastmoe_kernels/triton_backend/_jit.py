@@ -65,6 +65,14 @@ def up_grad(u, limit):
 
 
 @triton.jit
+def gated_grads(d_act, gate, up, ACT: tl.constexpr, alpha, limit, up_offset):
+    """(d gate, d up) of ``act(gate) · up'(up)`` for ``d_act``, its output's gradient."""
+    d_gate = d_act * up_fwd(up, limit, up_offset) * act_grad(gate, ACT, alpha, limit)
+    d_up = d_act * act_fwd(gate, ACT, alpha, limit) * up_grad(up, limit)
+    return d_gate, d_up
+
+
+@triton.jit
 def group_table(offsets_ptr, num_rows, E, E_PAD: tl.constexpr, BM: tl.constexpr):
     """Per-expert row ranges and their M tiles, computed once per program.
 
@@ -131,8 +139,7 @@ def store_activation_grad(dh_ptr, h_ptr, rows, valid, cols, N_OUT, stride_m, up_
     gate = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if GATED:
         up = tl.load(h_ptr + offs + up_col, mask=mask, other=0.0).to(tl.float32)
-        d_gate = d_act * up_fwd(up, limit, up_offset) * act_grad(gate, ACT, alpha, limit)
-        d_up = d_act * act_fwd(gate, ACT, alpha, limit) * up_grad(up, limit)
+        d_gate, d_up = gated_grads(d_act, gate, up, ACT, alpha, limit, up_offset)
         tl.store(dh_ptr + offs, d_gate.to(dh_ptr.dtype.element_ty), mask=mask)
         tl.store(dh_ptr + offs + up_col, d_up.to(dh_ptr.dtype.element_ty), mask=mask)
     else:

@@ -37,7 +37,7 @@ import triton.language as tl
 from .._variants import flag
 from ._common import activation_args, dot_precision, dummy_index, launch, next_pow2, persistent_grid, rows_per_expert_bucket
 from ._gemm import expert_tile, k_loop, matmul_configs, pruner, smallest_bn
-from ._jit import act_fwd, act_grad, gather_rows, group_table, up_fwd, up_grad
+from ._jit import act_fwd, act_grad, gated_grads, gather_rows, group_table, up_fwd
 from ._layout import ExpertMatrices
 
 # The epilogue over the whole tile ("whole", the kernel the first H100 run measured) or over its even
@@ -79,8 +79,7 @@ def _dh_columns(acc, w_row, rows64, rmask, cols, N_OUT, h_ptr, stride_hm, stride
     d_act = acc * w_row[:, None]
     dh_offs = rows64[:, None] * stride_dm + cols[None, :] * stride_dn
     if GATED:
-        d_gate = d_act * up_fwd(h_up, limit, up_offset) * act_grad(h_gate, ACT, alpha, limit)
-        d_up = d_act * act_fwd(h_gate, ACT, alpha, limit) * up_grad(h_up, limit)
+        d_gate, d_up = gated_grads(d_act, h_gate, h_up, ACT, alpha, limit, up_offset)
         tl.store(dh_ptr + dh_offs, d_gate.to(dh_ptr.dtype.element_ty), mask=mask)
         tl.store(dh_ptr + dh_offs + dh_up_off, d_up.to(dh_ptr.dtype.element_ty), mask=mask)
     else:

@@ -25,6 +25,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from .._checks import _is_fake, _trust_key  # a tensor's identity, as the trusted value checks key it
 from .._variants import flag
 from ..fp8 import backward_expected
 
@@ -55,13 +56,9 @@ def _owner(w: torch.Tensor) -> torch.Tensor:
     return w._base if w._base is not None else w
 
 
-def _key(w: torch.Tensor) -> tuple:
-    return (w.device, w.dtype, w.data_ptr(), tuple(w.shape), tuple(w.stride()))
-
-
 def _cacheable(w: torch.Tensor) -> bool:
     # Fake and functional tensors (torch.compile's tracing) have no memory to identify them by.
-    return ENABLED and (type(w) is torch.Tensor or isinstance(w, torch.nn.Parameter))
+    return ENABLED and not _is_fake(w)
 
 
 def cached_weight(w: torch.Tensor, transposed: bool, quantise: Quantiser) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +70,7 @@ def cached_weight(w: torch.Tensor, transposed: bool, quantise: Quantiser) -> Tup
         return (qt if transposed else q), s
     owner = _owner(w)
     entry = _entries.get(id(owner))
-    valid = (entry is not None and entry.owner() is owner and entry.key == _key(w) and entry.version == w._version)
+    valid = (entry is not None and entry.owner() is owner and entry.key == _trust_key(w) and entry.version == w._version)
     if valid and (entry.qt if transposed else entry.q) is not None:
         return (entry.qt if transposed else entry.q), entry.scales
     # A backward will ask for the dgrad's layout: one pass writes both (the op layer says whether one
@@ -84,7 +81,7 @@ def cached_weight(w: torch.Tensor, transposed: bool, quantise: Quantiser) -> Tup
     quantisations += 1
     if id(owner) not in _entries:
         weakref.finalize(owner, _entries.pop, id(owner), None)
-    _entries[id(owner)] = _Entry(weakref.ref(owner), _key(w), w._version, q, qt, s)
+    _entries[id(owner)] = _Entry(weakref.ref(owner), _trust_key(w), w._version, q, qt, s)
     return (qt if transposed else q), s
 
 

@@ -25,7 +25,7 @@ from fastmoe_kernels._checks import set_value_checks
 from fastmoe_kernels.bench.grids import GRIDS, build_grid, default_grid, measured_key
 from fastmoe_kernels.bench.report import OUR_IMPLS as _OUR_IMPLS
 from fastmoe_kernels.bench.peers import PEERS
-from fastmoe_kernels.bench.sweeps import IMPL_VARIANTS, impl_backend
+from fastmoe_kernels.bench.sweeps import GRAPHED_IMPL, IMPL_VARIANTS, impl_backend
 from fastmoe_kernels.bench.runner import (EFFORT, OPS_PER_BACKEND, Budget, PartialWriter, ThreadGuard, release_memory,
                                           rooflines, set_roofline_ratios)
 
@@ -80,13 +80,16 @@ def pytest_generate_tests(metafunc):
         name = metafunc.function.__name__
         if name == "test_layer":
             combos = [("layer", i) for i in OUR_IMPLS] + [("experts", i) for i in OUR_IMPLS + baselines]
+            combos += [("layer", GRAPHED_IMPL)] if case.graphed_modes() else []
         elif name == "test_op" and not case.inference_only:
             combos = [(op, i) for op in OPS_WITH_BACKENDS for i in OUR_IMPLS if i not in IMPL_VARIANTS]
         elif name == "test_roofline":
             combos = [("copy", "dense")] if case.inference_only else \
                 [(op, "dense") for op in ("dense_gemm", "dense_up", "dense_down")]
         for op, impl in combos:
-            for mode in ("fwd",) if case.inference_only or op in ("plan", "copy") else ("fwd", "fwd+bwd"):
+            modes = case.graphed_modes() if impl == GRAPHED_IMPL else \
+                ("fwd",) if case.inference_only or op in ("plan", "copy") else ("fwd", "fwd+bwd")
+            for mode in modes:
                 params.append((case, op, impl, mode))
                 ids.append(f"{case.sweep}-{case.name}-{op}-{impl}-{mode}")
     metafunc.parametrize("target_key", params, ids=ids)

@@ -42,6 +42,7 @@ class Variant:
     a: Dict[str, object] = field(default_factory=dict)   # pins (kernel → config) or {"env": {VAR: value}}
     b: Dict[str, object] = field(default_factory=dict)
     prediction: Optional[str] = None        # the predictions.json change this tests
+    tokens: Optional[int] = None            # the cases' tokens, when not the A/B's (--tokens): decode
 
     @property
     def env_flag(self) -> bool:
@@ -74,6 +75,12 @@ VARIANTS = [
             a={"env": {"FASTMOE_MLP_BACKWARD": "separate"}},
             b={"env": {"FASTMOE_MLP_BACKWARD": "epilogue", "FASTMOE_DH_EPILOGUE": "split"}},
             prediction="node backward"),
+    Variant("activation backward", "the composition's dh by torch.func.vjp's elementwise ops → one elementwise "
+            "kernel writing dh into h's buffer (no [R, 2f] temporaries)",
+            ("Qwen3-30B-A3B", "Mixtral-8x7B"), ("fwd+bwd",), False,
+            a={"env": {"FASTMOE_ACTIVATION_BACKWARD": "torch"}},
+            b={"env": {"FASTMOE_ACTIVATION_BACKWARD": "kernel-in-place"}},
+            prediction="activation backward kernel"),
     Variant("node dH epilogue", "the node's dH epilogue whole → split by even/odd columns",
             ("Qwen3-30B-A3B", "Mixtral-8x7B"), ("fwd+bwd",), False,
             a={"env": {"FASTMOE_MLP_BACKWARD": "epilogue", "FASTMOE_DH_EPILOGUE": "whole"}},
@@ -96,6 +103,10 @@ VARIANTS = [
             "once per weight version, both layouts in one pass",
             ("Qwen3-30B-A3B fp8", "Mixtral-8x7B fp8"), ("fwd", "fwd+bwd"), None,
             a={"env": {"FASTMOE_FP8_WEIGHT_CACHE": "off"}}, b={"env": {"FASTMOE_FP8_WEIGHT_CACHE": "on"}}),
+    Variant("decode tiles", "the forward's grouped GEMMs at 1 token with today's tiles (≥ 32 rows) → with the "
+            "decode tiles offered (16 rows, 32-128 columns, deep K; M_BUCKET ≤ 16)",
+            ("Mixtral-8x7B", "gpt-oss-20b", "Qwen3-30B-A3B"), ("fwd",), None,
+            a={"env": {"FASTMOE_DECODE_TILES": "off"}}, b={"env": {"FASTMOE_DECODE_TILES": "on"}}, tokens=1),
     Variant("down output rows", "the fused down projection scattering rows to their slots → contiguous rows, "
             "the combine reading them by row",
             ("Qwen3-30B-A3B", "Mixtral-8x7B"), ("fwd",), True,
@@ -116,8 +127,8 @@ def default_env() -> Dict[str, str]:
 
 # The order the A/B runs in when its budget cannot hold every variant: the open changes whose defaults
 # wait on it (part B), then the part-A choices it confirms.
-PRIORITY = ("node backward", "fused stored backward", "wgrad tile and order", "tile order", "up activation",
-            "router GEMM", "fp8 weight cache", "node dH epilogue", "wgrad dtype", "down output rows", "dW_up x", "trusted plans")
+PRIORITY = ("node backward", "activation backward", "fused stored backward", "wgrad tile and order", "tile order", "up activation",
+            "router GEMM", "decode tiles", "fp8 weight cache", "node dH epilogue", "wgrad dtype", "down output rows", "dW_up x", "trusted plans")
 
 
 def setting_key(variant: Variant, setting: str) -> tuple:
@@ -127,13 +138,20 @@ def setting_key(variant: Variant, setting: str) -> tuple:
     defaults = default_env()
     env = tuple(sorted((k, v) for k, v in chosen.get("env", {}).items() if defaults.get(k) != v))
     pins = json.dumps({k: v for k, v in chosen.items() if k != "env"}, sort_keys=True)
-    return env, pins, variant.fused, variant.name == "trusted plans"
+    return env, pins, variant.fused, variant.name == "trusted plans", variant.tokens
 
 
-def _cases(tokens: int, dry_run: bool):
+def _cases(tokens: int, dry_run: bool, variant_tokens: Optional[int] = None):
+    """The model cases by label: at ``variant_tokens`` when the variant sets them (a dry run's tiny
+    cases too), else at ``tokens`` (a dry run: the tiny cases' own)."""
+    from dataclasses import replace
+
     from fastmoe_kernels.bench.grids import model_cases, tiny_model_cases
 
-    return {c.label: c for c in (tiny_model_cases() if dry_run else model_cases(tokens=tokens))}
+    cases = tiny_model_cases() if dry_run else model_cases(tokens=variant_tokens or tokens)
+    if dry_run and variant_tokens:
+        cases = [replace(c, tokens=variant_tokens) for c in cases]
+    return {c.label: c for c in cases}
 
 
 def measure_case(case, mode: str, fused: Optional[bool], device: torch.device, checks: bool, reps: int,
@@ -184,7 +202,7 @@ def run_settings(variant: Variant, setting: str, tokens: int, device: torch.devi
     pins = {} if variant.env_flag else (variant.a if setting == "a" else variant.b)
     if dry_run:
         pins = {k: dict(TINY, **{g: v[g] for g in ("GROUP_M", "GROUP_K") if g in v}) for k, v in pins.items()}
-    cases = _cases(tokens, dry_run)
+    cases = _cases(tokens, dry_run, variant.tokens)
     rows = []
     saved = dict(_common.pinned_configs)
     _common.pinned_configs.update(pins)
@@ -192,7 +210,8 @@ def run_settings(variant: Variant, setting: str, tokens: int, device: torch.devi
         for label, mode in (pairs if pairs is not None else _pairs(variant, dry_run)):
             r = measure_case(cases[label], mode, variant.fused, device, variant.name == "trusted plans",
                              reps=1 if dry_run else 10, warmup=1 if dry_run else 2)
-            rows.append(dict(variant=variant.name, setting=setting, case=label, mode=mode, **r))
+            rows.append(dict(variant=variant.name, setting=setting, case=label, mode=mode, tokens=cases[label].tokens,
+                             **r))
     finally:
         _common.pinned_configs.clear()
         _common.pinned_configs.update(saved)
@@ -232,7 +251,9 @@ def markdown(rows: List[dict]) -> str:
             continue
         a, b = s["a"], s["b"]
         model = s["b"].get("model") or {}
-        lines.append(f"| {name} | {case} | {mode} | {a['median_ms']:.3f} ({a['p20_ms']:.3f}–{a['p80_ms']:.3f}) | "
+        n = a.get("tokens")
+        tokens = f" @ {n} token{'s' if n != 1 else ''}" if n and n < 1024 else ""  # decode
+        lines.append(f"| {name} | {case}{tokens} | {mode} | {a['median_ms']:.3f} ({a['p20_ms']:.3f}–{a['p80_ms']:.3f}) | "
                      f"{b['median_ms']:.3f} ({b['p20_ms']:.3f}–{b['p80_ms']:.3f}) | {a['median_ms'] / b['median_ms']:.2f} | "
                      f"{model.get('speedup', float('nan')):.2f} |")
     return "\n".join(lines)

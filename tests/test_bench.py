@@ -63,8 +63,16 @@ def test_sweeps_hold_their_stated_budgets(grid):
         assert ds.config().num_groups == 8 and ds.config().topk_groups == 4
         assert shape(models["gpt-oss-20b"]) == (2880, 2880, 32, 4)
         assert all(c.tokens == 16384 and c.dtype == "bfloat16" for c in models.values())
+        # The decode sweeps at model shapes: each model's own layer, inference only, from 1 token.
+        for sweep, label in (("decode-qwen3", "Qwen3-30B-A3B"), ("decode-mixtral", "Mixtral-8x7B"),
+                             ("decode-gpt-oss", "gpt-oss-20b")):
+            points = by(sweep)
+            assert points and all(c.inference_only and c.label == label and shape(c) == shape(models[label])
+                                  for c in points), sweep
+            assert min(c.tokens for c in points) == 1 and max(c.tokens for c in points) == (
+                512 if grid == "full" else 256)
     else:
-        assert not by("models")
+        assert not by("models") and not any(c.sweep.startswith("decode-") for c in cases)
 
 
 def test_every_grid_fits_its_budget_in_targets():
@@ -410,3 +418,33 @@ def test_planned_target_counts_match_what_is_built():
         for with_ops in (False, True):
             built = build_targets(case, torch.device("cpu"), ["torch", "cpp"], with_ops=with_ops, with_baselines=False)
             assert len(built) == planned_targets(case, ["torch", "cpp"], with_ops, False, 0), (case.name, with_ops)
+
+
+def test_the_model_shapes_are_graphed_once_and_their_graphs_need_a_gpu():
+    """The triton layer replayed from CUDA graphs is timed at the model shapes (wherever that
+    configuration appears: the GPU base is Qwen3's layer), in the modes its graphs can hold; on a
+    machine without the triton backend's GPU path it is skipped with its reason, and the planned count
+    stays build_targets' twin."""
+    from fastmoe_kernels.bench.runner import planned_targets
+    from fastmoe_kernels.bench.sweeps import GRAPHED_IMPL
+    from fastmoe_kernels.bench.targets import build_targets
+
+    cases = build_grid("gpu")
+    base = next(c for c in cases if c.sweep == "base")
+    models = {c.label: c for c in cases if c.sweep == "models"}
+    assert base.graphed and measured_key(base) == measured_key(models["Qwen3-30B-A3B"])
+    assert len({measured_key(c) for c in cases}) == len({dataclasses.replace(measured_key(c), graphed=False)
+                                                         for c in cases})  # no configuration measured twice
+    assert models["Mixtral-8x7B"].graphed_modes() == ("fwd", "fwd+bwd")
+    assert models["DeepSeek-V3"].graphed_modes() == ("fwd",)  # 22.5 GB of experts: no second copy of a step
+    assert models["Mixtral-8x7B fp8"].graphed_modes() == ()
+    assert all(c.graphed_modes() == ("fwd",) for c in cases if c.sweep.startswith("decode-"))
+    assert not any(c.graphed for c in build_grid("quick"))
+    tiny = dataclasses.replace(next(c for c in build_grid("smoke") if c.sweep == "base"), graphed=True)
+    skips = {}
+    built = build_targets(tiny, torch.device("cpu"), ["torch", "cpp"], with_ops=False, with_baselines=False,
+                          skips=skips)
+    assert not any(t.impl == GRAPHED_IMPL for t in built) and "need a GPU" in skips[GRAPHED_IMPL]
+    assert len(built) == planned_targets(tiny, ["torch", "cpp"], False, False, 0)
+    assert planned_targets(tiny, ["triton"], False, False, 0) == planned_targets(
+        dataclasses.replace(tiny, graphed=False), ["triton"], False, False, 0) + 2

@@ -54,3 +54,18 @@ def test_a_setting_that_spells_out_the_default_shares_its_measurement():
     assert key(by_name["node backward"], "b") != key(by_name["node backward"], "a")
     assert key(by_name["fused stored backward"], "a") == key(by_name["down output rows"], "a")
     assert key(by_name["node backward"], "b") == key(by_name["node dH epilogue"], "b")
+
+
+def test_a_variant_at_its_own_tokens_shares_nothing_with_the_headline_tokens():
+    """The decode variant measures at 1 token: its default setting is another measurement than the
+    16,384-token default the other variants share, and its cases are built at its tokens."""
+    by_name = {v.name: v for v in gpu_ab.VARIANTS}
+    decode, node = by_name["decode tiles"], by_name["node backward"]
+    assert decode.tokens == 1 and node.tokens is None
+    assert gpu_ab.setting_key(decode, "b")[:-1] == gpu_ab.setting_key(by_name["fp8 weight cache"], "b")[:-1]
+    assert gpu_ab.setting_key(decode, "b") != gpu_ab.setting_key(by_name["fp8 weight cache"], "b")
+    assert {c.tokens for c in gpu_ab._cases(16384, False, decode.tokens).values()} == {1}
+    assert {c.tokens for c in gpu_ab._cases(16384, True, decode.tokens).values()} == {1}
+    assert {c.tokens for c in gpu_ab._cases(16384, False).values()} == {16384}
+    # The activation backward's torch setting is the composition's default, shared with the node's A.
+    assert gpu_ab.setting_key(by_name["activation backward"], "a") == gpu_ab.setting_key(node, "a")

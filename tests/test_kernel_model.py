@@ -127,3 +127,19 @@ def test_the_torch_activation_passes_are_calibrated_to_the_h100_run_and_gone_fro
             shape, "composition-separate", "fwd+bwd")  # the backward's passes remain
         for path in ("node", "fused-stored", "fused"):
             assert torch_activation_bytes(shape, path, "fwd+bwd") == 0, path
+
+
+def test_the_decode_tiles_are_predicted_never_slower_and_fastest_where_few_experts_are_hit():
+    """The autotuner chooses over a superset at M_BUCKET ≤ 16, so the model's choice is never slower;
+    Mixtral at 1 token (2 experts hit: 2 × 12 N tiles of 128 today) gains the most, and every decode
+    row stays above one read of the hit weights at the copy rate."""
+    from fastmoe_kernels.bench.predictions import decode_rows
+
+    rows = decode_rows(km.H100_SXM.with_ceilings(fill_gbps=8379.0), tokens=(1, 16, 512))
+    for r in rows:
+        assert r["decode_tiles_ms"] <= r["today_ms"] * (1 + 1e-9), r
+        assert r["decode_tiles_ms"] >= r["floor_ms"], r
+        if r["m_bucket"] > 16:
+            assert r["decode_tiles_ms"] == pytest.approx(r["today_ms"]), r  # not offered there
+    mixtral_1 = next(r for r in rows if r["case"] == "Mixtral-8x7B" and r["tokens"] == 1)
+    assert mixtral_1["today_ms"] / mixtral_1["decode_tiles_ms"] > 1.3

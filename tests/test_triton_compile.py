@@ -33,21 +33,47 @@ def test_alignment_is_the_largest_power_of_two_that_divides_all():
     assert odd.align == (alignment([0, 960, 1920]), 8, 8)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("arch", [90, 80])
-def test_every_layer_kernel_compiles_and_the_gemm_loop_is_pipelined(arch, tmp_path):
+COMPILE_ARCHES = (90, 80)
+
+
+@pytest.fixture(scope="module")
+def compile_runs(tmp_path_factory):
+    """Both targets' compile runs, started together: each is one process compiling serially (Triton's
+    passes and ptxas), so on CI's two cores the pair takes the time of the longer one (sm_90's 16 min
+    alone, sm_80's about as long; run one after the other they took half of CI's hour)."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    report = tmp_path / "kernels.json"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "triton_compile.py"), "--arch", str(arch), "--dtype", "bfloat16",
-         "--json", str(report)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=1800,
-    )
-    summary = [line for line in result.stdout.splitlines() if "kernels compiled" in line or "FAILURE" in line
+    runs = {}
+    for arch in COMPILE_ARCHES:
+        work = tmp_path_factory.mktemp(f"sm{arch}")
+        report = work / "kernels.json"
+        # Output to files, not pipes: a pipe nobody reads yet (the other target's) would fill and stall it.
+        with open(work / "stdout", "w") as out, open(work / "stderr", "w") as err:
+            proc = subprocess.Popen(
+                [sys.executable, str(REPO / "tests" / "triton_compile.py"), "--arch", str(arch), "--dtype", "bfloat16",
+                 "--json", str(report)],
+                cwd=REPO, env=dict(env, TRITON_CACHE_DIR=str(work / "triton-cache")), stdout=out, stderr=err,
+            )
+        runs[arch] = (proc, work)
+    yield runs
+    for proc, _ in runs.values():
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", COMPILE_ARCHES)
+def test_every_layer_kernel_compiles_and_the_gemm_loop_is_pipelined(arch, compile_runs):
+    proc, work = compile_runs[arch]
+    try:
+        proc.wait(timeout=2400)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"sm_{arch}: the compile run took over 40 minutes")
+    stdout, stderr, report = (work / "stdout").read_text(), (work / "stderr").read_text(), work / "kernels.json"
+    summary = [line for line in stdout.splitlines() if "kernels compiled" in line or "FAILURE" in line
                or "not pipelined" in line or "no config" in line]
-    assert result.returncode == 0, "\n".join(summary) + result.stderr[-3000:]
+    assert proc.returncode == 0, "\n".join(summary) + stderr[-3000:]
     import json
 
     kernels = json.loads(report.read_text())[f"sm_{arch}"]["kernels"]
@@ -56,7 +82,7 @@ def test_every_layer_kernel_compiles_and_the_gemm_loop_is_pipelined(arch, tmp_pa
     for family in ("_route_topk_fwd_kernel", "_route_topk_bwd_kernel", "_chunk_count_kernel", "_chunk_scan_kernel",
                    "_expert_offsets_kernel", "_place_kernel", "_gather_kernel", "_combine_kernel", "_rowdot_kernel",
                    "_stats_kernel", "_grouped_matmul_kernel", "_up_projection_kernel", "_activation_backward_kernel",
-                   "_grouped_wgrad_kernel"):
+                   "_grouped_wgrad_kernel", "_activation_grad_kernel"):
         assert family in names, f"{family} was never compiled: {sorted(names)}"
     fp8_kernels = ("_fp8_matmul_kernel", "_fp8_wgrad_kernel", "_quantize_rows_kernel", "_quantize_cols_kernel",
                    "_quantize_blocks_kernel")

@@ -9,7 +9,8 @@ Triton's own ptxas) and returns without launching, and every autotune config is 
 only the one a benchmark would pick. The tensors stay on the CPU and are never read by a kernel,
 so the layer's outputs are meaningless here; only the compiled kernels are checked.
 
-    python tests/triton_compile.py --arch 90 [--arch 80] [--json out.json] [--part-b | --part-b-only]
+    python tests/triton_compile.py --arch 90 [--arch 80] [--json out.json] [--part-b | --part-b-only | --router-only |
+                                   --fp8-only | --activation-grad-only | --decode-only]
 
 Exits non-zero when a kernel fails to compile; when a config that the autotuner's pruner keeps does
 not fit the target's shared memory (the pruner's estimate is too low), or variants that share an
@@ -196,7 +197,8 @@ def cubin_resources(cubin):
 
 
 def drive_layer(dtype: torch.dtype, arch: int, fp8_only: bool = False, part_b_only: bool = False,
-                part_b: bool = False, router_only: bool = False) -> None:
+                part_b: bool = False, router_only: bool = False, activation_grad_only: bool = False,
+                decode_only: bool = False) -> None:
     """Every kernel variant the layer's defaults can launch: activations, bias, widths, dispatch,
     routing, and the fp8 GEMMs where the target has fp8 tensor cores (only those with ``fp8_only``);
     the training issue's part B variants too with ``part_b`` (only those with ``part_b_only``: CI's
@@ -213,6 +215,12 @@ def drive_layer(dtype: torch.dtype, arch: int, fp8_only: bool = False, part_b_on
     if router_only:
         _part_b_steps(MoELayer, 96, 64, dtype, only=[ROUTER])
         _part_b_steps(MoELayer, 96, 64, torch.float32, only=[ROUTER])
+        return
+    if activation_grad_only:
+        _activation_grad_steps(MoELayer, 96, 64, dtype)
+        return
+    if decode_only:
+        _decode_forwards(MoELayer, 64, dtype)
         return
 
     T, d = 96, 64
@@ -236,6 +244,8 @@ def drive_layer(dtype: torch.dtype, arch: int, fp8_only: bool = False, part_b_on
         _train_step(MoELayer, T, d, dtype, extra)
     _fp8_steps(MoELayer, dtype, arch)
     _interleaved_step(T, d, dtype)
+    _activation_grad_steps(MoELayer, T, d, dtype)
+    _decode_forwards(MoELayer, d, dtype)
     if part_b:
         _part_b_steps(MoELayer, T, d, dtype)
     # The int64-offset variants (weights whose in-matrix offsets pass 2³¹) compile and pipeline too.
@@ -269,23 +279,51 @@ PART_B = [
 ]
 
 
-def _part_b_steps(layer_cls, T: int, d: int, dtype: torch.dtype, only=None) -> None:
+def _flagged_step(layer_cls, T: int, d: int, dtype: torch.dtype, settings: dict, extra: dict) -> None:
+    """A training step with module flags set (module name → {attribute: value}), restored after."""
     import importlib
 
+    saved = []
+    for module_name, values in settings.items():
+        module = importlib.import_module(module_name)
+        for name, value in values.items():
+            saved.append((module, name, getattr(module, name)))
+            setattr(module, name, value)
+    try:
+        _train_step(layer_cls, T, d, dtype, extra)
+    finally:
+        for module, name, value in reversed(saved):
+            setattr(module, name, value)
+
+
+def _part_b_steps(layer_cls, T: int, d: int, dtype: torch.dtype, only=None) -> None:
     for flags, extra in (only or PART_B):
         for epilogue in ("whole", "split"):
-            saved = []
             settings = {**flags, "fastmoe_kernels.triton_backend.activation_backward": {"EPILOGUE": epilogue}}
-            for module_name, values in settings.items():
-                module = importlib.import_module(module_name)
-                for name, value in values.items():
-                    saved.append((module, name, getattr(module, name)))
-                    setattr(module, name, value)
-            try:
-                _train_step(layer_cls, T, d, dtype, extra)
-            finally:
-                for module, name, value in reversed(saved):
-                    setattr(module, name, value)
+            _flagged_step(layer_cls, T, d, dtype, settings, extra)
+
+
+# The composition's activation backward as one elementwise kernel (FASTMOE_ACTIVATION_BACKWARD=kernel):
+# gated and not. The GEMMs of these steps are the defaults' (compiled already: only the new kernel is).
+ACTIVATION_GRAD = {"fastmoe_kernels.triton_backend.grouped_up": {"ACTIVATION_BACKWARD": "kernel"}}
+
+
+def _decode_forwards(layer_cls, d: int, dtype: torch.dtype) -> None:
+    """Inference at 4 tokens over 4 experts (2 rows per expert: the M_BUCKET where the forward's GEMMs
+    offer the decode tiles), fused and composed, gated and not, heterogeneous widths, a shared expert."""
+    for extra in (dict(), dict(fused_experts=False), dict(activation="gelu", bias=True, d_ff=[32, 64, 48, 16]),
+                  dict(activation="swiglu_oai", num_shared_experts=1, shared_d_ff=64)):
+        kw = dict(d_model=d, d_ff=32, num_experts=4, top_k=2, backend="triton")
+        kw.update(extra)
+        layer = layer_cls(**kw).to(dtype)
+        with torch.no_grad():
+            layer(torch.randn(4, d, dtype=dtype))
+
+
+def _activation_grad_steps(layer_cls, T: int, d: int, dtype: torch.dtype) -> None:
+    for extra in (dict(fused_experts=False), dict(activation="gelu", fused_experts=False, bias=True,
+                                                  d_ff=[32, 64, 48, 16])):
+        _flagged_step(layer_cls, T, d, dtype, ACTIVATION_GRAD, extra)
 
 
 def _fp8_steps(layer_cls, dtype: torch.dtype, arch: int) -> None:
@@ -373,6 +411,10 @@ def main(argv=None) -> int:
                         help="also the training issue's part B variants (node, stored backward, split dH)")
     parser.add_argument("--part-b-only", action="store_true", help="only the part B variants")
     parser.add_argument("--router-only", action="store_true", help="only the router's tensor-core GEMMs")
+    parser.add_argument("--activation-grad-only", action="store_true",
+                        help="only the composition's activation-gradient kernel (FASTMOE_ACTIVATION_BACKWARD=kernel)")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="only the forward at 4 tokens (the decode tiles, FASTMOE_DECODE_TILES)")
     args = parser.parse_args(argv)
     arches = args.arch or [90]
     dtypes = [getattr(torch, name) for name in (args.dtype or ["bfloat16", "float16", "float32"])]
@@ -401,7 +443,8 @@ def main(argv=None) -> int:
         limit = SHARED_LIMIT.get(arch, SHARED_LIMIT[80])
         _common.shared_memory_override = limit  # what the pruners compare with on this target
         for dtype in dtypes:
-            drive_layer(dtype, arch, args.fp8_only, args.part_b_only, args.part_b, args.router_only)
+            drive_layer(dtype, arch, args.fp8_only, args.part_b_only, args.part_b, args.router_only,
+                        args.activation_grad_only, args.decode_only)
         rows = sorted(RECORDER.kernels.values(), key=lambda r: (r["kernel"], r["constexprs"].get("BM", 0)))
         problems = check_configs(rows, limit)
         for r in rows:

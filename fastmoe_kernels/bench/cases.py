@@ -40,6 +40,7 @@ class BenchCase:
     label: str = ""                    # the model whose layer shape this is ("Qwen3-30B-A3B", …)
     inference_only: bool = False       # decode: forward without autograd only
     fp8_recipe: Optional[str] = None   # "blockwise": the experts' GEMMs in fp8 (MoEConfig.fp8_recipe)
+    graphed: bool = False              # also time the triton layer replayed from CUDA graphs (model shapes)
 
     @property
     def name(self) -> str:
@@ -98,6 +99,17 @@ class BenchCase:
     def compares_baselines(self) -> bool:
         """Whether the baselines run on this case: they are dropless and bf16/fp16/fp32 only."""
         return self.capacity_factor is None and not self.fp8_recipe
+
+    def graphed_modes(self) -> tuple:
+        """The modes the CUDA-graphed layer is timed in (``graphed`` cases): the forward, and the training
+        step unless its graphs would hold a second copy of a large step's buffers (the capture's private
+        pool: the experts' weights past 8 GB, DeepSeek-V3's 22.5 GB), or fp8 (the weight cache's
+        per-update quantisation is host-side state a replay would skip)."""
+        if not self.graphed or self.fp8_recipe:
+            return ()
+        if self.inference_only or self.num_experts * self.expert_bytes() > 8e9:
+            return ("fwd",)
+        return ("fwd", "fwd+bwd")
 
     @property
     def breaks_down_ops(self) -> bool:

@@ -32,7 +32,8 @@ JUMP = 4.0
 # Sweeps that change E: the torch backend's grouped GEMM loops over experts in Python, so any
 # backend's time relative to it changes with E for a reason.
 E_VARYING = ("experts", "expert_size", "granularity", "models")
-MONOTONIC_SWEEPS = {"tokens": "tokens", "d_model": "d_model", "top_k": "top_k", "decode": "tokens"}
+MONOTONIC_SWEEPS = {"tokens": "tokens", "d_model": "d_model", "top_k": "top_k", "decode": "tokens",
+                    "decode-qwen3": "tokens", "decode-mixtral": "tokens", "decode-gpt-oss": "tokens"}
 
 Row = MutableMapping[str, object]
 

@@ -69,6 +69,10 @@ def estimate_seconds(grid: str, model: Optional[GpuModel] = None, *, backends=("
             for mode in modes:
                 total_ms += _target_ms(case, op, impl, mode, m) * m.runs
                 targets += 1
+        if "triton" in backends:  # the CUDA-graphed layer
+            for mode in case.graphed_modes():
+                total_ms += _target_ms(case, "layer", "triton", mode, m) * m.runs
+                targets += 1
         if key in with_ops and case.breaks_down_ops:
             n_ops = len(backends) * OPS_PER_BACKEND
             total_ms += n_ops * _target_ms(case, "permute", "torch", "fwd+bwd", m) * m.runs

@@ -61,13 +61,18 @@ def per_step(events: List[dict], per_step_count: int) -> List[TracedLaunch]:
     return out
 
 
-def candidate_tiles(kernel: str) -> List[Tile]:
-    """The tile lists the kernels' autotuners choose from (``triton_backend._gemm``)."""
+def candidate_tiles(kernel: str, rows_per_expert: Optional[int] = None) -> List[Tile]:
+    """The tile lists the kernels' autotuners choose from (``triton_backend._gemm``); with
+    ``rows_per_expert`` (the M_BUCKET key) the forward GEMMs' decode tiles as the autotuner offers them
+    there (``_gemm.for_rows_per_expert``)."""
     from ..triton_backend import _gemm
 
     if kernel == WGRAD:
         return [Tile(m, n, k, w, s) for m, k, n, w, s in _gemm.WGRAD_TILES]
-    return [Tile(m, n, k, w, s) for m, n, k, w, s in _gemm.MATMUL_TILES]
+    tiles = list(_gemm.MATMUL_TILES)
+    if rows_per_expert is not None:
+        tiles = tiles + _gemm.DECODE_TILES if rows_per_expert <= _gemm.DECODE_ROWS else tiles
+    return [Tile(m, n, k, w, s) for m, n, k, w, s in tiles]
 
 
 def _footprints(launch: Launch, tile: Tile) -> Dict[str, int]:

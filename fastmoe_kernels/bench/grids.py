@@ -16,6 +16,9 @@ each includes the base point itself (measured once, reported in every sweep):
   in the GPU grids the Mixtral-8x7B shape gets its fp8 twin too (the issue's ≥ 1.6× target is set at
   the Qwen3 — the GPU base — and Mixtral shapes). Without fp8 kernels (CPU, GPUs before sm_89) the
   fp8 point times the fp32 emulation;
+- ``decode-qwen3``, ``decode-mixtral``, ``decode-gpt-oss`` (GPU grids): those models' layers at 1–512
+  tokens, inference only (the forward issue's decode targets: the rate on the hit experts' weights
+  against the copy bandwidth);
 - ``models`` (GPU grids): the MoE layers of Qwen3-30B-A3B, OLMoE, Mixtral-8x7B, DeepSeek-V3 (one
   shared expert, sigmoid routing in groups) and a gpt-oss-20b-like shape, at 16,384 tokens in bf16.
 
@@ -39,7 +42,7 @@ def default_grid(device_type: str) -> str:
 
 def model_cases(tokens: int = 16384, dtype: str = "bfloat16") -> List[BenchCase]:
     """The layer shapes of real MoE models (dimensions from their published configs)."""
-    m = dict(sweep="models", tokens=tokens, dtype=dtype)
+    m = dict(sweep="models", tokens=tokens, dtype=dtype, graphed=True)
     return [
         BenchCase(**m, d_model=2048, d_ff=768, num_experts=128, top_k=8, label="Qwen3-30B-A3B"),
         BenchCase(**m, d_model=2048, d_ff=1024, num_experts=64, top_k=8, label="OLMoE"),
@@ -52,6 +55,18 @@ def model_cases(tokens: int = 16384, dtype: str = "bfloat16") -> List[BenchCase]
                   score_func="sigmoid", num_groups=8, topk_groups=4, routed_scaling_factor=2.5, label="DeepSeek-V3"),
         BenchCase(**m, d_model=2880, d_ff=2880, num_experts=32, top_k=4, activation="swiglu_oai", label="gpt-oss-20b"),
     ]
+
+
+# The decode sweeps at model shapes (GPU grids): each model's layer at few tokens, inference only.
+DECODE_MODELS = {"decode-qwen3": "Qwen3-30B-A3B", "decode-mixtral": "Mixtral-8x7B", "decode-gpt-oss": "gpt-oss-20b"}
+DECODE_MODEL_TOKENS = {"gpu": [1, 16, 256], "full": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]}
+
+
+def model_decode_cases(grid: str) -> List[BenchCase]:
+    """The models' decode sweeps of ``grid`` (none outside the GPU grids: the weights are GBs)."""
+    models = {c.label: c for c in model_cases()}
+    return [replace(models[label], sweep=sweep, tokens=t, inference_only=True)
+            for sweep, label in DECODE_MODELS.items() for t in DECODE_MODEL_TOKENS.get(grid, [])]
 
 
 def tiny_model_cases() -> List[BenchCase]:
@@ -164,8 +179,12 @@ def build_grid(grid: str) -> List[BenchCase]:
     for axis, values in _axes(grid).items():
         cases += [_sweep(base, axis, v) for v in values]
     if grid in ("gpu", "full"):
-        cases += model_cases()
-    return cases
+        cases += model_cases() + model_decode_cases(grid)
+    # A configuration measured under a model's name is graphed wherever it appears (the GPU base is
+    # Qwen3-30B-A3B's layer): its occurrences stay one measurement.
+    unmarked = lambda c: replace(measured_key(c), graphed=False)
+    graphed = {unmarked(c) for c in cases if c.graphed}
+    return [replace(c, graphed=True) if unmarked(c) in graphed else c for c in cases]
 
 
 def measured_key(case: BenchCase) -> BenchCase:

@@ -73,6 +73,9 @@ class Variant:
     wgrad_out_bytes: int = 4         # 4: fp32 weight gradients; 2: the parameters' bf16
     matmul_tile: Optional[Tile] = None
     act_bwd_tile: Optional[Tile] = None  # the dH kernel's tile (ACT_BWD_SPLIT: the split epilogue's)
+    # The composition's activation backward: "torch" (torch.func.vjp's elementwise ops) or "kernel" (one
+    # pass, FASTMOE_ACTIVATION_BACKWARD=kernel[-in-place]: the compulsory bytes at the copy rate).
+    activation_backward: str = "torch"
 
 
 def _tile(tiles: Mapping[str, Tile], name: str, variant: Variant, *, wgrad: bool = False) -> Tile:
@@ -181,11 +184,13 @@ def step_launches(shape: StepShape, path: str, mode: str, **kw) -> List[Launch]:
 TORCH_ACTIVATION_TRAFFIC = 3.15
 
 
-def torch_activation_bytes(shape: StepShape, path: str, mode: str) -> float:
-    """Bytes the torch elementwise activation passes of ``path`` move in a step (0 where a GEMM
-    epilogue does it), calibrated to the first H100 run (``TORCH_ACTIVATION_TRAFFIC``)."""
+def torch_activation_bytes(shape: StepShape, path: str, mode: str, variant: Variant = Variant()) -> float:
+    """Bytes the elementwise activation passes of ``path`` move in a step (0 where a GEMM epilogue does
+    it): torch's calibrated to the first H100 run (``TORCH_ACTIVATION_TRAFFIC``), the activation-gradient
+    kernel's (``variant.activation_backward == "kernel"``) the compulsory bytes once."""
     R, f, m = sum(shape.rows()), shape.d_ff, shape.m
     forward = (m + 1) * f if path == "composition-separate" else 0  # read h, write act(h)
     backward = (1 + 2 * m) * f if path in ("composition", "composition-separate") else 0  # read g, h; write dh
-    elems = forward + (backward if mode == "fwd+bwd" else 0)
-    return TORCH_ACTIVATION_TRAFFIC * R * elems * 2.0  # bf16
+    backward_traffic = 1.0 if variant.activation_backward == "kernel" else TORCH_ACTIVATION_TRAFFIC
+    elems = TORCH_ACTIVATION_TRAFFIC * forward + (backward_traffic * backward if mode == "fwd+bwd" else 0)
+    return R * elems * 2.0  # bf16

@@ -11,7 +11,7 @@ import pathlib
 from collections import defaultdict
 from typing import Dict, List, Mapping
 
-from .sweeps import OP_ORDER, OUR_IMPLS, SWEEPS, Sweep, in_sweep, x_sort_key, x_value
+from .sweeps import OP_ORDER, OUR_IMPLS, SWEEPS, Sweep, in_sweep, is_decode, x_sort_key, x_value
 
 _FIXED = {
     "torch": "#1f77b4", "triton": "#d62728", "triton-unfused": "#ff9896", "triton-fused": "#8c1515", "cuda": "#2ca02c",
@@ -44,7 +44,7 @@ def _series(rows: List[Mapping[str, object]], sweep: Sweep, mode: str) -> Dict[t
 
 
 def _plot_sweep(plt, rows, sweep: Sweep, folder: pathlib.Path):
-    decode = sweep.name == "decode"
+    decode = is_decode(sweep.name)
     mode = "fwd" if decode else "fwd+bwd"
     series = _series(rows, sweep, mode)
     if not series:

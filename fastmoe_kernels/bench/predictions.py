@@ -66,6 +66,10 @@ CHANGES = [
     Change("node backward, whole epilogue", "the same with FASTMOE_DH_EPILOGUE=whole (the 64×64 tiles of "
            "three live fp32 tiles)", "fwd+bwd", PART_A, path="node", baseline_path="composition",
            baseline_variant=PART_A),
+    Change("activation backward kernel", "FASTMOE_ACTIVATION_BACKWARD=kernel (and kernel-in-place, the same "
+           "bytes): the composition's dh in one elementwise pass instead of torch.func.vjp's ops", "fwd+bwd",
+           replace(PART_A, activation_backward="kernel"), path="composition", baseline_path="composition",
+           baseline_variant=PART_A),
     Change("fused stored backward", "FASTMOE_FUSED_BACKWARD=stored, FASTMOE_DOWN_OUTPUT=rows: A_s written by "
            "the dH kernel, plain dW_down, one dW_up over 2f, one plain dx", "fwd+bwd",
            replace(PART_A, act_bwd_tile=ACT_BWD_SPLIT_GATHERED), path="fused-stored", baseline_path="fused",
@@ -83,12 +87,13 @@ def _step_ms(device: Device, shape: StepShape, mode: str, path: str, variant: Va
     return sum(p.ms for p in best), {p.launch.label: p.ms for p in best}
 
 
-def _fastest_tile(device: Device, launch: Launch) -> float:
-    """The launch at the autotuner's choice: the fastest of its kernel's tiles that fit the SM."""
+def _fastest_tile(device: Device, launch: Launch, rows_per_expert: Optional[int] = None) -> float:
+    """The launch at the autotuner's choice: the fastest of its kernel's tiles that fit the SM (with
+    ``rows_per_expert``, of those offered at that M_BUCKET, the decode tiles among them)."""
     from .explain import candidate_tiles
 
     times = []
-    for tile in candidate_tiles(launch.kernel):
+    for tile in candidate_tiles(launch.kernel, rows_per_expert):
         trial = replace(launch, tile=tile)
         if shared_memory_estimate(trial) <= device.smem_per_sm - 1024:
             times.append(predict(device, trial).ms)
@@ -112,10 +117,11 @@ def change_rows(device: Device) -> List[dict]:
             # The torch elementwise activation passes (not GEMMs), at the copy rate with the first run's
             # measured excess traffic.
             per_ms = 1e3 / (device.copy_gbps * 1e9)
-            elem_base = torch_activation_bytes(shape, today_path, change.mode) * per_ms
-            elem_new = torch_activation_bytes(shape, change.path, change.mode) * per_ms
+            elem_base = torch_activation_bytes(shape, today_path, change.mode,
+                                               change.baseline_variant or Variant()) * per_ms
+            elem_new = torch_activation_bytes(shape, change.path, change.mode, change.variant) * per_ms
             if elem_base or elem_new:
-                moved["torch activation"] = (elem_base, elem_new)
+                moved["activation passes"] = (elem_base, elem_new)
             total_base, total_new = base + elem_base, new + elem_new
             rows.append(dict(change=change.name, what=change.what, case=label, mode=change.mode, path=change.path,
                              baseline_path=today_path, today_ms=base, predicted_ms=new,
@@ -126,10 +132,17 @@ def change_rows(device: Device) -> List[dict]:
     return rows
 
 
+def _rows_per_expert_bucket(rows: int, experts: int) -> int:
+    from ..triton_backend._common import rows_per_expert_bucket
+
+    return rows_per_expert_bucket(rows, experts)
+
+
 def decode_rows(device: Device, tokens=(1, 4, 16, 64, 256, 512)) -> List[dict]:
     """Decode: the forward's bytes are the hit experts' weights. Today's tiles (the autotuner's fastest
-    of the list) put one program on an (expert rows, N tile), so few tokens leave most SMs idle; the
-    decode path splits every hit expert's weights over all SMs and streams them at the copy bandwidth."""
+    of the list without the decode tiles) put one program on an (expert rows, N tile), so few tokens
+    leave most SMs idle; the decode tiles (16 rows, 32-128 columns, offered at M_BUCKET ≤ 16) split every
+    hit expert's weights over more programs; the floor is one read of those weights at the copy rate."""
     rows = []
     cases = {c.label: c for c in model_cases()}
     for label in ("Qwen3-30B-A3B", "Mixtral-8x7B", "gpt-oss-20b"):
@@ -141,10 +154,13 @@ def decode_rows(device: Device, tokens=(1, 4, 16, 64, 256, 512)) -> List[dict]:
             weight_bytes = hit * case.expert_params * case.elem_bytes()
             launches = forward_launches(shape, "fused", training=False)
             today = sum(_fastest_tile(device, l) for l in launches)
+            m_bucket = _rows_per_expert_bucket(sum(rows_e), case.num_experts)
+            decode = sum(_fastest_tile(device, l, m_bucket) for l in launches)
             floor = weight_bytes / (device.copy_gbps * 1e9) * 1e3
             rows.append(dict(case=label, tokens=t, experts_hit=hit, weight_MB=weight_bytes / 1e6, today_ms=today,
-                             decode_path_ms=floor, today_GBps=weight_bytes / today / 1e6,
-                             decode_path_GBps=device.copy_gbps))
+                             decode_tiles_ms=decode, floor_ms=floor, today_GBps=weight_bytes / today / 1e6,
+                             decode_tiles_GBps=weight_bytes / decode / 1e6, copy_GBps=device.copy_gbps,
+                             m_bucket=m_bucket))
     return rows
 
 
@@ -152,7 +168,7 @@ def markdown(device: Device, changes: List[dict], decode: List[dict]) -> str:
     lines = [f"# Kernel-model predictions on {device.name}", "",
              f"Ceilings: dense {device.dense_tflops:.0f} TFLOP/s, copy {device.copy_gbps:.0f} GB/s, fill "
              f"{device.fill_gbps or 0:.0f} GB/s, L2 {device.l2_bytes / 2**20:.0f} MiB, {device.sms} SMs. GEMM "
-             "launches, and the composition's torch activation passes at the copy rate with the first run's "
+             "launches, and the composition's elementwise activation passes at the copy rate with the first run's "
              "measured excess (no router or combine time); bf16, 16,384 tokens. Part B rows are against their "
              "path's default after part A (the GPU session's A/B).", "",
              "## The open changes", "",
@@ -165,11 +181,16 @@ def markdown(device: Device, changes: List[dict], decode: List[dict]) -> str:
                      f"{r['speedup']:.2f} | {r['step_today_ms']:.2f} → {r['step_predicted_ms']:.2f} | "
                      f"{r['step_speedup']:.2f} | {moved} |")
     lines += ["", "## Decode (forward, inference): the hit experts' weights over the copy bandwidth", "",
-              "| case | tokens | experts hit | weights (MB) | today's tiles (ms) | GB/s | decode path (ms) | GB/s |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "GEMMs only (the router, plan and combine not included). `M_BUCKET`: the mean rows per expert, "
+              "the autotune key that offers the decode tiles (≤ 16).", "",
+              "| case | tokens | experts hit | weights (MB) | M_BUCKET | today's tiles (ms) | GB/s | decode tiles (ms) "
+              "| GB/s | % of copy | one read at the copy rate (ms) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in decode:
-        lines.append(f"| {r['case']} | {r['tokens']} | {r['experts_hit']} | {r['weight_MB']:.0f} | {r['today_ms']:.3f} | "
-                     f"{r['today_GBps']:.0f} | {r['decode_path_ms']:.3f} | {r['decode_path_GBps']:.0f} |")
+        lines.append(f"| {r['case']} | {r['tokens']} | {r['experts_hit']} | {r['weight_MB']:.0f} | {r['m_bucket']} | "
+                     f"{r['today_ms']:.3f} | {r['today_GBps']:.0f} | {r['decode_tiles_ms']:.3f} | "
+                     f"{r['decode_tiles_GBps']:.0f} | {100 * r['decode_tiles_GBps'] / r['copy_GBps']:.0f} | "
+                     f"{r['floor_ms']:.3f} |")
     lines += ["", "The contiguous down projection (rows written in expert order, the combine reading them by row) moves "
               "the same bytes as the scattered store (each row's d elements are contiguous either way): the model "
               "predicts no change in the GEMM, and none in the combine's bytes; what it can change (fewer partial "

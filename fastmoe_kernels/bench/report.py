@@ -12,7 +12,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 from . import plots
 from .checks import flag_rows
 from .summary import cost_markdown, fmt
-from .sweeps import OP_ORDER, OUR_IMPLS, SWEEPS, in_sweep, x_sort_key, x_value
+from .sweeps import OP_ORDER, OUR_IMPLS, SWEEPS, in_sweep, is_decode, x_sort_key, x_value
 
 __all__ = ["OP_ORDER", "OUR_IMPLS", "base_case", "format_table", "headline", "markdown", "plot_all", "as_dicts"]
 
@@ -105,9 +105,9 @@ def _sweep_table(rows: List[Dict[str, object]], name: str) -> List[str]:
         return []
     sel.sort(key=lambda r: (x_sort_key(x_value(r, sweep)), r["mode"], r["op"], float(r["median_ms"])))
     table = [{**r, "point": x_value(r, sweep), "p20–p80": _spread_cell(r),
-              "rate": r.get("gbps") if r["op"] == "copy" or name == "decode" else r.get("tflops")} for r in sel]
+              "rate": r.get("gbps") if r["op"] == "copy" or is_decode(name) else r.get("tflops")} for r in sel]
     columns = ["point", "mode", "op", "impl", "median_ms", "p20–p80", "reps", "rate", "dense_ratio", "flags"]
-    unit = "GB/s" if name == "decode" else "TFLOP/s"
+    unit = "GB/s" if is_decode(name) else "TFLOP/s"
     return [f"### Sweep: {name} — {sweep.budget}", "",
             f"`rate` is {unit}; `dense_ratio` the rate over the {'copy' if name == 'decode' else 'dense GEMM'}'s "
             f"in the same case.", "", format_table(table, columns), ""]

@@ -216,6 +216,8 @@ def planned_targets(case: BenchCase, backends: List[str], with_ops: bool, with_b
         n += len(backends) * OPS_PER_BACKEND + OP_ROOFLINES
     if with_baselines and case.compares_baselines:
         n += baselines * modes
+    if "triton" in backends:  # the CUDA-graphed layer (triton runs on GPUs only)
+        n += len(case.graphed_modes())
     return n
 
 

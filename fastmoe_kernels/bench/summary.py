@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Mapping, Optional
 
-from .sweeps import SWEEPS, Sweep, best_ours, points, x_value
+from .sweeps import SWEEPS, Sweep, best_ours, is_decode, points, x_value
 
 Row = Mapping[str, object]
 
@@ -41,9 +41,9 @@ def cost_table(rows: List[Row], sweep: Sweep) -> List[Dict[str, object]]:
             "train_us_per_token": _us_per_token(train), "train_p20_p80": _spread(train),
             "train_x_dense": _times_dense(train), "train_impl": train["impl"] if train else None,
             "infer_us_per_token": _us_per_token(infer), "infer_p20_p80": _spread(infer),
-            "infer_x_dense": _times_dense(infer) if sweep.name != "decode" else None,
+            "infer_x_dense": _times_dense(infer) if not is_decode(sweep.name) else None,
             "infer_gbps": infer.get("gbps") if infer else None,
-            "infer_pct_of_copy": 100 * float(infer["dense_ratio"]) if sweep.name == "decode" and infer and
+            "infer_pct_of_copy": 100 * float(infer["dense_ratio"]) if is_decode(sweep.name) and infer and
             infer.get("dense_ratio") else None,
             "_is_base": _is_base(rows, p),
         }
@@ -170,7 +170,7 @@ def cost_markdown(rows: List[Row]) -> List[str]:
         if name not in present:
             continue
         table = cost_table(rows, sweep)
-        if name == "decode":
+        if is_decode(name):
             cols = [sweep.label, "active_params", "infer_us_per_token", "infer_p20_p80", "infer_gbps", "infer_pct_of_copy"]
         else:
             cols = [sweep.label, "total_params", "active_params", "train_us_per_token", "train_p20_p80",
@@ -178,7 +178,7 @@ def cost_markdown(rows: List[Row]) -> List[str]:
         parts += [f"### {name}: {sweep.budget}", "", "| " + " | ".join(HEADERS.get(c, c) for c in cols) + " |",
                   "|" + "---|" * len(cols)]
         for entry in table:
-            mark = " (base)" if entry["_is_base"] and name not in ("decode", "models") else ""
+            mark = " (base)" if entry["_is_base"] and not is_decode(name) and name != "models" else ""
             cells = [(_params(entry[c]) if c.endswith("_params") else fmt(entry[c])) + (mark if c == sweep.label else "")
                      for c in cols]
             parts.append("| " + " | ".join(cells) + " |")

@@ -4,7 +4,9 @@ Every target shares one set of weights and one routing (drawn once per case):
 
 - ``layer``: ``MoELayer`` on each available backend with its defaults ("triton", "torch", "cuda"), and
   the fusion choices spelled out ("triton-fused", "triton-unfused", "cuda-unfused": see
-  ``sweeps.IMPL_VARIANTS``); ``fwd`` is inference (no autograd), ``fwd+bwd`` a training step;
+  ``sweeps.IMPL_VARIANTS``); ``fwd`` is inference (no autograd), ``fwd+bwd`` a training step; at the
+  model shapes on a GPU also "triton-graphed", the triton layer replayed from CUDA graphs (eager and
+  graphed side by side: what the host's Python and launches cost);
 - ``experts``: dispatch plan + expert MLPs + combine for fixed routing — ours on each backend, and
   the baselines (naive loop, ``torch._grouped_mm``, Hugging Face implementations);
 - ops: ``route``, ``plan``, ``permute``, ``grouped_up``, ``grouped_down``, ``unpermute`` (the
@@ -31,7 +33,7 @@ from ..layer import MoELayer
 from .baselines import build_baselines, probe
 from .peers import build_peers
 from .cases import BenchCase
-from .sweeps import IMPL_VARIANTS, impl_backend
+from .sweeps import GRAPHED_IMPL, IMPL_VARIANTS, impl_backend
 from .timing import Rotation, rotation_count
 
 MODES = ("fwd", "fwd+bwd")
@@ -121,6 +123,78 @@ def _infer(fn: Callable[[torch.Tensor], torch.Tensor], rotation: Rotation,
     return run
 
 
+def _graphed_forward(layer: MoELayer, rotation: Rotation, device: torch.device) -> Callable[[], object]:
+    """The layer's forward replayed from a CUDA graph, captured at the first call after three eager
+    forwards on a side stream (autotuning and the one-time weight layouts stay outside the graph, as
+    ``tests/test_gpu.py`` does). Each call copies the next input into the graph's static input (T·d
+    elements: part of the time, as a server's input copy is) and replays."""
+    state: Dict[str, object] = {}
+
+    def run():
+        x = rotation.next()
+        was_training = layer.training
+        layer.train(False)
+        try:
+            if not state:
+                static = x.detach().clone()
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side), torch.no_grad():
+                    for _ in range(3):
+                        layer(static)
+                torch.cuda.current_stream(device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.no_grad(), torch.cuda.graph(graph):
+                    out = layer(static)
+                state.update(graph=graph, x=static, out=out)
+            state["x"].copy_(x.detach())
+            state["graph"].replay()
+            return state["out"]
+        finally:
+            layer.train(was_training)
+    return run
+
+
+def _graphed_train_step(layer: MoELayer, params: List[torch.Tensor], grad: torch.Tensor,
+                        rotation: Rotation) -> Callable[[], object]:
+    """A training step of the layer through ``torch.cuda.make_graphed_callables`` (forward and backward
+    each one graph, captured at the first call after its own warm-up iterations); gradients dropped
+    after each step as in ``_train_step``."""
+    state: Dict[str, object] = {}
+
+    def run():
+        x = rotation.next()
+        if not state:
+            sample = x.detach().clone().requires_grad_(x.requires_grad)
+            state["step"] = torch.cuda.make_graphed_callables(layer, (sample,))
+        out = state["step"](x)
+        out.backward(grad)
+        for p in params:
+            p.grad = None
+        x.grad = None
+    return run
+
+
+def _graphed_targets(case: BenchCase, device: torch.device, backend_names: List[str], reference: MoELayer,
+                     grad_out: torch.Tensor, xs: Rotation, add, flops: Dict[str, float], skips: Dict[str, str]) -> None:
+    """The triton layer replayed from CUDA graphs beside its eager rows (``case.graphed_modes()``)."""
+    modes = case.graphed_modes()
+    if not modes:
+        return
+    if device.type != "cuda" or "triton" not in backend_names:
+        skips[GRAPHED_IMPL] = "CUDA graphs of the triton layer need a GPU"
+        return
+    forward = _shared_variant(reference, "triton", None)
+    add("layer", GRAPHED_IMPL, "fwd", _graphed_forward(forward, xs, device), flops["fwd"])
+    if "fwd+bwd" in modes:
+        # make_graphed_callables replaces the module's forward: a copy of its own (the weights shared).
+        step = _shared_variant(reference, "triton", None)
+        add("layer", GRAPHED_IMPL, "fwd+bwd", _graphed_train_step(step, list(step.parameters()), grad_out, xs),
+            flops["fwd+bwd"], track_memory=True)
+    elif not case.inference_only:
+        skips[f"{GRAPHED_IMPL} fwd+bwd"] = "the step's graphs would hold a second copy of its buffers (weights > 8 GB)"
+
+
 def build_targets(case: BenchCase, device: torch.device, backend_names: List[str], *, with_ops: bool = True,
                   with_baselines: bool = True, skips: Optional[Dict[str, str]] = None) -> List[Target]:
     skips = {} if skips is None else skips
@@ -181,6 +255,8 @@ def build_targets(case: BenchCase, device: torch.device, backend_names: List[str
             if op_inputs is None:
                 op_inputs = _op_inputs(case, device, xs, plan, weight, gen)
             targets += _op_targets(case, device, backend, layer, xs, idx, weight, plan, op_inputs)
+
+    _graphed_targets(case, device, backend_names, reference, grad_out, xs, add, layer_flops, skips)
 
     # ---- baselines, on the same weights and routing --------------------------------------------------
     if with_baselines:

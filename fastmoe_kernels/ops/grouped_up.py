@@ -20,8 +20,16 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from .._variants import flag
 from ..activations import Activation, apply_activation, apply_gated, is_gated
 from .grouped_gemm import grouped_gemm_reference
+
+
+# "kernel-in-place": the backward gives h up as the buffer of its gradient dh (the triton backend's
+# activation_grad writes there), through an op that declares h mutated, so a second backward through a
+# retained graph fails on h's version instead of reading dh as h. The values are the triton backend's
+# (FASTMOE_ACTIVATION_BACKWARD, triton_backend/grouped_up.py); only the in-place one matters here.
+DH_INTO_H = flag("FASTMOE_ACTIVATION_BACKWARD", "torch", ("torch", "kernel", "kernel-in-place")) == "kernel-in-place"
 
 
 def _activation_of(name: str, params: List[float], interleaved: bool) -> Activation:
@@ -45,8 +53,10 @@ def grouped_up_reference(x, w_up, b_up, offsets, activation: Activation, widths:
     return apply_gated(gate, up, activation), torch.cat([gate, up], dim=1)
 
 
-def grouped_up_backward_reference(grad_a, x, w_up, b_up, offsets, h, activation: Activation, widths: List[int]):
-    """Gradients ``(x, w_up, b_up or empty)`` of the reference forward's ``a``, in the inputs' dtypes."""
+def grouped_up_backward_reference(grad_a, x, w_up, b_up, offsets, h, activation: Activation, widths: List[int],
+                                  dh_buffer=None):
+    """Gradients ``(x, w_up, b_up or empty)`` of the reference forward's ``a``, in the inputs' dtypes
+    (``dh_buffer``, where a backend may write dh, is not used: the reference recomputes)."""
     inputs = [t for t in (x, w_up, b_up) if t is not None]
 
     def output(*tensors):
@@ -103,6 +113,22 @@ def _(grad_a, x, w_up, b_up, offsets, h, activation, activation_params, interlea
     return torch.empty_like(x), torch.empty_like(w_up), (torch.empty_like(b_up) if b_up is not None else x.new_empty(0))
 
 
+@torch.library.custom_op("fastmoe::grouped_up_backward_consuming_h", mutates_args=("h",))
+def _grouped_up_backward_consuming_h_op(grad_a: Tensor, x: Tensor, w_up: Tensor, b_up: Optional[Tensor],
+                                        offsets: Tensor, h: Tensor, activation: str, activation_params: List[float],
+                                        interleaved: bool, widths: List[int],
+                                        backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """grouped_up_backward that may overwrite h with dh (h is dead after it: DH_INTO_H)."""
+    act = _activation_of(activation, activation_params, interleaved)
+    return backends.get_kernel("grouped_up_backward", backend)(grad_a, x, w_up, b_up, offsets, h, act, widths,
+                                                               dh_buffer=h)
+
+
+@_grouped_up_backward_consuming_h_op.register_fake
+def _(grad_a, x, w_up, b_up, offsets, h, activation, activation_params, interleaved, widths, backend):
+    return torch.empty_like(x), torch.empty_like(w_up), (torch.empty_like(b_up) if b_up is not None else x.new_empty(0))
+
+
 def _setup(ctx, inputs, output):
     x, w_up, b_up, offsets, activation, params, interleaved, widths, _grouped, _save, _fwd, backward = inputs
     ctx.save_for_backward(x, w_up, b_up, offsets, output[1])
@@ -116,8 +142,9 @@ def _backward(ctx, grad_a, _grad_h):
     if grad_a is None:  # no gradient reached a (grads are not materialised)
         return (None,) * 12
     x, w_up, b_up, offsets, h = ctx.saved_tensors
-    grad_x, grad_w, grad_b = _grouped_up_backward_op(grad_a.contiguous(), x, w_up, b_up, offsets, h, *ctx.activation,
-                                                     ctx.widths, ctx.backend)
+    op = _grouped_up_backward_consuming_h_op if DH_INTO_H else _grouped_up_backward_op
+    grad_x, grad_w, grad_b = op(grad_a.contiguous(), x, w_up, b_up, offsets, h, *ctx.activation, ctx.widths,
+                                ctx.backend)
     return grad_x, grad_w, (grad_b if b_up is not None else None), *([None] * 9)
 
 

@@ -22,11 +22,12 @@ from typing import Callable, Dict, List, Tuple
 import triton
 import triton.language as tl
 
+from .._variants import flag
 from ._common import interpreted, shared_memory_limit
 from ._jit import pick
 
 # (BM, BN, BK, warps, stages). Hopper-sized tiles first; smaller ones for small groups (fine-grained
-# MoE) and narrow N; the last fits every variant on every GPU (the pruner's fallback).
+# MoE) and narrow N; the last fits every variant on every GPU (the pruner's fallback: the smallest).
 MATMUL_TILES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
                 (64, 64, 64, 4, 4), (64, 256, 64, 8, 3), (32, 128, 64, 4, 4), (32, 64, 32, 4, 2)]
 # The Hopper tiles again with GROUP_M row blocks per column sweep (see expert_tile): on the first H100
@@ -46,15 +47,44 @@ WGRAD_TILES = [(64, 128, 128, 8, 3), (64, 64, 128, 4, 4), (32, 128, 64, 4, 4), (
 WGRAD_GROUPED_ORDER = 8
 WGRAD_HOPPER_TILES = [(64, 128, 256, 8, 3), (64, 128, 256, 8, 4), (64, 256, 128, 8, 3)]
 INTERPRETER_TILE = dict(BM=16, BN=16, BK=16)
+# The decode path (the forward issue): at a few rows per expert every tile above is mostly padding and
+# a 1-token Qwen3 step has 8 experts × 12 N tiles of 128 = 96 programs for 132 SMs, each streaming a
+# 128 × 2048 slab of weights. What bounds it is reading the hit experts' weights, so the decode tiles
+# are 16 rows (the smallest tensor-core tile) and 32-128 columns with deep K steps: every hit expert's
+# weights split across N over ≥ 2 programs per SM at the headline shapes from 1 token up (Qwen3:
+# 8 experts × 1,536/32 = 384 up-projection tiles; Mixtral: 2 × 28,672/64 = 896; gpt-oss: 4 × 5,760/32
+# = 720; the down projections 384, 256 and 360 with BN 32), 3-4 stages of 16-32 KiB in flight per
+# program. Experts without rows have no tiles (group_table): their weights are never read. They are
+# offered to the autotuner where the mean rows per expert (the M_BUCKET key) is at most DECODE_ROWS,
+# beside the others; above it they are not. FASTMOE_DECODE_TILES=off restores the tile list without them (the A/B).
+# Predicted (bench/predictions.py decode rows): see benchmarks/results/model-2026-12-03/.
+DECODE_TILES = [(16, 64, 128, 4, 4), (16, 32, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 3),
+                (16, 32, 256, 4, 3)]
+DECODE_ROWS = 16
+DECODE_TILES_ON = flag("FASTMOE_DECODE_TILES", "on", ("on", "off")) == "on"
 
 
-def matmul_configs() -> List[triton.Config]:
+def matmul_configs(decode: bool = False) -> List[triton.Config]:
+    """The grouped GEMMs' tiles; with ``decode`` (the forward's kernels) the decode tiles too, unless
+    FASTMOE_DECODE_TILES=off."""
     if interpreted():
         # The grouped order (GROUP_M 2), the general form of the row-major one (GROUP_M 1).
         return [triton.Config(dict(INTERPRETER_TILE, GROUP_M=2), num_warps=1)]
+    groups = [(MATMUL_TILES, 1), (GROUPED_TILES, GROUPED_ORDER)]
+    if decode and DECODE_TILES_ON:
+        groups.append((DECODE_TILES, 1))
     return [triton.Config({"BM": m, "BN": n, "BK": k, "GROUP_M": group}, num_warps=w, num_stages=s)
-            for tiles, group in ((MATMUL_TILES, 1), (GROUPED_TILES, GROUPED_ORDER))
-            for m, n, k, w, s in tiles]
+            for tiles, group in groups for m, n, k, w, s in tiles]
+
+
+def for_rows_per_expert(configs: List[triton.Config], m_bucket) -> List[triton.Config]:
+    """The configs offered at ``m_bucket`` mean rows per expert: every one at or below DECODE_ROWS
+    (the model keeps a 128-row tile fastest at gpt-oss's 64 tokens, 8 rows per expert: the autotuner
+    measures), none of the decode tiles above it (their 16 rows re-read B for every 16 rows)."""
+    if m_bucket is None or m_bucket <= DECODE_ROWS:
+        return configs
+    kept = [c for c in configs if c.kwargs.get("BM") != DECODE_TILES[0][0]]
+    return kept or configs
 
 
 def wgrad_configs() -> List[triton.Config]:
@@ -134,9 +164,11 @@ def pruner(footprint: Footprint, operand_tensor: str, output_tile: Tuple[str, st
         if len(configs) == 1:
             return configs
         args = {**named_args, **kwargs}
+        configs = for_rows_per_expert(list(configs), args.get("M_BUCKET"))
         limit = shared_memory_limit()
         kept = [c for c in configs if estimate(c, args) <= limit and registers_fit(c, footprint(c.kwargs, args)[1])]
-        return take_configs(kept or configs[-1:])
+        # None fits: the smallest (MATMUL_TILES' last fits every variant on every GPU).
+        return take_configs(kept or [min(configs, key=lambda c: estimate(c, args))])
 
     prune.estimate = estimate  # for the compile check, which compares it with the compiler's figure
     return prune

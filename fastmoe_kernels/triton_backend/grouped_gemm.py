@@ -31,7 +31,7 @@ def _footprint(t, args):
     return pairs * (t["BM"] * t["BK"] + t["BK"] * t["BN"]), t["BM"] * t["BN"]
 
 
-@triton.autotune(configs=matmul_configs(), key=["N_OUT", "K_MAX", "M_BUCKET", "E", "DUAL_AB"],
+@triton.autotune(configs=matmul_configs(decode=True), key=["N_OUT", "K_MAX", "M_BUCKET", "E", "DUAL_AB"],
                  prune_configs_by={"early_config_prune": pruner(_footprint, "a_ptr")}, cache_results=True)
 @triton.jit
 def _grouped_matmul_kernel(

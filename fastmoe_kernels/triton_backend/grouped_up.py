@@ -14,13 +14,25 @@ from __future__ import annotations
 import torch
 
 from .._alloc import empty
+from .._variants import flag
 from ..activations import Activation, apply_activation
 from ._common import register
+from .activation_grad import activation_grad
 from ._layout import stacked, stacked_vectors
 from .grouped_gemm import grouped_matmul
 from .moe_mlp import _cast, _matrices, _vectors
 from .up_projection import up_projection
 from .wgrad import grouped_wgrad
+
+
+# dh by torch's elementwise ops through torch.func.vjp ("torch", the kernels the first H100 run measured), by
+# one elementwise kernel ("kernel", activation_grad.py), or by that kernel into h's own buffer when the op
+# layer gives h up ("kernel-in-place": ops/grouped_up.py then calls the op that declares h mutated).
+# Predicted (bench/predictions.py, H100 rates; benchmarks/results/model-2026-12-03/): the step's GEMMs and
+# activation passes Qwen3 8.20 → 7.45 ms (1.10×), Mixtral 58.28 → 54.82 (1.06×); peak memory (the CPU
+# memory count, benchmarks/results/cpu-2026-12-03-memory/) at Mixtral 9.13 → 7.63 GiB with the kernel,
+# 5.88 in place (torch._grouped_mm's pipeline: 6.5 on the H100).
+ACTIVATION_BACKWARD = flag("FASTMOE_ACTIVATION_BACKWARD", "torch", ("torch", "kernel", "kernel-in-place"))
 
 
 def _up_width(w_up: torch.Tensor, widths, gated: bool) -> int:
@@ -47,20 +59,30 @@ def grouped_up_triton(x, w_up, b_up, offsets, activation: Activation, widths, al
 
 
 @register("grouped_up_backward")
-def grouped_up_backward_triton(grad_a, x, w_up, b_up, offsets, h, activation: Activation, widths):
-    # dh from h ([gate | up], whatever the weights' order) and the gradient of a (torch.func: autograd is
-    # off inside a custom op). The grouped_mlp node (FASTMOE_MLP_BACKWARD=epilogue) moves this into the
-    # down projection's input-gradient epilogue instead.
+def grouped_up_backward_triton(grad_a, x, w_up, b_up, offsets, h, activation: Activation, widths, dh_buffer=None):
+    # dh from h ([gate | up], whatever the weights' order) and the gradient of a. ``dh_buffer``: where dh
+    # may be written (h itself, given up by the op layer), used by the kernel. The grouped_mlp node
+    # (FASTMOE_MLP_BACKWARD=epilogue) moves this into the down projection's input-gradient epilogue instead.
     concatenated = Activation(activation.name, activation.alpha, activation.limit)
+    grad_a = grad_a if grad_a.dtype == h.dtype else grad_a.to(h.dtype)
+    if ACTIVATION_BACKWARD == "torch":
+        dh = _torch_activation_grad(grad_a, h, concatenated)
+    else:
+        dh = activation_grad(grad_a.contiguous(), h, concatenated,
+                             dh_buffer if dh_buffer is not None else torch.empty_like(h))
+    return up_backward_from_dh(dh, x, w_up, b_up, offsets.to(torch.int32), activation, widths,
+                               dh_in_weight_order=not widths and not activation.interleaved)
+
+
+def _torch_activation_grad(grad_a, h, concatenated: Activation):
+    """dh by torch.func.vjp (autograd is off inside a custom op)."""
     _, vjp = torch.func.vjp(lambda t: apply_activation(t, concatenated), h)
-    (dh,) = vjp(grad_a if grad_a.dtype == h.dtype else grad_a.to(h.dtype))
+    (dh,) = vjp(grad_a)
     # The recomputed activation and what vjp saved ([R, f] tensors each) are freed before the GEMMs
     # allocate dx and dW_up (the CPU memory count, benchmarks/results/cpu-2026-12-03-memory/: Mixtral's
     # step 9.38 → 9.13 GiB; the vjp's own temporaries are the rest of its excess).
     del _, vjp
-    dh = dh.contiguous()
-    return up_backward_from_dh(dh, x, w_up, b_up, offsets.to(torch.int32), activation, widths,
-                               dh_in_weight_order=not widths and not activation.interleaved)
+    return dh.contiguous()
 
 
 def up_backward_from_dh(dh, x, w_up, b_up, offsets, activation: Activation, widths, *, dh_in_weight_order: bool):

@@ -25,7 +25,7 @@ def _footprint(t, args):
     return t["BM"] * t["BK"] + b_tiles * t["BK"] * t["BN"], b_tiles * t["BM"] * t["BN"]
 
 
-@triton.autotune(configs=matmul_configs(), key=["N_OUT", "K_MAX", "M_BUCKET", "E", "GATED"],
+@triton.autotune(configs=matmul_configs(decode=True), key=["N_OUT", "K_MAX", "M_BUCKET", "E", "GATED"],
                  prune_configs_by={"early_config_prune": pruner(_footprint, "x_ptr")}, cache_results=True)
 @triton.jit
 def _up_projection_kernel(

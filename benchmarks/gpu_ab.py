@@ -111,6 +111,10 @@ VARIANTS = [
             "the combine reading them by row",
             ("Qwen3-30B-A3B", "Mixtral-8x7B"), ("fwd",), True,
             a={"env": {"FASTMOE_DOWN_OUTPUT": "scatter"}}, b={"env": {"FASTMOE_DOWN_OUTPUT": "rows"}}),
+    Variant("TMA weights", "the forward's grouped GEMMs loading weight tiles by pointer → by TMA boxes of one "
+            "3-D descriptor per weight (triton_backend/_tma.py)",
+            ("Mixtral-8x7B", "Qwen3-30B-A3B"), ("fwd",), None,
+            a={"env": {"FASTMOE_B_LOADS": "pointer"}}, b={"env": {"FASTMOE_B_LOADS": "tma"}}),
 ]
 
 
@@ -128,7 +132,7 @@ def default_env() -> Dict[str, str]:
 # The order the A/B runs in when its budget cannot hold every variant: the open changes whose defaults
 # wait on it (part B), then the part-A choices it confirms.
 PRIORITY = ("node backward", "activation backward", "fused stored backward", "wgrad tile and order", "tile order", "up activation",
-            "router GEMM", "decode tiles", "fp8 weight cache", "node dH epilogue", "wgrad dtype", "down output rows", "dW_up x", "trusted plans")
+            "router GEMM", "decode tiles", "TMA weights", "fp8 weight cache", "node dH epilogue", "wgrad dtype", "down output rows", "dW_up x", "trusted plans")
 
 
 def setting_key(variant: Variant, setting: str) -> tuple:

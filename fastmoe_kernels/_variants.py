@@ -19,3 +19,14 @@ def flag(name: str, default: str, choices: Tuple[str, ...], doc: str = "") -> st
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
+
+
+# How the composition's dh is computed: by torch's elementwise ops through torch.func.vjp ("torch", the
+# kernels the first H100 run measured), by one elementwise kernel ("kernel", the triton backend's
+# activation_grad.py), or by that kernel into h's own buffer ("kernel-in-place"). Read by two layers
+# (ops/grouped_up.py gives h up in place; triton_backend/grouped_up.py picks the kernel), so it lives here.
+# Predicted (bench/predictions.py, H100 rates; benchmarks/results/model-2026-12-03/): the step's GEMMs and
+# activation passes Qwen3 8.20 → 7.45 ms (1.10×), Mixtral 58.28 → 54.82 (1.06×); peak memory (the CPU
+# memory count, benchmarks/results/cpu-2026-12-03-memory/) at Mixtral 9.13 → 7.63 GiB with the kernel,
+# 5.88 in place (torch._grouped_mm's pipeline: 6.5 on the H100).
+ACTIVATION_BACKWARD = flag("FASTMOE_ACTIVATION_BACKWARD", "torch", ("torch", "kernel", "kernel-in-place"))

@@ -127,3 +127,21 @@ def test_minus_one_means_no_expert(capacity, pad, policy):
     plan = check_against_naive(idx, weight, 5, capacity, policy, pad)
     assert torch.all(plan.row[::2, 0] == -1)
     assert int(plan.routed_counts.sum()) == int((idx >= 0).sum())
+
+
+def test_src_is_computed_once_per_assignment_version():
+    """The plan's source-token index is cached (three small launches per forward otherwise) and follows
+    every change of the assignment: an in-place edit, a new tensor, another top_k."""
+    from fastmoe_kernels.ops import make_plan
+
+    idx = torch.tensor([[0, 1], [1, 2], [2, 0]])
+    plan = make_plan(idx, 3)
+    first = plan.src
+    assert plan.src is first
+    assert first.tolist() == [(a // 2 if a >= 0 else -1) for a in plan.assignment.tolist()]
+    plan.assignment[0] = -1  # in place: the version moves
+    assert plan.src is not first and plan.src[0].item() == -1
+    plan.assignment = plan.assignment.clone().fill_(5)
+    assert plan.src.tolist() == [2] * plan.num_rows
+    plan.top_k = 5
+    assert plan.src.tolist() == [1] * plan.num_rows

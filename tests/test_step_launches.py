@@ -92,12 +92,10 @@ NODE_STEP = COMPOSITION_STEP[:10] + [
 FUSED_STORED_STEP = [
     "_route_topk_fwd_kernel", "_chunk_count_kernel", "_chunk_scan_kernel", "_expert_offsets_kernel", "_place_kernel",
     "_up_projection_kernel", "_grouped_matmul_kernel", "_combine_kernel", "_stats_kernel",
-    # backward: dH (dh, A_s, the routing weights' partial sums), dW_down, dW_up over 2f, dx over 2f, the
-    # combine by row, the router's
-    "_activation_backward_kernel", "_grouped_wgrad_kernel", "_grouped_wgrad_kernel", "_grouped_matmul_kernel",
-    "_combine_kernel", "_route_topk_bwd_kernel"]
-# The routing-weight partials' sum over N tiles ([P, R] → [R]) and its gather per assignment: no tensor
-# of R rows and ≥ d_ff columns.
+    # backward: dH (dh, A_s, the routing weights' partial sums), their sum per assignment (the routing-weight
+    # gradient), dW_down, dW_up over 2f, dx over 2f, the combine by row, the router's
+    "_activation_backward_kernel", "_row_values_kernel", "_grouped_wgrad_kernel", "_grouped_wgrad_kernel",
+    "_grouped_matmul_kernel", "_combine_kernel", "_route_topk_bwd_kernel"]
 
 
 @pytest.mark.parametrize("variant", ["node", "fused-stored"])
@@ -117,3 +115,58 @@ def test_the_part_b_training_steps_launch_exactly_their_kernels(triton_launches,
     # No torch op on an activation-sized tensor at all (the activation's derivative is in the epilogue).
     beyond = collections.Counter(e.name for e in step if _activation_sized(e) and e.name not in ALLOCATIONS)
     assert not beyond, [(e.name, e.input_shapes) for e in step if _activation_sized(e) and e.name not in ALLOCATIONS]
+
+
+# Ops that launch no device kernel: views, allocations, metadata.
+NO_KERNEL = ALLOCATIONS | {"aten::view", "aten::reshape", "aten::_reshape_alias", "aten::as_strided", "aten::t",
+                           "aten::transpose", "aten::detach", "aten::alias", "aten::expand", "aten::unsqueeze",
+                           "aten::select", "aten::slice", "aten::resolve_conj", "aten::resolve_neg", "aten::to",
+                           "aten::lift_fresh", "aten::_unsafe_view", "aten::contiguous"}
+
+
+def _kernel_ops(events) -> collections.Counter:
+    """The top-level aten ops that launch a device kernel (an op's own sub-ops are not counted again)."""
+    def top(e):
+        p = e.cpu_parent
+        while p is not None and not p.name.startswith("aten::"):
+            p = p.cpu_parent
+        return p is None
+    return collections.Counter(e.name for e in events if e.name.startswith("aten::") and top(e)
+                               and e.name not in NO_KERNEL)
+
+
+def test_the_plan_and_the_fused_routing_weight_gradient_launch_no_torch_op(no_poison):
+    """Host time: the plan's kernels read the ids as given (the key's masking and cast, and the
+    assignment's -1 fill, are in them), and the fused backward's routing-weight gradient is one kernel
+    (it was a dozen small torch ops: sum, masks, gathers, a cast). The kernels are stubbed (the
+    interpreter's own tensor work is not the host's) and value checks off (they check user data)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fastmoe_kernels import ops
+    from fastmoe_kernels.bench.memory_accounting import stubbed_triton_kernels
+
+    with stubbed_triton_kernels():
+        _plan_and_fused_backward(ops, profile, ProfilerActivity)
+
+
+def _plan_and_fused_backward(ops, profile, ProfilerActivity):
+    idx = torch.randint(-1, E, (T, K)).long()  # int64, with unassigned ids
+    weight = torch.rand(T, K)
+    for capacity, pad in ((None, False), (3, True), (5, False)):
+        ops.make_plan(idx, E, capacity, "position", weight, pad, backend="triton")  # warm
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            ops.make_plan(idx, E, capacity, "position", weight, pad, backend="triton")
+        assert not _kernel_ops(prof.events()), (capacity, pad, _kernel_ops(prof.events()))
+    layer, x = _warmed_up(True)
+    y = layer.experts.forward_tokens(x, layer.dispatcher.plan(*_route(layer, x)), _route(layer, x)[1].detach(),
+                                     backend="triton", fused=True)
+    grad = torch.ones_like(y)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        y.backward(grad)
+    # Left: accumulating into x's and the experts' .grad (they hold one from the warm-up step).
+    assert _kernel_ops(prof.events()) == collections.Counter({"aten::add_": 3}), _kernel_ops(prof.events())
+
+
+def _route(layer, x):
+    route = layer.router(x.detach(), backend="triton")
+    return route.expert_idx, route.weight

@@ -2,6 +2,7 @@
 pruning against a GPU's shared memory, the partial-sum buffer's size, int64 offsets for large
 weights, the launch device, and the TF32 setting."""
 import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -146,3 +147,31 @@ def test_the_hopper_wgrad_tiles_are_offered_where_their_registers_hold(monkeypat
     rebuilt = prune(configs, {}, a_ptr=torch.empty(0, dtype=torch.bfloat16), ACT_OF_A=True, GATED=True)
     assert hopper and any(c in plain for c in hopper) and not any(c in rebuilt for c in hopper)
     assert {c.kwargs["GROUP_K"] for c in plain} == {1, 8}
+
+
+def test_layouts_are_built_once_per_shape_strides_and_device():
+    """Host time: a launch's operand layout (per-expert offsets, sizes, alignment hints) is built on the
+    first call for its shape and strides and then returned as is — no per-expert Python per call (256
+    experts at DeepSeek-V3) — and a different shape, stride, row range or width list gets its own."""
+    w = torch.empty(16, 48, 40)
+    first = _layout.stacked(w)
+    assert _layout.stacked(torch.empty(16, 48, 40)) is first  # same shape and strides: the same layout
+    assert _layout.stacked(w, 24, 24) is not first and _layout.stacked(w, 24, 24).offset[1] == 48 * 40 + 24 * 40
+    assert _layout.stacked(w, 0, 24, row_step=2).stride_r == 80
+    wide = torch.empty(16, 48, 80)[:, :, :40]  # same shape, another row stride
+    assert _layout.stacked(wide) is not first and _layout.stacked(wide).stride_r == 80
+    assert _layout.stacked(wide).offset[1] == 48 * 80
+    packed = torch.empty(30, 40)
+    assert _layout.packed_rows(packed, [10, 20]) is _layout.packed_rows(torch.empty(30, 40), [10, 20])
+    assert _layout.packed_rows(packed, [20, 10]).offset.tolist() == [0, 20 * 40]
+    bias = torch.empty(16, 48)
+    assert _layout.stacked_vectors(bias, 1, 2).stride == 2 and _layout.stacked_vectors(bias, 1, 1).stride == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):  # shared by every launch: never mutated
+        first.max_rows = 1
+
+
+def test_host_arithmetic_matches_tritons():
+    for n in (0, 1, 2, 3, 5, 8, 9, 127, 128, 129, 4097):
+        assert _common.next_pow2(n) == max(1, triton.next_power_of_2(n)), n
+        for b in (1, 3, 16, 128):
+            assert _common.cdiv(n, b) == triton.cdiv(n, b), (n, b)

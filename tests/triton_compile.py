@@ -91,6 +91,9 @@ class Recorder:
                                  # Software pipelining shows as asynchronous global→shared copies.
                                  async_copies=ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy"),
                                  wgmma=ttgir.count("ttng.warp_group_dot "),
+                                 # TMA copies (pipelined descriptor loads), and descriptor loads left unpipelined.
+                                 tma_copies=ttgir.count("async_tma_copy_global_to_local"),
+                                 descriptor_loads=ttgir.count("tt.descriptor_load"),
                                  fp8_wgmma=sum("ttng.warp_group_dot " in line and "f8E4M3FN" in line
                                                for line in ttgir.splitlines()))
 
@@ -196,31 +199,27 @@ def cubin_resources(cubin):
     return (int(regs.group(1)) if regs else None), (int(stack.group(1)) if stack else None)
 
 
-def drive_layer(dtype: torch.dtype, arch: int, fp8_only: bool = False, part_b_only: bool = False,
-                part_b: bool = False, router_only: bool = False, activation_grad_only: bool = False,
-                decode_only: bool = False) -> None:
+# The subsets a run can be limited to (``--<name>-only``): what each drives, given (layer class, dtype, arch).
+ONLY = {
+    "fp8": lambda layer, dtype, arch: _fp8_steps(layer, dtype, arch),
+    "part-b": lambda layer, dtype, arch: _part_b_steps(layer, 96, 64, dtype),
+    "router": lambda layer, dtype, arch: [_part_b_steps(layer, 96, 64, t, only=[ROUTER]) for t in (dtype, torch.float32)],
+    "activation-grad": lambda layer, dtype, arch: _activation_grad_steps(layer, 96, 64, dtype),
+    "decode": lambda layer, dtype, arch: _decode_forwards(layer, 64, dtype),
+    "tma": lambda layer, dtype, arch: _tma_steps(layer, 96, 64, dtype),
+}
+
+
+def drive_layer(dtype: torch.dtype, arch: int, only: Optional[str] = None, part_b: bool = False) -> None:
     """Every kernel variant the layer's defaults can launch: activations, bias, widths, dispatch,
-    routing, and the fp8 GEMMs where the target has fp8 tensor cores (only those with ``fp8_only``);
-    the training issue's part B variants too with ``part_b`` (only those with ``part_b_only``: CI's
-    time holds the defaults' kernels for two targets, not these; their record is committed,
-    benchmarks/results/sm90-compile-2026-12-03-part-b/)."""
+    routing, the fp8 GEMMs where the target has fp8 tensor cores, the activation-gradient kernel and
+    the decode tiles; the training issue's part B variants too with ``part_b`` (CI's time holds the
+    defaults' kernels for two targets, not these; their record is committed,
+    benchmarks/results/sm90-compile-2026-12-03-part-b/). ``only``: one subset of ``ONLY`` instead."""
     from fastmoe_kernels import MoELayer
 
-    if fp8_only:
-        _fp8_steps(MoELayer, dtype, arch)
-        return
-    if part_b_only:
-        _part_b_steps(MoELayer, 96, 64, dtype)
-        return
-    if router_only:
-        _part_b_steps(MoELayer, 96, 64, dtype, only=[ROUTER])
-        _part_b_steps(MoELayer, 96, 64, torch.float32, only=[ROUTER])
-        return
-    if activation_grad_only:
-        _activation_grad_steps(MoELayer, 96, 64, dtype)
-        return
-    if decode_only:
-        _decode_forwards(MoELayer, 64, dtype)
+    if only is not None:
+        ONLY[only](MoELayer, dtype, arch)
         return
 
     T, d = 96, 64
@@ -279,8 +278,8 @@ PART_B = [
 ]
 
 
-def _flagged_step(layer_cls, T: int, d: int, dtype: torch.dtype, settings: dict, extra: dict) -> None:
-    """A training step with module flags set (module name → {attribute: value}), restored after."""
+def _flagged(settings: dict, run) -> None:
+    """``run()`` with module flags set (module name → {attribute: value}), restored after."""
     import importlib
 
     saved = []
@@ -290,10 +289,15 @@ def _flagged_step(layer_cls, T: int, d: int, dtype: torch.dtype, settings: dict,
             saved.append((module, name, getattr(module, name)))
             setattr(module, name, value)
     try:
-        _train_step(layer_cls, T, d, dtype, extra)
+        run()
     finally:
         for module, name, value in reversed(saved):
             setattr(module, name, value)
+
+
+def _flagged_step(layer_cls, T: int, d: int, dtype: torch.dtype, settings: dict, extra: dict) -> None:
+    """A training step with module flags set (module name → {attribute: value}), restored after."""
+    _flagged(settings, lambda: _train_step(layer_cls, T, d, dtype, extra))
 
 
 def _part_b_steps(layer_cls, T: int, d: int, dtype: torch.dtype, only=None) -> None:
@@ -318,6 +322,23 @@ def _decode_forwards(layer_cls, d: int, dtype: torch.dtype) -> None:
         layer = layer_cls(**kw).to(dtype)
         with torch.no_grad():
             layer(torch.randn(4, d, dtype=dtype))
+
+
+# The forward's weights through TMA descriptors (FASTMOE_B_LOADS=tma): both forward GEMM kernels.
+# (The tool compiles CPU tensors for a GPU target: the layouts' device check is told it has TMA.)
+TMA_B = {"fastmoe_kernels.triton_backend._tma": {"B_LOADS": "tma", "interpreted": lambda: True}}
+
+
+def _tma_steps(layer_cls, T: int, d: int, dtype: torch.dtype) -> None:
+    """Training steps (the forward's kernels with descriptors; the backward's are the defaults') fused
+    and composed, gated and not, and a 4-token forward (the decode tiles with descriptors); each also
+    with pointer loads, so that the record compares the two at the same configs."""
+    for loads in ("pointer", "tma"):
+        settings = {module: dict(values, B_LOADS=loads) for module, values in TMA_B.items()}
+        for extra in (dict(), dict(fused_experts=False), dict(activation="gelu", bias=True),
+                      dict(activation="gelu", fused_experts=False)):
+            _flagged_step(layer_cls, T, d, dtype, settings, extra)
+        _flagged(settings, lambda: _decode_forwards(layer_cls, d, dtype))
 
 
 def _activation_grad_steps(layer_cls, T: int, d: int, dtype: torch.dtype) -> None:
@@ -406,15 +427,15 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, action="append", help="compute capability ×10 (80, 90); repeatable")
     parser.add_argument("--dtype", action="append", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--json", help="write every compiled kernel's resources here")
-    parser.add_argument("--fp8-only", action="store_true", help="only the fp8 kernels (fp8_recipe='blockwise')")
     parser.add_argument("--part-b", action="store_true",
                         help="also the training issue's part B variants (node, stored backward, split dH)")
-    parser.add_argument("--part-b-only", action="store_true", help="only the part B variants")
-    parser.add_argument("--router-only", action="store_true", help="only the router's tensor-core GEMMs")
-    parser.add_argument("--activation-grad-only", action="store_true",
-                        help="only the composition's activation-gradient kernel (FASTMOE_ACTIVATION_BACKWARD=kernel)")
-    parser.add_argument("--decode-only", action="store_true",
-                        help="only the forward at 4 tokens (the decode tiles, FASTMOE_DECODE_TILES)")
+    only = parser.add_mutually_exclusive_group()
+    for name, what in (("fp8", "the fp8 kernels (fp8_recipe='blockwise')"), ("part-b", "the part B variants"),
+                       ("router", "the router's tensor-core GEMMs"),
+                       ("activation-grad", "the composition's activation-gradient kernel (FASTMOE_ACTIVATION_BACKWARD=kernel)"),
+                       ("decode", "the forward at 4 tokens (the decode tiles, FASTMOE_DECODE_TILES)"),
+                       ("tma", "the forward's GEMMs with the weights through TMA descriptors (FASTMOE_B_LOADS=tma)")):
+        only.add_argument(f"--{name}-only", dest="only", action="store_const", const=name, help=f"only {what}")
     args = parser.parse_args(argv)
     arches = args.arch or [90]
     dtypes = [getattr(torch, name) for name in (args.dtype or ["bfloat16", "float16", "float32"])]
@@ -443,8 +464,7 @@ def main(argv=None) -> int:
         limit = SHARED_LIMIT.get(arch, SHARED_LIMIT[80])
         _common.shared_memory_override = limit  # what the pruners compare with on this target
         for dtype in dtypes:
-            drive_layer(dtype, arch, args.fp8_only, args.part_b_only, args.part_b, args.router_only,
-                        args.activation_grad_only, args.decode_only)
+            drive_layer(dtype, arch, args.only, args.part_b)
         rows = sorted(RECORDER.kernels.values(), key=lambda r: (r["kernel"], r["constexprs"].get("BM", 0)))
         problems = check_configs(rows, limit)
         for r in rows:
@@ -452,7 +472,7 @@ def main(argv=None) -> int:
             estimate = max((t["estimate"] or 0 for t in r["tuning"]), default=None)
             print(f"sm_{arch} {r['kernel']:<28} warps={r['num_warps']} stages={r['num_stages']} "
                   f"shared={r['shared']:>6} estimate={estimate} async={r['async_copies']} wgmma={r['wgmma']} "
-                  f"fp8_wgmma={r['fp8_wgmma']} "
+                  f"fp8_wgmma={r['fp8_wgmma']} tma={r['tma_copies']}/{r['descriptor_loads']} "
                   f"regs={r['registers']} spills={r['spill_bytes']} {'' if kept else 'PRUNED '}"
                   f"{'' if r['fits'] else 'EXCEEDS SHARED MEMORY '}{r['constexprs']}")
         for failure in RECORDER.failures:
@@ -473,6 +493,12 @@ def main(argv=None) -> int:
                 print(f"sm_{arch} {r['kernel']}: fp8 K loop not pipelined (no async copies) {r['constexprs']}")
             if arch >= 90 and r["fp8_wgmma"] == 0:
                 problems.append(f"{r['kernel']}: no fp8 wgmma on sm_{arch} {r['constexprs']}")
+                print(f"sm_{arch} {problems[-1]}")
+        for r in (r for r in rows if r["constexprs"].get("B_TMA")):
+            # The weights through TMA: each descriptor load a pipelined TMA copy, none left as a plain load.
+            if arch >= 90 and (r["tma_copies"] == 0 or r["descriptor_loads"]):
+                problems.append(f"{r['kernel']}: descriptor loads not pipelined TMA copies on sm_{arch} "
+                                f"({r['tma_copies']} copies, {r['descriptor_loads']} plain) {r['constexprs']}")
                 print(f"sm_{arch} {problems[-1]}")
         print(f"sm_{arch}: {len(rows)} kernels compiled ({RECORDER.pruned} launch configs pruned before compiling), "
               f"{len(RECORDER.failures)} failures, {len(problems)} config problems, "

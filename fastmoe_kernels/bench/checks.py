@@ -23,7 +23,7 @@ import statistics
 from collections import defaultdict
 from typing import Dict, Iterable, List, Mapping, MutableMapping, Optional, Tuple
 
-from .sweeps import OUR_IMPLS
+from .sweeps import OUR_IMPLS, SWEEPS, is_decode
 
 WIDE_SPREAD = 1.5
 IMPRECISE = 0.10
@@ -32,8 +32,8 @@ JUMP = 4.0
 # Sweeps that change E: the torch backend's grouped GEMM loops over experts in Python, so any
 # backend's time relative to it changes with E for a reason.
 E_VARYING = ("experts", "expert_size", "granularity", "models")
-MONOTONIC_SWEEPS = {"tokens": "tokens", "d_model": "d_model", "top_k": "top_k", "decode": "tokens",
-                    "decode-qwen3": "tokens", "decode-mixtral": "tokens", "decode-gpt-oss": "tokens"}
+MONOTONIC_SWEEPS = {"tokens": "tokens", "d_model": "d_model", "top_k": "top_k",
+                    **{name: "tokens" for name in SWEEPS if is_decode(name)}}
 
 Row = MutableMapping[str, object]
 

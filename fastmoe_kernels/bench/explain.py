@@ -69,10 +69,8 @@ def candidate_tiles(kernel: str, rows_per_expert: Optional[int] = None) -> List[
 
     if kernel == WGRAD:
         return [Tile(m, n, k, w, s) for m, k, n, w, s in _gemm.WGRAD_TILES]
-    tiles = list(_gemm.MATMUL_TILES)
-    if rows_per_expert is not None:
-        tiles = tiles + _gemm.DECODE_TILES if rows_per_expert <= _gemm.DECODE_ROWS else tiles
-    return [Tile(m, n, k, w, s) for m, n, k, w, s in tiles]
+    decode = rows_per_expert is not None and _gemm.offers_decode_tiles(rows_per_expert)
+    return [Tile(m, n, k, w, s) for m, n, k, w, s in _gemm.MATMUL_TILES + (_gemm.DECODE_TILES if decode else [])]
 
 
 def _footprints(launch: Launch, tile: Tile) -> Dict[str, int]:

@@ -32,6 +32,7 @@ from dataclasses import replace
 from typing import Dict, List
 
 from .cases import BenchCase
+from .sweeps import DECODE_MODELS
 
 GRIDS = ("smoke", "quick", "gpu", "full")
 
@@ -57,8 +58,7 @@ def model_cases(tokens: int = 16384, dtype: str = "bfloat16") -> List[BenchCase]
     ]
 
 
-# The decode sweeps at model shapes (GPU grids): each model's layer at few tokens, inference only.
-DECODE_MODELS = {"decode-qwen3": "Qwen3-30B-A3B", "decode-mixtral": "Mixtral-8x7B", "decode-gpt-oss": "gpt-oss-20b"}
+# The decode sweeps at model shapes (GPU grids; sweeps.DECODE_MODELS): each model's layer at few tokens.
 DECODE_MODEL_TOKENS = {"gpu": [1, 16, 256], "full": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]}
 
 

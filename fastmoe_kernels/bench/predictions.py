@@ -114,8 +114,8 @@ def change_rows(device: Device) -> List[dict]:
             new, new_parts = _step_ms(device, shape, change.mode, change.path, change.variant)
             moved = {k: (base_parts.get(k, 0.0), new_parts.get(k, 0.0)) for k in {**base_parts, **new_parts}
                      if abs(base_parts.get(k, 0.0) - new_parts.get(k, 0.0)) > 0.005}
-            # The torch elementwise activation passes (not GEMMs), at the copy rate with the first run's
-            # measured excess traffic.
+            # The elementwise activation passes (not GEMMs) at the copy rate: torch's with the first run's
+            # measured excess traffic, the activation-gradient kernel's without.
             per_ms = 1e3 / (device.copy_gbps * 1e9)
             elem_base = torch_activation_bytes(shape, today_path, change.mode,
                                                change.baseline_variant or Variant()) * per_ms
@@ -132,17 +132,13 @@ def change_rows(device: Device) -> List[dict]:
     return rows
 
 
-def _rows_per_expert_bucket(rows: int, experts: int) -> int:
-    from ..triton_backend._common import rows_per_expert_bucket
-
-    return rows_per_expert_bucket(rows, experts)
-
-
 def decode_rows(device: Device, tokens=(1, 4, 16, 64, 256, 512)) -> List[dict]:
     """Decode: the forward's bytes are the hit experts' weights. Today's tiles (the autotuner's fastest
     of the list without the decode tiles) put one program on an (expert rows, N tile), so few tokens
     leave most SMs idle; the decode tiles (16 rows, 32-128 columns, offered at M_BUCKET ≤ 16) split every
     hit expert's weights over more programs; the floor is one read of those weights at the copy rate."""
+    from ..triton_backend._common import rows_per_expert_bucket  # (imports triton: only here)
+
     rows = []
     cases = {c.label: c for c in model_cases()}
     for label in ("Qwen3-30B-A3B", "Mixtral-8x7B", "gpt-oss-20b"):
@@ -154,7 +150,7 @@ def decode_rows(device: Device, tokens=(1, 4, 16, 64, 256, 512)) -> List[dict]:
             weight_bytes = hit * case.expert_params * case.elem_bytes()
             launches = forward_launches(shape, "fused", training=False)
             today = sum(_fastest_tile(device, l) for l in launches)
-            m_bucket = _rows_per_expert_bucket(sum(rows_e), case.num_experts)
+            m_bucket = rows_per_expert_bucket(sum(rows_e), case.num_experts)
             decode = sum(_fastest_tile(device, l, m_bucket) for l in launches)
             floor = weight_bytes / (device.copy_gbps * 1e9) * 1e3
             rows.append(dict(case=label, tokens=t, experts_hit=hit, weight_MB=weight_bytes / 1e6, today_ms=today,

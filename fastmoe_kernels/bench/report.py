@@ -109,7 +109,7 @@ def _sweep_table(rows: List[Dict[str, object]], name: str) -> List[str]:
     columns = ["point", "mode", "op", "impl", "median_ms", "p20–p80", "reps", "rate", "dense_ratio", "flags"]
     unit = "GB/s" if is_decode(name) else "TFLOP/s"
     return [f"### Sweep: {name} — {sweep.budget}", "",
-            f"`rate` is {unit}; `dense_ratio` the rate over the {'copy' if name == 'decode' else 'dense GEMM'}'s "
+            f"`rate` is {unit}; `dense_ratio` the rate over the {'copy' if is_decode(name) else 'dense GEMM'}'s "
             f"in the same case.", "", format_table(table, columns), ""]
 
 

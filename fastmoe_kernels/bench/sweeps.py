@@ -17,6 +17,8 @@ OUR_IMPLS = ("torch", "triton", "triton-unfused", "triton-fused", "cuda", "cuda-
 # The triton layer replayed from CUDA graphs (the model shapes, GPUs only): beside the eager rows in the
 # tables and plots, never "ours" in a comparison with the baselines (they run eagerly).
 GRAPHED_IMPL = "triton-graphed"
+# The decode sweeps at real models' layers (GPU grids): sweep name → the model case's label.
+DECODE_MODELS = {"decode-qwen3": "Qwen3-30B-A3B", "decode-mixtral": "Mixtral-8x7B", "decode-gpt-oss": "gpt-oss-20b"}
 
 
 def impl_backend(impl: str):
@@ -47,10 +49,9 @@ SWEEPS: Dict[str, Sweep] = {s.name: s for s in [
     Sweep("shared", "num_shared_experts", "shared experts",
           "fixed active parameters (a shared expert replaces a routed slot)", numeric=False),
     Sweep("decode", "tokens", "tokens (inference only)", "fixed model: weight reads dominate; rate in GB/s"),
-    # The decode sweep at real models' layers (GPU grids): the rate on the hit experts' weight bytes.
-    *[Sweep(f"decode-{key}", "tokens", f"tokens (inference only), {label}",
+    *[Sweep(name, "tokens", f"tokens (inference only), {label}",
             f"{label}'s layer: weight reads dominate; rate in GB/s on the hit experts' bytes")
-      for key, label in (("qwen3", "Qwen3-30B-A3B"), ("mixtral", "Mixtral-8x7B"), ("gpt-oss", "gpt-oss-20b"))],
+      for name, label in DECODE_MODELS.items()],
     Sweep("fp8", "fp8_recipe", "expert GEMMs", "fixed configuration: the base's dtype, or fp8 blockwise "
           "(emulated where no fp8 kernel runs: CPU, GPUs before sm_89)", numeric=False),
     Sweep("models", "label", "model", "each model's own layer shape at 16,384 tokens, bf16", numeric=False),

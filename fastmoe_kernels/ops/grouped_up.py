@@ -20,16 +20,15 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from .._variants import flag
+from .._variants import ACTIVATION_BACKWARD
 from ..activations import Activation, apply_activation, apply_gated, is_gated
 from .grouped_gemm import grouped_gemm_reference
 
 
-# "kernel-in-place": the backward gives h up as the buffer of its gradient dh (the triton backend's
-# activation_grad writes there), through an op that declares h mutated, so a second backward through a
-# retained graph fails on h's version instead of reading dh as h. The values are the triton backend's
-# (FASTMOE_ACTIVATION_BACKWARD, triton_backend/grouped_up.py); only the in-place one matters here.
-DH_INTO_H = flag("FASTMOE_ACTIVATION_BACKWARD", "torch", ("torch", "kernel", "kernel-in-place")) == "kernel-in-place"
+# "kernel-in-place" (the flag and its predicted effect: _variants.ACTIVATION_BACKWARD): the backward gives h
+# up as dh's buffer through an op that declares h mutated, so a second backward through a retained graph
+# fails on h's version instead of reading dh as h.
+DH_INTO_H = ACTIVATION_BACKWARD == "kernel-in-place"
 
 
 def _activation_of(name: str, params: List[float], interleaved: bool) -> Activation:

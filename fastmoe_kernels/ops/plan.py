@@ -85,8 +85,19 @@ class DispatchPlan:
 
     @property
     def src(self) -> Tensor:
-        """[R] int32 — the source token of each row, -1 for padding/unused rows."""
-        return torch.where(self.assignment >= 0, torch.div(self.assignment, self.top_k, rounding_mode="floor"), -1)
+        """[R] int32 — the source token of each row, -1 for padding/unused rows.
+
+        Computed once per assignment tensor and version (three small launches every forward otherwise):
+        an in-place edit of ``assignment`` or a new one recomputes it; never cached while compiling."""
+        a = self.assignment
+        if torch.compiler.is_compiling() or type(a) is not torch.Tensor:
+            return torch.where(a >= 0, torch.div(a, self.top_k, rounding_mode="floor"), -1)
+        cached = self.__dict__.get("_src_cache")
+        if cached is not None and cached[0] is a and cached[1] == a._version and cached[2] == self.top_k:
+            return cached[3]
+        src = torch.where(a >= 0, torch.div(a, self.top_k, rounding_mode="floor"), -1)
+        self.__dict__["_src_cache"] = (a, a._version, self.top_k, src)
+        return src
 
     @property
     def num_dropped(self) -> Tensor:

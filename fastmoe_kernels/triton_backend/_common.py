@@ -29,8 +29,14 @@ def interpreted() -> bool:
     return backends.triton_interpreted()
 
 
+# Host arithmetic in plain Python: triton.cdiv and triton.next_power_of_2 are ConstexprFunctions (Triton
+# 3.6 and 3.9), ~1-3 µs a call on the host, and a launch makes several.
+def cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
 def next_pow2(n: int) -> int:
-    return 1 if n <= 1 else triton.next_power_of_2(int(n))
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
 def rows_per_expert_bucket(num_rows: int, num_experts: int) -> int:
@@ -57,8 +63,8 @@ def persistent_grid(device: torch.device, num_rows: int, num_cols: int, num_grou
     row tiles (plus ``extra_row_tiles``, e.g. for rows outside every group)."""
 
     def grid(meta):
-        row_tiles = triton.cdiv(num_rows, meta["BM"]) + num_groups + extra_row_tiles
-        return (persistent_programs(device, row_tiles * triton.cdiv(num_cols, meta["BN"])),)
+        row_tiles = cdiv(num_rows, meta["BM"]) + num_groups + extra_row_tiles
+        return (persistent_programs(device, row_tiles * cdiv(num_cols, meta["BN"])),)
 
     return grid
 

@@ -77,11 +77,16 @@ def matmul_configs(decode: bool = False) -> List[triton.Config]:
             for tiles, group in groups for m, n, k, w, s in tiles]
 
 
+def offers_decode_tiles(m_bucket) -> bool:
+    """Whether the decode tiles are offered at ``m_bucket`` mean rows per expert (None: unknown)."""
+    return m_bucket is None or m_bucket <= DECODE_ROWS
+
+
 def for_rows_per_expert(configs: List[triton.Config], m_bucket) -> List[triton.Config]:
-    """The configs offered at ``m_bucket`` mean rows per expert: every one at or below DECODE_ROWS
-    (the model keeps a 128-row tile fastest at gpt-oss's 64 tokens, 8 rows per expert: the autotuner
-    measures), none of the decode tiles above it (their 16 rows re-read B for every 16 rows)."""
-    if m_bucket is None or m_bucket <= DECODE_ROWS:
+    """The configs offered at ``m_bucket`` mean rows per expert: every one where the decode tiles are
+    offered (the model keeps a 128-row tile fastest at gpt-oss's 64 tokens, 8 rows per expert: the
+    autotuner measures), none of the decode tiles above (their 16 rows re-read B for every 16 rows)."""
+    if offers_decode_tiles(m_bucket):
         return configs
     kept = [c for c in configs if c.kwargs.get("BM") != DECODE_TILES[0][0]]
     return kept or configs
@@ -296,3 +301,36 @@ def k_loop_two_ab(acc, a_row_ptrs, a2_col, stride_ak, a_valid, b_base, b2_base, 
         a2 = tl.load(a_row_ptrs + (a2_col + kk[None, :]) * stride_ak, mask=amask, other=0.0)
         acc = tl.dot(a2, tl.load(b2_base + offs, mask=bmask, other=0.0), acc, input_precision=PRECISION)
     return acc
+
+
+# ---- B through the TMA (FASTMOE_B_LOADS=tma, _tma.py) -----------------------------------------------
+@triton.jit
+def stacked_b_descriptor(b_ptr, E, tma_rows, tma_cols, tma_stride_e, tma_stride_r, BN: tl.constexpr,
+                         BK: tl.constexpr):
+    """One descriptor of the whole stacked weight [E, rows, cols]; its [1, BN, BK] boxes are B_eᵀ tiles."""
+    return tl.make_tensor_descriptor(b_ptr, shape=[E, tma_rows, tma_cols], strides=[tma_stride_e, tma_stride_r, 1],
+                                     block_shape=[1, BN, BK])
+
+
+@triton.jit
+def k_loop_tma_b(acc, a_row_ptrs, stride_ak, a_valid, b_desc, e, b_row, k_end, k_size,
+                 PRECISION: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+    """k_loop with B_e = W[e, b_row : b_row + BN, :]ᵀ read by TMA boxes (zeros past the weight's edges)."""
+    for k0 in range(0, k_end, BK):
+        kk = k0 + tl.arange(0, BK)
+        a = tl.load(a_row_ptrs + kk[None, :] * stride_ak, mask=a_valid[:, None] & (kk < k_size)[None, :], other=0.0)
+        b = b_desc.load([e, b_row, k0]).reshape(BN, BK)
+        acc = tl.dot(a, b.T, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def k_loop_two_b_tma(acc, acc2, a_row_ptrs, stride_ak, a_valid, b_desc, e, b_row, b2_row, k_end, k_size,
+                     PRECISION: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+    """k_loop_two_b with both matrices (gate rows from b_row, up rows from b2_row) read by TMA boxes."""
+    for k0 in range(0, k_end, BK):
+        kk = k0 + tl.arange(0, BK)
+        a = tl.load(a_row_ptrs + kk[None, :] * stride_ak, mask=a_valid[:, None] & (kk < k_size)[None, :], other=0.0)
+        acc = tl.dot(a, b_desc.load([e, b_row, k0]).reshape(BN, BK).T, acc, input_precision=PRECISION)
+        acc2 = tl.dot(a, b_desc.load([e, b2_row, k0]).reshape(BN, BK).T, acc2, input_precision=PRECISION)
+    return acc, acc2

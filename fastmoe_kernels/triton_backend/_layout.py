@@ -14,9 +14,6 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-_CACHE: Dict[tuple, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-
 def alignment(values: Sequence[int]) -> int:
     """The largest power of two up to 16 dividing every value (16 for none or all zero).
 
@@ -31,19 +28,26 @@ def alignment(values: Sequence[int]) -> int:
     return 16 if g == 0 else min(16, g & -g)
 
 
-def _device_arrays(key: tuple, offsets, rows, cols, device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # Layouts are static per module: build the small index tensors once per device.
-    full_key = key + (str(device),)
-    if full_key not in _CACHE:
-        _CACHE[full_key] = (
-            torch.tensor(offsets, dtype=torch.int64, device=device),
-            torch.tensor(rows, dtype=torch.int32, device=device),
-            torch.tensor(cols, dtype=torch.int32, device=device),
-        )
-    return _CACHE[full_key]
+def _index_tensors(device, offsets, *int32_lists) -> Tuple[torch.Tensor, ...]:
+    """The small per-expert index tensors a kernel loads: offsets in int64, counts in int32."""
+    return (torch.tensor(offsets, dtype=torch.int64, device=device),
+            *(torch.tensor(v, dtype=torch.int32, device=device) for v in int32_lists))
 
 
-@dataclass
+@dataclass(frozen=True)
+class Stack:
+    """Where homogeneous experts' matrices sit in a stacked weight ``w [experts, rows, cols]`` with unit
+    column stride: expert e's matrix is rows ``row_start : row_start + n`` of ``w[e]``. What a kernel
+    needs to describe the whole weight as one 3-D TMA tensor (``_tma.py``)."""
+    experts: int
+    rows: int
+    cols: int
+    stride_e: int
+    stride_r: int
+    row_start: int
+
+
+@dataclass(frozen=True)  # shared by every launch with the same layout (cached below)
 class ExpertMatrices:
     offset: torch.Tensor  # [E] int64 element offset of expert e's matrix
     rows: torch.Tensor    # [E] int32
@@ -53,6 +57,7 @@ class ExpertMatrices:
     max_rows: int
     max_cols: int
     align: Tuple[int, int, int]  # alignment() of the offsets, of the row counts, of the column counts
+    stack: Optional[Stack] = None  # set for contiguous rows of a stacked weight (stacked(), row_step 1)
 
     @property
     def offsets_64(self) -> bool:
@@ -73,46 +78,66 @@ class ExpertMatrices:
         return (off, cols, rows) if transpose else (off, rows, cols)
 
 
-_ALIGN_CACHE: Dict[tuple, Tuple[int, int, int]] = {}
+# Every launch describes its operands; a description depends only on its key (shape, strides, widths)
+# and device, so it is built once: the per-expert Python lists (E of them, 256 at DeepSeek-V3) and the
+# alignment hints are computed only on a miss, never per call.
+_LAYOUT_CACHE: Dict[tuple, object] = {}
 
 
-def _matrices(key, offsets, rows, cols, device, *strides_and_max) -> ExpertMatrices:
-    off, r, c = _device_arrays(key, offsets, rows, cols, device)
-    # Cached with the index tensors: every launch builds its layout, the hints need computing once.
-    if key not in _ALIGN_CACHE:
-        _ALIGN_CACHE[key] = (alignment(offsets), alignment(rows), alignment(cols))
-    return ExpertMatrices(off, r, c, *strides_and_max, _ALIGN_CACHE[key])
+def _cached(key: tuple, device, build):
+    full_key = key + (str(device),)
+    layout = _LAYOUT_CACHE.get(full_key)
+    if layout is None:
+        layout = _LAYOUT_CACHE[full_key] = build()
+    return layout
+
+
+def _matrices(offsets, rows, cols, device, *strides_and_max, stack: Optional[Stack] = None) -> ExpertMatrices:
+    return ExpertMatrices(*_index_tensors(device, offsets, rows, cols), *strides_and_max,
+                          (alignment(offsets), alignment(rows), alignment(cols)), stack)
 
 
 def stacked(w: torch.Tensor, row_start: int = 0, num_rows: Optional[int] = None, row_step: int = 1) -> ExpertMatrices:
     """Experts stacked on dim 0 of ``w [E, R, C]``; optionally rows ``row_start, row_start + row_step, …``
     (``num_rows`` of them): ``row_step`` 2 reads one half of interleaved gate/up rows in place."""
     E, R, C = w.shape
+    s0, s1, s2 = w.stride()
     n = (R - row_start) // row_step if num_rows is None else num_rows
-    key = ("stacked", E, w.stride(0), w.stride(1), w.stride(2), row_start, n, C, row_step)
-    offsets = [e * w.stride(0) + row_start * w.stride(1) for e in range(E)]
-    return _matrices(key, offsets, [n] * E, [C] * E, w.device, w.stride(1) * row_step, w.stride(2), n, C)
+    key = ("stacked", E, R, s0, s1, s2, row_start, n, C, row_step)
+    stack = Stack(E, R, C, s0, s1, row_start) if row_step == 1 and s2 == 1 else None
+    return _cached(key, w.device, lambda: _matrices(
+        [e * s0 + row_start * s1 for e in range(E)], [n] * E, [C] * E, w.device, s1 * row_step, s2, n, C, stack=stack))
 
 
 def packed_rows(w: torch.Tensor, widths: Sequence[int], row_base: int = 0) -> ExpertMatrices:
     """Expert e owns rows ``row_base + start_e : … + widths[e]`` of ``w [·, C]``."""
-    starts = list(itertools.accumulate([0, *widths]))[:-1]
     C = w.shape[1]
-    key = ("rows", tuple(widths), w.stride(0), row_base, C)
-    offsets = [(row_base + s) * w.stride(0) for s in starts]
-    return _matrices(key, offsets, list(widths), [C] * len(widths), w.device, w.stride(0), w.stride(1), max(widths), C)
+    s0, s1 = w.stride()
+    key = ("rows", tuple(widths), s0, s1, row_base, C)
+
+    def build():
+        starts = list(itertools.accumulate([0, *widths]))[:-1]
+        return _matrices([(row_base + s) * s0 for s in starts], list(widths), [C] * len(widths), w.device,
+                         s0, s1, max(widths), C)
+
+    return _cached(key, w.device, build)
 
 
 def packed_cols(w: torch.Tensor, widths: Sequence[int]) -> ExpertMatrices:
     """Expert e owns columns ``start_e : start_e + widths[e]`` of ``w [R, ·]``."""
-    starts = list(itertools.accumulate([0, *widths]))[:-1]
     R = w.shape[0]
-    key = ("cols", tuple(widths), w.stride(1), R)
-    offsets = [s * w.stride(1) for s in starts]
-    return _matrices(key, offsets, [R] * len(widths), list(widths), w.device, w.stride(0), w.stride(1), R, max(widths))
+    s0, s1 = w.stride()
+    key = ("cols", tuple(widths), s0, s1, R)
+
+    def build():
+        starts = list(itertools.accumulate([0, *widths]))[:-1]
+        return _matrices([s * s1 for s in starts], [R] * len(widths), list(widths), w.device,
+                         s0, s1, R, max(widths))
+
+    return _cached(key, w.device, build)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExpertVectors:
     offset: torch.Tensor  # [E] int64
     stride: int
@@ -121,14 +146,22 @@ class ExpertVectors:
 def stacked_vectors(bias: torch.Tensor, start: int = 0, step: int = 1) -> ExpertVectors:
     """``bias [E, N]``: expert e's vector starts at row e, column ``start``, every ``step`` columns."""
     E = bias.shape[0]
-    key = ("vstack", E, bias.stride(0), bias.stride(1), start)
-    off, _, _ = _device_arrays(key, [e * bias.stride(0) + start * bias.stride(1) for e in range(E)], [0] * E, [0] * E, bias.device)
-    return ExpertVectors(off, bias.stride(1) * step)
+    s0, s1 = bias.stride()
+    key = ("vstack", E, s0, s1, start, step)
+
+    def build():
+        return ExpertVectors(_index_tensors(bias.device, [e * s0 + start * s1 for e in range(E)])[0], s1 * step)
+
+    return _cached(key, bias.device, build)
 
 
 def packed_vectors(bias: torch.Tensor, widths: Sequence[int], base: int = 0) -> ExpertVectors:
     """``bias [Σ]``: expert e's vector starts at ``base + start_e``."""
-    starts = list(itertools.accumulate([0, *widths]))[:-1]
-    key = ("vpack", tuple(widths), bias.stride(0), base)
-    off, _, _ = _device_arrays(key, [(base + s) * bias.stride(0) for s in starts], [0] * len(widths), [0] * len(widths), bias.device)
-    return ExpertVectors(off, bias.stride(0))
+    s0 = bias.stride(0)
+    key = ("vpack", tuple(widths), s0, base)
+
+    def build():
+        starts = list(itertools.accumulate([0, *widths]))[:-1]
+        return ExpertVectors(_index_tensors(bias.device, [(base + s) * s0 for s in starts])[0], s0)
+
+    return _cached(key, bias.device, build)

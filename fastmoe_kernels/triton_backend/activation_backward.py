@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .._variants import flag
-from ._common import activation_args, dot_precision, dummy_index, launch, next_pow2, persistent_grid, rows_per_expert_bucket
+from ._common import activation_args, cdiv, dot_precision, dummy_index, launch, next_pow2, persistent_grid, rows_per_expert_bucket
 from ._gemm import expert_tile, k_loop, matmul_configs, pruner, smallest_bn
 from ._jit import act_fwd, act_grad, gated_grads, gather_rows, group_table, up_fwd
 from ._layout import ExpertMatrices
@@ -156,7 +156,7 @@ def _activation_backward_kernel(
 
 def partial_rows_needed(f: int) -> int:
     """Rows of the routing-weight partial-sum buffer: one per N tile of the narrowest config."""
-    return triton.cdiv(f, smallest_bn(_activation_backward_kernel.configs))
+    return cdiv(f, smallest_bn(_activation_backward_kernel.configs))
 
 
 def activation_backward(

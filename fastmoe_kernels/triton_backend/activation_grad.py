@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import activation_args
+from ._common import activation_args, cdiv, next_pow2
 from ._jit import act_grad, gated_grads
 
 # Tiles of BLOCK_R rows × BLOCK_C columns of the [R, f] grid; 4,096 elements per program (16 per
@@ -67,9 +67,9 @@ def activation_grad(grad_a: torch.Tensor, h: torch.Tensor, activation, dh: torch
             raise ValueError(f"activation_grad: {name} must have contiguous rows (stride {tuple(t.stride())})")
     if R == 0 or f == 0:
         return dh
-    block_c = min(triton.next_power_of_2(f), _MAX_BLOCK_C)
+    block_c = min(next_pow2(f), _MAX_BLOCK_C)
     block_r = max(1, _BLOCK_ELEMENTS // block_c)
-    grid = (triton.cdiv(R, block_r), triton.cdiv(f, block_c))
+    grid = (cdiv(R, block_r), cdiv(f, block_c))
     _activation_grad_kernel[grid](
         grad_a, h, dh, R, f, grad_a.stride(0), h.stride(0), dh.stride(0), **activation_args(activation),
         GATED=gated, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8 if block_r * block_c >= 4096 else 4,

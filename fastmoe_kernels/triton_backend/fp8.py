@@ -41,7 +41,7 @@ import triton.language as tl
 from .._alloc import empty
 from ..activations import Activation
 from ..fp8 import TILE
-from ._common import activation_args, interpreted, launch, next_pow2, persistent_grid, register, rows_per_expert_bucket
+from ._common import activation_args, cdiv, interpreted, launch, next_pow2, persistent_grid, register, rows_per_expert_bucket
 from ._gemm import GROUPED_ORDER, expert_tile, grouped_row_span, outside_tile, outside_tile_count, pruner, rotating_pruner, store_tile
 from ._jit import gather_rows, group_table, load_activated, pick, store_activation_grad
 from .fp8_weight_cache import cached_weight
@@ -191,12 +191,12 @@ def quantize_rows(x: torch.Tensor, row_index: Optional[torch.Tensor] = None,
     (e4m3 ``[M', K']``, scales ``[M', ceil(K'/128)]``)."""
     M = x.shape[0] if row_index is None else row_index.shape[0]
     K, act = _activation_view(x, activation)
-    KT = triton.cdiv(K, TILE)
+    KT = cdiv(K, TILE)
     q = empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
     s = empty(M, KT, dtype=torch.float32, device=x.device)
     if M and K:
         BM = 16 if interpreted() else 32
-        _quantize_rows_kernel[(triton.cdiv(M, BM), KT)](
+        _quantize_rows_kernel[(cdiv(M, BM), KT)](
             x, row_index if row_index is not None else x, x.shape[0], x.stride(0), q, s, M, K, KT, **act,
             GATHER=row_index is not None, BM=BM, TILE_K=TILE)
     return q, s
@@ -205,7 +205,7 @@ def quantize_rows(x: torch.Tensor, row_index: Optional[torch.Tensor] = None,
 def column_tiles(num_rows: int, num_experts: int) -> int:
     """An upper bound on the wgrad's row tiles: each expert's rows in tiles of 128, each expert
     starting a tile of its own."""
-    return triton.cdiv(num_rows, TILE) + num_experts
+    return cdiv(num_rows, TILE) + num_experts
 
 
 def quantize_cols(x: torch.Tensor, offsets: torch.Tensor, num_rows: int, row_index: Optional[torch.Tensor] = None,
@@ -222,7 +222,7 @@ def quantize_cols(x: torch.Tensor, offsets: torch.Tensor, num_rows: int, row_ind
     s = empty(tiles, K, dtype=torch.float32, device=x.device)
     if num_rows and K:
         BK = 32 if interpreted() else 64
-        _quantize_cols_kernel[(tiles, triton.cdiv(K, BK))](
+        _quantize_cols_kernel[(tiles, cdiv(K, BK))](
             x, row_index if row_index is not None else x, x.shape[0], x.stride(0), qt, s, offsets, num_rows,
             tiles * TILE, K, **act,
             E=E, E_PAD=next_pow2(E), GATHER=row_index is not None, BK=BK, TILE_M=TILE)
@@ -241,7 +241,7 @@ def quantize_weight_layouts(w: torch.Tensor, *, forward: bool = True, transposed
     ``[E, ceil(N/128), ceil(K/128)]``): the layouts asked for, from one read of each 128×128 block —
     the forward reads the first, the dgrad the second (K-major for its reduction over N)."""
     E, N, K = w.shape
-    NB, KB = triton.cdiv(N, TILE), triton.cdiv(K, TILE)
+    NB, KB = cdiv(N, TILE), cdiv(K, TILE)
     q = empty(E, N, K, dtype=torch.float8_e4m3fn, device=w.device) if forward else None
     qt = empty(E, K, N, dtype=torch.float8_e4m3fn, device=w.device) if transposed else None
     s = empty(E, NB, KB, dtype=torch.float32, device=w.device)
@@ -376,7 +376,7 @@ def fp8_matmul(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_sc
     launch(_fp8_matmul_kernel, persistent_grid(a_q.device, num_rows, N, E, extra_row_tiles=2),
         a_q, a_scale, a_row_index if a_row_index is not None else offsets, a_q.shape[0],
         b_q, b_q.stride(0), b_q.stride(1), b_scale, stride_se, stride_sn, stride_sk,
-        out, out.stride(0), offsets, num_rows, N, K, triton.cdiv(K, TILE), rows_per_expert_bucket(num_rows, E),
+        out, out.stride(0), offsets, num_rows, N, K, cdiv(K, TILE), rows_per_expert_bucket(num_rows, E),
         h if h is not None else out, **act, E=E, E_PAD=next_pow2(E), GATHER_A=a_row_index is not None, BK=TILE)
     return out
 
@@ -393,7 +393,7 @@ def fp8_wgrad(g_t: torch.Tensor, g_scale: torch.Tensor, x_t: torch.Tensor, x_sca
         return dw
 
     def grid(meta):
-        return (triton.cdiv(N, meta["BN"]) * triton.cdiv(K, meta["BK"]), E)
+        return (cdiv(N, meta["BN"]) * cdiv(K, meta["BK"]), E)
 
     launch(_fp8_wgrad_kernel, grid, g_t, g_scale, x_t, x_scale, dw, offsets, num_rows, padded, N, K,
            rows_per_expert_bucket(num_rows, E), E, E_PAD=next_pow2(E), TILE_M=TILE)

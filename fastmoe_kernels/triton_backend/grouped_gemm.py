@@ -19,9 +19,10 @@ import triton.language as tl
 from .._alloc import empty
 from .._shapes import grouped_gemm_output_width
 from ._common import dot_precision, dummy_index, launch, next_pow2, persistent_grid, register, rows_per_expert_bucket
-from ._gemm import (expert_tile, grouped_row_span, k_loop, k_loop_two_ab, matmul_configs, outside_tile,
-                    outside_tile_count, pruner, store_tile)
+from ._gemm import (expert_tile, grouped_row_span, k_loop, k_loop_tma_b, k_loop_two_ab, matmul_configs, outside_tile,
+                    outside_tile_count, pruner, stacked_b_descriptor, store_tile)
 from ._jit import gather_rows, group_table
+from ._tma import ensure_allocator, tma_args, tma_stack
 from ._layout import ExpertMatrices, ExpertVectors, packed_cols, packed_rows, packed_vectors, stacked, stacked_vectors
 from .wgrad import grouped_wgrad
 
@@ -39,6 +40,9 @@ def _grouped_matmul_kernel(
     a_ptr, stride_am, stride_ak, a2_col,
     # B_e (and B2_e): expert e's matrix at b_ptr + b_offset[e] (b2_offset[e]), k_size[e] × n_size[e]
     b_ptr, b_offset_ptr, b2_offset_ptr, k_size_ptr, n_size_ptr, stride_bk, stride_bn,
+    # with B_TMA: B_e = W[e, tma_row0 : tma_row0 + n_size, :]ᵀ of the stacked weight W [E, tma_rows, tma_cols]
+    # at b_ptr (_tma.py)
+    tma_rows, tma_cols, tma_stride_e, tma_stride_r, tma_row0,
     bias_ptr, bias_offset_ptr, stride_bias,
     # C: row r goes to row c_row_index[r] (skipped when < 0 or past C's rows) with SCATTER_C, else to row r
     c_ptr, c_row_index_ptr, num_c_rows, stride_cm, stride_cn,
@@ -47,9 +51,12 @@ def _grouped_matmul_kernel(
     E: tl.constexpr, E_PAD: tl.constexpr,
     B_ALIGN: tl.constexpr, B2_ALIGN: tl.constexpr, K_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr,
     SCATTER_C: tl.constexpr, HAS_BIAS: tl.constexpr, DUAL_AB: tl.constexpr, ZERO_OUTSIDE: tl.constexpr,
-    OFFSETS_64: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    OFFSETS_64: tl.constexpr, PRECISION: tl.constexpr, B_TMA: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     e_range, lo_v, hi_v, mt_v, mend_v = group_table(offsets_ptr, num_rows, E, E_PAD, BM)
+    if B_TMA:
+        b_desc = stacked_b_descriptor(b_ptr, E, tma_rows, tma_cols, tma_stride_e, tma_stride_r, BN, BK)
     n_tiles = tl.cdiv(N_OUT, BN)
     gemm_tiles = tl.sum(mt_v, 0) * n_tiles
     first_row, last_row = grouped_row_span(offsets_ptr, num_rows, E)
@@ -76,6 +83,9 @@ def _grouped_matmul_kernel(
                 b2_base = b_ptr + tl.multiple_of(tl.load(b2_offset_ptr + e), B2_ALIGN)
                 acc = k_loop_two_ab(acc, a_row_ptrs, a2_col, stride_ak, rmask, b_base, b2_base, stride_bk, stride_bn,
                                     cols, ncol, k_end, k_size, PRECISION, BK, OFFSETS_64)
+            elif B_TMA:
+                acc = k_loop_tma_b(acc, a_row_ptrs, stride_ak, rmask, b_desc, e, tma_row0 + tile_n * BN, k_end, k_size,
+                                   PRECISION, BK, BN)
             else:
                 acc = k_loop(acc, a_row_ptrs, stride_ak, rmask, b_base, stride_bk, stride_bn, cols, ncol, k_end,
                              k_size, PRECISION, BK, OFFSETS_64)
@@ -127,12 +137,15 @@ def grouped_matmul(
     b2_offset = b_offset if second is None else second.as_b(transpose)[0]
     b2_align = b_align if second is None else second.b_align(transpose)[0]
     device = a.device
+    tma = tma_stack(b, mats, transpose) if second is None else None
+    if tma is not None and device.type == "cuda":
+        ensure_allocator()
 
     # + 2 row tiles: the rows before the first group and after the last (zero_outside).
     launch(_grouped_matmul_kernel, persistent_grid(device, num_rows, n_out, E, extra_row_tiles=2),
         a_ptr=a, stride_am=a.stride(0), stride_ak=a.stride(1), a2_col=a2_col,
         b_ptr=b, b_offset_ptr=b_offset, b2_offset_ptr=b2_offset, k_size_ptr=k_size, n_size_ptr=n_size,
-        stride_bk=stride_bk, stride_bn=stride_bn,
+        stride_bk=stride_bk, stride_bn=stride_bn, **tma_args(tma),
         bias_ptr=bias if bias is not None else out, bias_offset_ptr=bias_vecs.offset if bias_vecs is not None else b_offset,
         stride_bias=bias_vecs.stride if bias_vecs is not None else 0,
         c_ptr=out, c_row_index_ptr=c_row_index if c_row_index is not None else dummy_index(device),

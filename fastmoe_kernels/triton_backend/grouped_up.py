@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from .._alloc import empty
-from .._variants import flag
 from ..activations import Activation, apply_activation
+from .._variants import ACTIVATION_BACKWARD  # the flag (its values and predicted effect: there)
 from ._common import register
 from .activation_grad import activation_grad
 from ._layout import stacked, stacked_vectors
@@ -24,15 +24,6 @@ from .moe_mlp import _cast, _matrices, _vectors
 from .up_projection import up_projection
 from .wgrad import grouped_wgrad
 
-
-# dh by torch's elementwise ops through torch.func.vjp ("torch", the kernels the first H100 run measured), by
-# one elementwise kernel ("kernel", activation_grad.py), or by that kernel into h's own buffer when the op
-# layer gives h up ("kernel-in-place": ops/grouped_up.py then calls the op that declares h mutated).
-# Predicted (bench/predictions.py, H100 rates; benchmarks/results/model-2026-12-03/): the step's GEMMs and
-# activation passes Qwen3 8.20 → 7.45 ms (1.10×), Mixtral 58.28 → 54.82 (1.06×); peak memory (the CPU
-# memory count, benchmarks/results/cpu-2026-12-03-memory/) at Mixtral 9.13 → 7.63 GiB with the kernel,
-# 5.88 in place (torch._grouped_mm's pipeline: 6.5 on the H100).
-ACTIVATION_BACKWARD = flag("FASTMOE_ACTIVATION_BACKWARD", "torch", ("torch", "kernel", "kernel-in-place"))
 
 
 def _up_width(w_up: torch.Tensor, widths, gated: bool) -> int:

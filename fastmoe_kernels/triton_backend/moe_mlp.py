@@ -35,7 +35,7 @@ from ._common import register
 from ._layout import packed_cols, packed_rows, packed_vectors, stacked, stacked_vectors
 from .activation_backward import activation_backward, epilogue_split, partial_rows_needed
 from .grouped_gemm import grouped_matmul
-from .permute import combine, gather
+from .permute import combine, gather, row_values
 from .up_projection import up_projection
 from .wgrad import grouped_wgrad
 
@@ -68,18 +68,6 @@ def _vectors(t: Optional[torch.Tensor], widths: List[int], part: str, f: int, in
     if interleaved:
         return stacked_vectors(t, 0 if part == "gate" else 1, step=2)
     return stacked_vectors(t, 0 if part == "gate" else f)
-
-
-def _gather_row_values(values: torch.Tensor, row: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
-    """``values[row[t, j]]`` per assignment, 0 where it has no row. Like the combine, an assignment
-    counts only where the plan's row for it points back to it (a plan changed after make_plan)."""
-    T, k = row.shape
-    if assignment.shape[0] == 0:  # no rows at all (capacity 0): every assignment dropped
-        return torch.zeros(T, k, dtype=values.dtype, device=values.device)
-    row_ok = (row >= 0) & (row < assignment.shape[0])
-    safe_row = torch.where(row_ok, row, 0).long()
-    slot = torch.arange(T * k, device=row.device, dtype=assignment.dtype).view(T, k)
-    return torch.where(row_ok & (assignment[safe_row] == slot), values[safe_row], 0.0)
 
 
 def _hidden_width(w_down: torch.Tensor, widths: List[int]) -> int:
@@ -147,15 +135,17 @@ def moe_mlp_backward(grad_out, x, w_up, w_down, b_up, b_down, weight, row, assig
     activation_backward(grad_out, assignment, k, weight_flat, w_down_c, _matrices(w_down_c, widths, "down", f),
                         offsets, h, dh, partial, activation=activation, dh_interleaved=one_up_matrix and il,
                         a_out=a_down, a_scaled=a_scaled, split=epilogue_split(stored))
-    grad_row = partial.sum(0) if partial.shape[0] else torch.zeros(R, dtype=torch.float32, device=x.device)
+    row_partials = partial  # [P, R]: the routing-weight gradient per row is their sum
     if b_down is not None:
         # The down bias is part of each expert's output: its share of the weight gradient.
+        grad_row = partial.sum(0) if partial.shape[0] else torch.zeros(R, dtype=torch.float32, device=x.device)
         expert_of_row = torch.searchsorted(offsets[1:], torch.arange(R, device=x.device, dtype=torch.int32), right=True)
         expert_of_row = expert_of_row.clamp(max=offsets.shape[0] - 2)
         src_ok = (assignment >= 0) & (assignment < T * k)  # like the kernels: an index out of range reads nothing
         src = torch.where(src_ok, assignment // k, 0).long()
         grad_row = grad_row + torch.where(src_ok, (grad_out.float()[src] * b_down_c.float()[expert_of_row]).sum(-1), 0.0)
-    grad_weight = _gather_row_values(grad_row, row, assignment).to(weight.dtype)
+        row_partials = grad_row[None]
+    grad_weight = row_values(row_partials, row, assignment, weight.dtype)
 
     # dW_down, db_down.
     # Weight gradients are written in the parameters' dtypes: one program reduces each element, so

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .._alloc import empty
 
-from ._common import next_pow2, register
+from ._common import cdiv, next_pow2, register
 
 
 def _block_d(d: int) -> int:
@@ -104,13 +104,47 @@ def _rowdot_kernel(
         tl.store(out_ptr + tokens * K + j, acc, mask=tmask)
 
 
+@triton.jit
+def _row_values_kernel(
+    values_ptr, row_ptr, assignment_ptr, out_ptr, A, R, P, stride_p, BLOCK: tl.constexpr,
+):
+    """out[a] = Σ_p values[p, row[a]] in fp32 for assignment a whose row points back to it (the
+    plan's assignment[row[a]] == a), else 0: the fused backward's routing-weight gradient from its
+    per-row partial sums, in the assignments' order."""
+    a = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    amask = a < A
+    r = tl.load(row_ptr + a, mask=amask, other=-1)
+    ok = amask & (r >= 0) & (r < R)
+    ok = ok & (tl.load(assignment_ptr + r, mask=ok, other=-1) == a)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for p in range(P):
+        acc += tl.load(values_ptr + p * stride_p + r, mask=ok, other=0.0)
+    tl.store(out_ptr + a, acc.to(out_ptr.dtype.element_ty), mask=amask)
+
+
+def row_values(values: torch.Tensor, row: torch.Tensor, assignment: torch.Tensor, out_dtype) -> torch.Tensor:
+    """``Σ_p values[p, row[t, j]]`` per assignment as a ``[T, k]`` tensor of ``out_dtype`` (``values
+    [P, R]`` fp32, P ≥ 0), 0 where the assignment has no row or its row does not point back to it (a
+    plan changed after make_plan): one launch for what the host did in a dozen small ops."""
+    T, k = row.shape
+    out = empty(T, k, dtype=out_dtype, device=row.device)
+    if T * k == 0:
+        return out
+    if values.stride(-1) != 1:
+        values = values.contiguous()
+    block = 1024
+    _row_values_kernel[(cdiv(T * k, block),)](values, row, assignment, out, T * k, assignment.shape[0], values.shape[0],
+                                              values.stride(0), BLOCK=block)
+    return out
+
+
 def gather(x: torch.Tensor, index: torch.Tensor, num_rows: int, *, div: int = 1, scale=None, out_dtype=None) -> torch.Tensor:
     out = empty(num_rows, x.shape[1], dtype=out_dtype or x.dtype, device=x.device)
     if num_rows == 0 or x.shape[1] == 0:
         return out.zero_()
     block_d = _block_d(x.shape[1])
     block_r = max(1, 4096 // block_d)
-    grid = (triton.cdiv(num_rows, block_r), triton.cdiv(x.shape[1], block_d))
+    grid = (cdiv(num_rows, block_r), cdiv(x.shape[1], block_d))
     _gather_kernel[grid](x, index, scale if scale is not None else x, out, num_rows, x.shape[1], x.stride(0), out.stride(0),
                          x.shape[0], scale.numel() if scale is not None else 0,
                          DIV=div, SCALED=scale is not None, BLOCK_R=block_r, BLOCK_D=block_d)
@@ -128,7 +162,7 @@ def combine(y: torch.Tensor, row: torch.Tensor, weight, *, assignment: Optional[
         return out.zero_()
     block_d = _block_d(y.shape[1])
     block_t = max(1, 2048 // block_d)
-    grid = (triton.cdiv(T, block_t), triton.cdiv(y.shape[1], block_d))
+    grid = (cdiv(T, block_t), cdiv(y.shape[1], block_d))
     weighted = weight is not None and weight.numel() > 0
     _combine_kernel[grid](y, row, weight if weighted else y, out, assignment if ordered else row,
                           assignment.shape[0] if ordered else 0, T, y.shape[1], y.stride(0), out.stride(0), y.shape[0],
@@ -143,7 +177,7 @@ def rowdot(g: torch.Tensor, y: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
         return out
     block_d = _block_d(g.shape[1])
     block_t = max(1, 2048 // block_d)
-    _rowdot_kernel[(triton.cdiv(T, block_t),)](g, y, row, out, T, g.shape[1], g.stride(0), y.stride(0), y.shape[0],
+    _rowdot_kernel[(cdiv(T, block_t),)](g, y, row, out, T, g.shape[1], g.stride(0), y.stride(0), y.shape[0],
                                               K=K, BLOCK_T=block_t, BLOCK_D=block_d)
     return out
 

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .._alloc import empty
 from .._variants import flag
-from ._common import interpreted, launch, next_pow2, register
+from ._common import cdiv, interpreted, launch, next_pow2, register
 
 # "auto": tf32 where both operands are 16-bit, else tf32x3 (above). Kept selectable for the A/B.
 PRECISION = flag("FASTMOE_ROUTER_GEMM_PRECISION", "auto", ("auto", "tf32x3", "ieee"))
@@ -79,7 +79,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, precision: 
         return c.zero_()
 
     def grid(meta):
-        return triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"])
+        return cdiv(M, meta["BM"]), cdiv(N, meta["BN"])
 
     launch(_router_matmul_kernel, grid, a, b, c, M, N, K, next_pow2(M), next_pow2(K), a.stride(0), a.stride(1), b.stride(0),
            b.stride(1), c.stride(0), c.stride(1), PRECISION=precision)

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .._alloc import empty
 
-from ._common import next_pow2, register
+from ._common import cdiv, next_pow2, register
 
 NORMALIZE_EPS = 1e-20
 MAX_EXPERTS = 1024
@@ -187,7 +187,7 @@ def route_topk_triton(logits, k, score, normalize, expert_bias, num_groups, topk
     e_pad = next_pow2(E)
     block_t = _block_t(e_pad)
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
-    _route_topk_fwd_kernel[(triton.cdiv(T, block_t),)](
+    _route_topk_fwd_kernel[(cdiv(T, block_t),)](
         logits, expert_bias if expert_bias is not None else logits, idx, weight, probs, T, logits.stride(0), float(scaling),
         E=E, E_PAD=e_pad, K=k, K_PAD=next_pow2(k), SIGMOID=score == "sigmoid", NORMALIZE=normalize,
         HAS_BIAS=expert_bias is not None, RETURN_PROBS=return_probs,
@@ -207,7 +207,7 @@ def route_topk_backward_triton(grad_weight, grad_probs, logits, expert_idx, scor
     block_t = _block_t(e_pad)
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
     has_gp = grad_probs.numel() > 0
-    _route_topk_bwd_kernel[(triton.cdiv(T, block_t),)](
+    _route_topk_bwd_kernel[(cdiv(T, block_t),)](
         grad_weight, grad_probs if has_gp else grad_weight, logits, expert_idx, grad_logits, T, logits.stride(0), float(scaling),
         E=E, E_PAD=e_pad, K=k, K_PAD=next_pow2(k), SIGMOID=score == "sigmoid", NORMALIZE=normalize,
         HAS_GRAD_PROBS=has_gp, BLOCK_T=block_t,

@@ -11,7 +11,7 @@ import triton.language as tl
 
 from .._alloc import empty
 
-from ._common import next_pow2, register
+from ._common import cdiv, next_pow2, register
 
 
 @triton.jit
@@ -46,7 +46,7 @@ def routing_stats_triton(probs, expert_idx, num_segments):
     per_segment = T // S
     e_pad = next_pow2(E)
     block_t = max(1, min(128, 4096 // e_pad))
-    blocks = triton.cdiv(per_segment, block_t)
+    blocks = cdiv(per_segment, block_t)
     tokens = empty(S, blocks, E, dtype=torch.float32, device=probs.device)
     probsum = empty(S, blocks, E, dtype=torch.float32, device=probs.device)
     _stats_kernel[(S * blocks,)](probs, expert_idx, tokens, probsum, per_segment, blocks,

@@ -15,9 +15,11 @@ import triton
 import triton.language as tl
 
 from ._common import activation_args, dot_precision, launch, next_pow2, persistent_grid, rows_per_expert_bucket
-from ._gemm import expert_tile, k_loop, k_loop_two_b, matmul_configs, pruner
+from ._gemm import (expert_tile, k_loop, k_loop_tma_b, k_loop_two_b, k_loop_two_b_tma, matmul_configs, pruner,
+                    stacked_b_descriptor)
 from ._jit import act_fwd, gather_rows, group_table, up_fwd
 from ._layout import ExpertMatrices, ExpertVectors
+from ._tma import ensure_allocator, tma_args, tma_stack
 
 
 def _footprint(t, args):
@@ -34,6 +36,8 @@ def _up_projection_kernel(
     x_ptr, x_row_index_ptr, num_x_rows, stride_xm, stride_xk,
     # expert e's gate (and up) matrix at w_ptr + gate_offset[e] (up_offset[e]), k_size[e] × n_size[e]
     w_ptr, gate_offset_ptr, up_offset_ptr, k_size_ptr, n_size_ptr, stride_wk, stride_wn,
+    # with B_TMA: gate_e = W[e, tma_row0 : …]ᵀ, up_e = W[e, tma_up_row0 : …]ᵀ of W [E, tma_rows, tma_cols] (_tma.py)
+    tma_rows, tma_cols, tma_stride_e, tma_stride_r, tma_row0, tma_up_row0,
     bias_ptr, gate_bias_offset_ptr, up_bias_offset_ptr, stride_bias,
     out_ptr, stride_om, stride_on,
     # the pre-activation kept for the backward: gate at column n, up at column h_up_col + n
@@ -43,9 +47,12 @@ def _up_projection_kernel(
     E: tl.constexpr, E_PAD: tl.constexpr, X_ROW_DIV: tl.constexpr, GATHER_X: tl.constexpr,
     GATE_ALIGN: tl.constexpr, UP_ALIGN: tl.constexpr, K_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr,
     ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_H: tl.constexpr,
-    OFFSETS_64: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    OFFSETS_64: tl.constexpr, PRECISION: tl.constexpr, B_TMA: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     e_range, lo_v, hi_v, mt_v, mend_v = group_table(offsets_ptr, num_rows, E, E_PAD, BM)
+    if B_TMA:
+        w_desc = stacked_b_descriptor(w_ptr, E, tma_rows, tma_cols, tma_stride_e, tma_stride_r, BN, BK)
     n_tiles = tl.cdiv(N_OUT, BN)
     for tile in range(tl.program_id(0), tl.sum(mt_v, 0) * n_tiles, tl.num_programs(0)):
         e, rows, rmask, tile_n = expert_tile(tile, n_tiles, e_range, lo_v, hi_v, mt_v, mend_v, BM, GROUP_M)
@@ -60,7 +67,14 @@ def _up_projection_kernel(
         k_end = tl.where(tile_n * BN < n_size, k_size, 0)
         gate = tl.zeros((BM, BN), dtype=tl.float32)
         up = tl.zeros((BM, BN), dtype=tl.float32)
-        if GATED:
+        if B_TMA:
+            if GATED:
+                gate, up = k_loop_two_b_tma(gate, up, x_row_ptrs, stride_xk, x_valid, w_desc, e, tma_row0 + tile_n * BN,
+                                            tma_up_row0 + tile_n * BN, k_end, k_size, PRECISION, BK, BN)
+            else:
+                gate = k_loop_tma_b(gate, x_row_ptrs, stride_xk, x_valid, w_desc, e, tma_row0 + tile_n * BN, k_end,
+                                    k_size, PRECISION, BK, BN)
+        elif GATED:
             up_base = w_ptr + tl.multiple_of(tl.load(up_offset_ptr + e), UP_ALIGN)
             gate, up = k_loop_two_b(gate, up, x_row_ptrs, stride_xk, x_valid, gate_base, up_base, stride_wk,
                                     stride_wn, cols, ncol, k_end, k_size, PRECISION, BK, OFFSETS_64)
@@ -115,12 +129,18 @@ def up_projection(
     up_align = gate_align if up is None else up.b_align(True)[0]
     h_t = h if h is not None else out
     device = x.device
+    gate_tma = tma_stack(w, gate, True)
+    up_tma = tma_stack(w, up, True) if up is not None else None
+    tma = gate_tma if up is None or up_tma is not None else None
+    if tma is not None and device.type == "cuda":
+        ensure_allocator()
 
     launch(_up_projection_kernel, persistent_grid(device, num_rows, f, E),
         x_ptr=x, x_row_index_ptr=x_row_index if x_row_index is not None else offsets, num_x_rows=x.shape[0],
         stride_xm=x.stride(0), stride_xk=x.stride(1),
         w_ptr=w, gate_offset_ptr=gate_offset, up_offset_ptr=up_offset, k_size_ptr=k_size, n_size_ptr=n_size,
-        stride_wk=stride_wk, stride_wn=stride_wn,
+        stride_wk=stride_wk, stride_wn=stride_wn, **tma_args(tma),
+        tma_up_row0=up_tma.row_start if tma is not None and up_tma is not None else 0,
         bias_ptr=bias if bias is not None else out,
         gate_bias_offset_ptr=gate_bias.offset if gate_bias is not None else gate_offset,
         up_bias_offset_ptr=(up_bias or gate_bias).offset if gate_bias is not None else gate_offset,

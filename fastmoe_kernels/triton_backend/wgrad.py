@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import activation_args, dot_precision, dummy_index, launch, rows_per_expert_bucket
+from ._common import activation_args, cdiv, dot_precision, dummy_index, launch, rows_per_expert_bucket
 from ._gemm import b_offsets, pruner, wgrad_configs, wgrad_tile
 from ._jit import act_fwd, gather_rows, up_fwd
 from ._layout import ExpertMatrices, ExpertVectors
@@ -135,7 +135,7 @@ def grouped_wgrad(
     num_rows = a.shape[0] if a_row_index is None else (g.shape[0] if g_row_index is None else g_row_index.shape[0])
 
     def grid(meta):
-        return (triton.cdiv(k_max, meta["BK"]) * triton.cdiv(n_max, meta["BN"]), E)
+        return (cdiv(k_max, meta["BK"]) * cdiv(n_max, meta["BN"]), E)
 
     launch(_grouped_wgrad_kernel, grid,
         a_ptr=a, a_row_index_ptr=a_row_index if a_row_index is not None else dummy_index(device),

@@ -61,11 +61,11 @@ def test_the_forward_kernels_autotune_over_the_decode_tiles():
             assert any(c.kwargs["BM"] == 16 for c in kernel.configs)
 
 
-def test_the_pruners_fallback_is_the_smallest_config(gpu_configs):
+def test_the_pruners_fallback_is_the_smallest_config(gpu_configs, monkeypatch):
     """Where nothing fits (a tiny shared memory), the pruner keeps the config of the smallest footprint,
     whatever the list's order (the decode tiles come last)."""
     prune = _gemm.pruner(grouped_gemm._footprint, "a_ptr")
-    _common.shared_memory_override = 1024
+    monkeypatch.setattr(_common, "shared_memory_override", 1024)
     kept = prune(gpu_configs(), {}, a_ptr=torch.empty(0, dtype=torch.bfloat16), DUAL_AB=True, M_BUCKET=1)
     assert len(kept) == 1 and kept[0].kwargs["BM"] * kept[0].kwargs["BK"] <= 16 * 128
 

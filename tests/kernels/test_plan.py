@@ -57,3 +57,17 @@ def test_chunks_of_many_tiles(backend, device, mode, monkeypatch):
     idx, weight = routing(333, 9, 3, device, skew=True)
     idx[::7, 0] = -1
     assert_same_plan(idx, weight, 9, mode, backend)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: f"{m[0]}-{m[1]}-pad{m[2]}")
+def test_int64_ids_and_rows_no_assignment_fills(backend, device, mode):
+    """The kernels read the ids in their own dtype (no host cast or masking pass) and mark every row no
+    assignment fills with -1 themselves (no fill pass): int64 ids with unassigned ones, a capacity
+    that leaves padded rows empty, against the reference."""
+    idx, weight = routing(61, 9, 3, device, skew=True)
+    idx = idx.long()
+    idx[::4, 2] = -1
+    reference = assert_same_plan(idx, weight, 9, mode, backend)
+    factor, _, pad = mode
+    if pad or factor is None:  # the unassigned ids leave rows no assignment fills
+        assert (reference.assignment == -1).any()

@@ -245,7 +245,7 @@ def write_readme(args, summary, times, text, device, path, argv) -> None:
 - **Text**: the docstrings of {len(MODULES)} standard-library modules of Python {platform.python_version()}
   ({len(text):,} bytes, sha256 {hashlib.sha256(text).hexdigest()[:16]}…), last 10% held out.
 - **Where**: {device} ({platform.processor() or platform.machine()}), torch {torch.__version__}; the fp8 run
-  {'used the Triton fp8 kernels' if device.type == 'cuda' else "ran the fp32 emulation of the recipe (the specification the Triton kernels equal; tests/kernels/test_fp8.py)"}.
+  {'used the Triton fp8 kernels' if device.type == 'cuda' else "ran the fp32 emulation of the recipe (the specification the Triton kernels equal; tests/kernel_tests/test_fp8.py)"}.
   Wall time: bf16 {times['bf16']:.0f} s, fp8 {times['fp8']:.0f} s (not a speed measurement).
 - **Command**: `{command}`
 - **Limits**: one seed and a tiny model. The gap along the run is the difference of two runs that

@@ -74,7 +74,7 @@ elif [ "$PHASE" = "followup" ]; then
   BUILD=$!
   python3 benchmarks/gpu_prewarm.py > "$OUT/prewarm.log" 2>&1 &
   PREWARM=$!
-  FASTMOE_AUTOTUNE=one timeout 150 python3 -m pytest -m gpu tests/kernels/test_fp8.py tests/test_fp8.py -q -p no:cacheprovider -n 8 \
+  FASTMOE_AUTOTUNE=one timeout 150 python3 -m pytest -m gpu tests/kernel_tests/test_fp8.py tests/test_fp8.py -q -p no:cacheprovider -n 8 \
     2>&1 | tee "$OUT/fp8-tests.log" | grep -E "^(FAILED|ERROR)|passed|failed" | cut -c1-200
   wait $BUILD $PREWARM; tail -1 "$OUT/prewarm.log"
   timeout 90 python3 benchmarks/gpu_check.py --cases DeepSeek-V3 --json "$OUT/check-deepseek.json" 2>&1 | tee "$OUT/check-deepseek.log"
@@ -101,7 +101,7 @@ elif [ "$PHASE" = "sanitize" ]; then
     echo "compute-sanitizer not found (no CUDA toolkit on this machine): sanitize phase skipped" | tee "$OUT/sanitize.log"
   else
     "$SANITIZER" --tool memcheck --error-exitcode 1 --print-limit 20 \
-      python3 -m pytest -m gpu tests/kernels tests/test_gpu.py -q -p no:cacheprovider --maxfail=5 \
+      python3 -m pytest -m gpu tests/kernel_tests tests/test_gpu.py -q -p no:cacheprovider --maxfail=5 \
       -k "not autotuning and not cuda_graph" 2>&1 | tee "$OUT/sanitize.log" | tail -30
   fi
 else

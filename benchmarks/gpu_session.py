@@ -49,18 +49,18 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 LAST_GPU_RUN = "6c1f44f"  # the commit the first H100 run measured (benchmarks/results/h100-2026-11-24)
 # GPU tests of what changed since that run (the kernel tests of the GEMMs, the layer, the tools).
-CHECK_TESTS = ["tests/kernels/test_grouped_gemm.py", "tests/kernels/test_grouped_up.py", "tests/kernels/test_moe_mlp.py",
-               "tests/kernels/test_layer.py", "tests/test_gpu.py", "tests/test_tuning.py", "tests/test_trusted_values.py",
+CHECK_TESTS = ["tests/kernel_tests/test_grouped_gemm.py", "tests/kernel_tests/test_grouped_up.py", "tests/kernel_tests/test_moe_mlp.py",
+               "tests/kernel_tests/test_layer.py", "tests/test_gpu.py", "tests/test_tuning.py", "tests/test_trusted_values.py",
                # the part B variants, the router's tensor-core GEMMs and the fp8 weight cache (bf16 runs
                # only here: the interpreters multiply it wrongly)
-               "tests/kernels/test_training_variants.py", "tests/kernels/test_router_logits.py",
-               "tests/kernels/test_fp8_weight_cache.py",
+               "tests/kernel_tests/test_training_variants.py", "tests/kernel_tests/test_router_logits.py",
+               "tests/kernel_tests/test_fp8_weight_cache.py",
                # the activation-gradient kernel and the decode tiles (the forward issue)
-               "tests/kernels/test_activation_grad.py", "tests/kernels/test_decode_tiles.py",
+               "tests/kernel_tests/test_activation_grad.py", "tests/kernel_tests/test_decode_tiles.py",
                # the weights through TMA descriptors, the plan kernels' in-kernel key and row fill
-               "tests/kernels/test_tma_b.py", *(f"tests/kernels/test_plan.py::{t}" for t in (
+               "tests/kernel_tests/test_tma_b.py", *(f"tests/kernel_tests/test_plan.py::{t}" for t in (
                    "test_int64_ids_and_rows_no_assignment_fills", "test_unassigned_ids", "test_chunks_of_many_tiles"))]
-CUDA_TESTS = ["tests/kernels/test_permute.py", "tests/kernels/test_plan.py", "tests/kernels/test_route_topk.py"]
+CUDA_TESTS = ["tests/kernel_tests/test_permute.py", "tests/kernel_tests/test_plan.py", "tests/kernel_tests/test_route_topk.py"]
 SESSION_CASES = "Qwen3-30B-A3B,Mixtral-8x7B"
 HEADLINE_ORDER = ["Qwen3-30B-A3B", "Mixtral-8x7B", "gpt-oss-20b", "DeepSeek-V3", "OLMoE", "Mixtral-8x7B fp8",
                   "Qwen3-30B-A3B fp8"]

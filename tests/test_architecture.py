@@ -103,3 +103,22 @@ def test_the_graph_sees_lazy_imports():
     # The check above would miss a cycle hidden in a function body if imports_of skipped them.
     src = PACKAGE / "integrations" / "transformers.py"
     assert "fastmoe_kernels.layer" in imports_of(src)
+
+
+def _test_tree_top_level_names(root: pathlib.Path) -> set:
+    """The names pytest's rootdir-relative imports make importable from ``root`` (it sits on sys.path
+    because it has no __init__.py): its modules and its packages."""
+    return ({p.stem for p in root.glob("*.py")}
+            | {p.parent.name for p in root.glob("*/__init__.py")})
+
+
+@pytest.mark.parametrize("tree", ["tests", "benchmarks"])
+def test_no_test_module_shadows_an_installed_or_standard_module(tree):
+    # tests/kernels/ once shadowed Hugging Face's `kernels` distribution, which transformers >= 5.2x
+    # imports at `transformers.integrations.moe`: CI's collection of test_transformers.py failed.
+    import importlib.metadata
+    import sys
+    installed = set(importlib.metadata.packages_distributions()) | set(sys.stdlib_module_names)
+    ours = _test_tree_top_level_names(PACKAGE.parent / tree) - {"conftest", "__init__"}
+    clashes = sorted(ours & installed)
+    assert not clashes, f"{tree}/ defines top-level modules named like installed ones: {clashes}"

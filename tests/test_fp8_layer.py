@@ -1,7 +1,7 @@
 """MoEConfig(fp8_recipe="blockwise") on the torch backend (the emulation): the layer equals the recipe
 composed by hand, trains every parameter, differs from full precision by an fp8 amount, and bad
 input or an unsupported configuration gets a clear error. Which backend runs where is tested here
-too (the Triton kernels themselves: tests/kernels/test_fp8.py)."""
+too (the Triton kernels themselves: tests/kernel_tests/test_fp8.py)."""
 import pytest
 import torch
 

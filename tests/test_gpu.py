@@ -73,9 +73,9 @@ def skip_unless_available(backend, device, dtype):
 
 
 def skip_slow_interpreter(backend, device, mode):
-    # The interpreter takes ~1 min per mode at these sizes; tests/kernels/ covers every mode at small ones.
+    # The interpreter takes ~1 min per mode at these sizes; tests/kernel_tests/ covers every mode at small ones.
     if backend == "triton" and device == "cpu" and mode != "dropless":
-        pytest.skip("Triton interpreted: one mode here, every mode in tests/kernels/")
+        pytest.skip("Triton interpreted: one mode here, every mode in tests/kernel_tests/")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,6 +1,6 @@
 """Triton kernels compiled for real GPU targets (no GPU needed), and the alignment hints they rely on.
 
-The interpreter tests (tests/kernels/) check what the kernels compute; only the compiler can say
+The interpreter tests (tests/kernel_tests/) check what the kernels compute; only the compiler can say
 whether they build for sm_80/sm_90 and whether the grouped GEMM's K loop is software-pipelined.
 """
 import os

@@ -5,7 +5,7 @@ from .grouped_gemm_fp8 import grouped_gemm_fp8
 from .grouped_mlp import grouped_mlp
 from .moe_mlp import moe_mlp
 from .permute import permute, unpermute
-from .plan import DispatchPlan, expert_capacity, make_plan
+from .plan import DispatchPlan, expert_capacity, make_plan, plan_for_grouped_rows
 from .route_topk import route_topk
 from .router_logits import router_logits
 from .routing_stats import routing_stats
@@ -19,6 +19,7 @@ __all__ = [
     "make_plan",
     "moe_mlp",
     "permute",
+    "plan_for_grouped_rows",
     "route_topk",
     "router_logits",
     "routing_stats",

@@ -23,7 +23,8 @@ from torch import Tensor
 
 from .. import backends
 from .._shapes import num_plan_rows
-from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_ids_in_range, check_int, check_tensor, trust
+from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_ids_in_range, check_int, check_tensor,
+                      check_values, trust)
 
 DROP_POLICIES = ("probs", "position")
 
@@ -244,3 +245,39 @@ def make_plan(
         counts=counts, routed_counts=routed, offsets=offsets, row=row, assignment=assignment,
         top_k=k, capacity=None if capacity < 0 else capacity, padded=bool(pad),
     )
+
+
+def plan_for_grouped_rows(counts: Tensor, num_rows: int, *, where: str = "plan_for_grouped_rows") -> DispatchPlan:
+    """The :class:`DispatchPlan` of ``num_rows`` rows that a trainer's token dispatcher has already grouped
+    by expert (Megatron-Core's experts seam, torchtitan's ``GroupedExperts``): ``counts [E]`` rows per
+    expert, in order. Each row is its own assignment (top-1, row r holds assignment r), so ``moe_mlp`` with
+    ``weight [num_rows, 1]`` applies one weight per row and writes row r's output to row r.
+
+    No host synchronisation: ``counts`` must sum to ``num_rows`` (a value check, asynchronous like the
+    others, reports where it does not); the offsets are clamped to the rows, so rows past them hold no
+    assignment and come out as zeros."""
+    check_tensor(where, "tokens_per_expert", counts, ndim=1, dtypes=INDEX_DTYPES)
+    if isinstance(num_rows, int):
+        check_int(where, "num_rows", num_rows, low=0)
+    if isinstance(num_rows, int) and num_rows >= 2**31:
+        raise ValueError(f"{where}: {num_rows} rows exceed the int32 row index range")
+    E = counts.shape[0]
+    if E < 1:
+        raise ValueError(f"{where}: `tokens_per_expert` must hold one count per expert (E >= 1), got shape [0]")
+    totals = torch.cumsum(counts.clamp(min=0).to(torch.int64), 0)
+
+    def stats() -> Tensor:
+        total = counts.to(torch.int64).sum()
+        return torch.stack([((counts < 0).any() | (total != num_rows)).to(torch.int64), total])
+
+    check_values(counts.device, stats, lambda v: (
+        f"{where}: `tokens_per_expert` (>= 0, one per expert) must sum to the {num_rows} rows given, "
+        f"sums to {v[1]}"))
+    offsets = torch.cat([totals.new_zeros(1), totals.clamp(max=num_rows)]).to(torch.int32)
+    kept = offsets[1:] - offsets[:-1]
+    rows = torch.arange(num_rows, dtype=torch.int32, device=counts.device)
+    assignment = torch.where(rows < offsets[-1], rows, -1)
+    plan = DispatchPlan(counts=kept, routed_counts=kept, offsets=offsets, row=assignment.view(num_rows, 1),
+                        assignment=assignment, top_k=1, capacity=None, padded=False)
+    trust(plan.counts, plan.offsets, plan.row, plan.assignment)  # valid by construction, as make_plan's
+    return plan

@@ -6,8 +6,8 @@ import torch
 from fastmoe_kernels.experts import GroupedExperts
 from fastmoe_kernels.activations import Activation
 from fastmoe_kernels.ops import make_plan, moe_mlp
-from kernels.conftest import low_precision_dtypes
-from kernels.helpers import assert_rel, plan_for, routing
+from kernel_tests.conftest import low_precision_dtypes
+from kernel_tests.helpers import assert_rel, plan_for, routing
 
 MODES = {"dropless": None, "capacity": (0.75, "probs", False), "capacity-pad": (1.0, "position", True)}
 

@@ -39,5 +39,5 @@ def pytest_collection_modifyitems(config, items):
     # On a GPU machine these tests run on the GPU: mark them so `pytest -m gpu` includes them.
     if torch.cuda.is_available():
         for item in items:
-            if "tests/kernels/" in item.nodeid.replace("\\", "/"):
+            if "tests/kernel_tests/" in item.nodeid.replace("\\", "/"):
                 item.add_marker(pytest.mark.gpu)

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from fastmoe_kernels.ops import permute, unpermute
-from kernels.conftest import low_precision_dtypes
-from kernels.helpers import assert_rel, plan_for, routing
+from kernel_tests.conftest import low_precision_dtypes
+from kernel_tests.helpers import assert_rel, plan_for, routing
 
 MODES = [None, (0.7, "probs", False), (1.25, "position", True)]
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fastmoe_kernels import ops
-from kernels.conftest import low_precision_dtypes
-from kernels.helpers import assert_rel, routing
+from kernel_tests.conftest import low_precision_dtypes
+from kernel_tests.helpers import assert_rel, routing
 
 triton = pytest.importorskip("triton")
 _gemm = pytest.importorskip("fastmoe_kernels.triton_backend._gemm")

@@ -9,8 +9,8 @@ import torch
 
 from fastmoe_kernels import ops
 from fastmoe_kernels.activations import ACTIVATIONS, Activation, apply_activation, as_activation
-from kernels.conftest import low_precision_dtypes
-from kernels.helpers import assert_rel
+from kernel_tests.conftest import low_precision_dtypes
+from kernel_tests.helpers import assert_rel
 
 activation_grad_module = pytest.importorskip("fastmoe_kernels.triton_backend.activation_grad")
 up_triton = importlib.import_module("fastmoe_kernels.triton_backend.grouped_up")

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from fastmoe_kernels.ops import grouped_gemm
-from kernels.conftest import low_precision_dtypes
-from kernels.helpers import assert_rel
+from kernel_tests.conftest import low_precision_dtypes
+from kernel_tests.helpers import assert_rel
 
 
 def offsets_for(sizes, device):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fastmoe_kernels.ops import expert_capacity, make_plan
-from kernels.helpers import routing
+from kernel_tests.helpers import routing
 
 FIELDS = ("counts", "routed_counts", "offsets", "row", "assignment")
 MODES = [(None, "probs", False), (1.0, "position", False), (0.6, "probs", False), (1.25, "probs", True), (0.5, "position", True)]

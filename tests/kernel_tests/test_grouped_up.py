@@ -9,8 +9,8 @@ import torch
 from fastmoe_kernels import backends, ops
 from fastmoe_kernels.activations import ACTIVATIONS, Activation, as_activation
 from fastmoe_kernels.ops.grouped_up import grouped_up
-from kernels.conftest import low_precision_dtypes
-from kernels.helpers import assert_rel
+from kernel_tests.conftest import low_precision_dtypes
+from kernel_tests.helpers import assert_rel
 
 grouped_mlp_module = importlib.import_module("fastmoe_kernels.ops.grouped_mlp")  # the module, not the function
 SIZES = [9, 0, 21, 1, 13]

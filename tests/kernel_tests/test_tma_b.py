@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fastmoe_kernels import MoELayer
-from kernels.conftest import low_precision_dtypes
-from kernels.helpers import assert_rel
+from kernel_tests.conftest import low_precision_dtypes
+from kernel_tests.helpers import assert_rel
 
 pytest.importorskip("triton")
 from fastmoe_kernels.triton_backend import _layout, _tma, grouped_gemm, up_projection  # noqa: E402

@@ -16,8 +16,8 @@ import torch
 from fastmoe_kernels import backends, ops
 from fastmoe_kernels.activations import Activation, as_activation
 from fastmoe_kernels.experts import GroupedExperts
-from kernels.conftest import low_precision_dtypes
-from kernels.helpers import assert_rel, plan_for, routing
+from kernel_tests.conftest import low_precision_dtypes
+from kernel_tests.helpers import assert_rel, plan_for, routing
 
 grouped_mlp_module = importlib.import_module("fastmoe_kernels.ops.grouped_mlp")
 fused_module = pytest.importorskip("fastmoe_kernels.triton_backend.moe_mlp")

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fastmoe_kernels.ops import routing_stats
-from kernels.helpers import assert_rel, routing
+from kernel_tests.helpers import assert_rel, routing
 
 
 @pytest.mark.parametrize("E,k", [(1, 1), (9, 2), (128, 8), (500, 4)])

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fastmoe_kernels.ops import route_topk
-from kernels.helpers import assert_rel
+from kernel_tests.helpers import assert_rel
 
 CASES = [(1, 1), (7, 2), (7, 7), (64, 8), (64, 1), (300, 16), (160, 32)]
 

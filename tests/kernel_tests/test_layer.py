@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fastmoe_kernels import MoELayer
-from kernels.helpers import assert_rel
+from kernel_tests.helpers import assert_rel
 
 CONFIGS = {
     "dropless": dict(),

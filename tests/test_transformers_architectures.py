@@ -151,13 +151,30 @@ def run(experts, impl, x, idx, weight):
     return out.detach(), grads
 
 
-def inputs(experts, seed):
+def inputs(experts, seed, top_k=TOP_K):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(TOKENS, input_width(experts), generator=generator)
-    idx = torch.stack([torch.randperm(NUM_EXPERTS, generator=generator)[:TOP_K] for _ in range(TOKENS)])
+    idx = torch.stack([torch.randperm(NUM_EXPERTS, generator=generator)[:top_k] for _ in range(TOKENS)])
     idx[0] = idx[1]  # two tokens on one expert, and (T=9, k=2, E=4) some experts with few tokens
-    weight = torch.rand(TOKENS, TOP_K, generator=generator)
+    weight = torch.rand(TOKENS, top_k, generator=generator)
     return x, idx, weight
+
+
+def eager_reference(experts, class_name):
+    """(inputs, eager's output and gradients) at top-2, or at top-1 for a class whose eager forward takes
+    one route per row with unit weight (transformers 5.25's ErgoExpertProjections: its subclass gives
+    each route its own row and weights them after a per-expert norm; its eager forward ignores the
+    weights and its mask indexing fails on two routes); a class that fails at both fails the test."""
+    try:
+        x, idx, weight = inputs(experts, seed=len(class_name))
+        return (x, idx, weight), run(experts, "eager", x, idx, weight)
+    except (IndexError, RuntimeError) as at_top2:
+        x, idx, _ = inputs(experts, seed=len(class_name), top_k=1)
+        weight = torch.ones(idx.shape)  # what the class's one caller passes
+        try:
+            return (x, idx, weight), run(experts, "eager", x, idx, weight)
+        except Exception:
+            raise at_top2 from None
 
 
 def test_discovery_finds_the_interface_classes():
@@ -169,8 +186,7 @@ def test_discovery_finds_the_interface_classes():
 @pytest.mark.parametrize("model_type,file_stem,class_name", CLASSES, ids=[c for _, _, c in CLASSES])
 def test_fastmoe_equals_eager(model_type, file_stem, class_name):
     experts = build(model_type, file_stem, class_name)
-    x, idx, weight = inputs(experts, seed=len(class_name))
-    ref_out, ref_grads = run(experts, "eager", x, idx, weight)
+    (x, idx, weight), (ref_out, ref_grads) = eager_reference(experts, class_name)
     out, grads = run(experts, "fastmoe", x, idx, weight)
     torch.testing.assert_close(out, ref_out, **tol(torch.float32))
     names = ["x"] + [n for n, p in experts.named_parameters() if p.requires_grad]

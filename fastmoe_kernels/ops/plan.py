@@ -247,15 +247,17 @@ def make_plan(
     )
 
 
-def plan_for_grouped_rows(counts: Tensor, num_rows: int, *, where: str = "plan_for_grouped_rows") -> DispatchPlan:
+def plan_for_grouped_rows(counts: Tensor, num_rows: int, *, all_rows: bool = True,
+                          where: str = "plan_for_grouped_rows") -> DispatchPlan:
     """The :class:`DispatchPlan` of ``num_rows`` rows that a trainer's token dispatcher has already grouped
     by expert (Megatron-Core's experts seam, torchtitan's ``GroupedExperts``): ``counts [E]`` rows per
     expert, in order. Each row is its own assignment (top-1, row r holds assignment r), so ``moe_mlp`` with
     ``weight [num_rows, 1]`` applies one weight per row and writes row r's output to row r.
 
-    No host synchronisation: ``counts`` must sum to ``num_rows`` (a value check, asynchronous like the
-    others, reports where it does not); the offsets are clamped to the rows, so rows past them hold no
-    assignment and come out as zeros."""
+    No host synchronisation: ``counts`` must sum to ``num_rows`` (``all_rows``; at most ``num_rows``
+    otherwise, for a dispatcher that pads) — a value check, asynchronous like the others, reports where
+    they do not; the offsets are clamped to the rows, so rows past them hold no assignment and come
+    out as zeros."""
     check_tensor(where, "tokens_per_expert", counts, ndim=1, dtypes=INDEX_DTYPES)
     if isinstance(num_rows, int):
         check_int(where, "num_rows", num_rows, low=0)
@@ -268,11 +270,16 @@ def plan_for_grouped_rows(counts: Tensor, num_rows: int, *, where: str = "plan_f
 
     def stats() -> Tensor:
         total = counts.to(torch.int64).sum()
-        return torch.stack([((counts < 0).any() | (total != num_rows)).to(torch.int64), total])
+        wrong_total = (total != num_rows) if all_rows else (total > num_rows)
+        return torch.stack([((counts < 0).any() | wrong_total).to(torch.int64), total])
 
-    check_values(counts.device, stats, lambda v: (
-        f"{where}: `tokens_per_expert` (>= 0, one per expert) must sum to the {num_rows} rows given, "
-        f"sums to {v[1]}"))
+    def message(values) -> str:
+        bound = "" if all_rows else "at most "
+        return (f"{where}: `tokens_per_expert` (>= 0, one per expert) must sum to {bound}the {num_rows} rows "
+                f"given, sums to {values[1]}")
+
+    if not torch.compiler.is_compiling():  # a trace cannot hold the check's host read; the offsets stay clamped
+        check_values(counts.device, stats, message)
     offsets = torch.cat([totals.new_zeros(1), totals.clamp(max=num_rows)]).to(torch.int32)
     kept = offsets[1:] - offsets[:-1]
     rows = torch.arange(num_rows, dtype=torch.int32, device=counts.device)

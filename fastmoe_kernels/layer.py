@@ -51,8 +51,9 @@ class MoELayer(nn.Module):
 
     ``expert_parallel_group``: shard the experts over a ``torch.distributed`` group (see
     :mod:`fastmoe_kernels.parallel`): this rank holds experts ``[r·E/W, (r+1)·E/W)``, the router and
-    the shared experts are replicated, tokens travel by all-to-all, and the load-balancing loss counts
-    tokens over the whole group. Before the first exchange the ranks check that they built the same
+    the shared experts are replicated, tokens travel by all-to-all, and the load-balancing loss keeps
+    its configured scope (``"global"`` over ``set_aux_loss_group``'s group, else this rank's tokens, as
+    without expert parallelism). Before the first exchange the ranks check that they built the same
     layer (a mismatch raises ``ExpertParallelError`` naming the fields); every exchange waits at most
     ``expert_parallel_timeout`` seconds (then ``ExpertParallelError``).
     """
@@ -138,11 +139,12 @@ class MoELayer(nn.Module):
             if cfg.load_balancing_type == "sequence" and len(lead_shape) >= 2:
                 segments = route.logits.shape[0] // lead_shape[-1] if lead_shape[-1] else 1
             tokens, prob_mean = routing_stats_op(route.probs, route.expert_idx, segments, backend=backend)
+            # The configured scope, with or without expert parallelism (turning it on must not change
+            # the loss): "global" sums the counts over aux_loss_group (set_aux_loss_group), the other
+            # types count this rank's tokens. The counts carry no gradient: their all-reduce is detached.
             group = self.aux_loss_group if cfg.load_balancing_type == "global" else None
-            if self.expert_parallel is not None and cfg.load_balancing_type != "sequence":
-                group = self.expert_parallel.group  # an expert's load comes from every rank's tokens
             if group is not None:
-                tokens = tokens.clone()
+                tokens = tokens.detach().clone()
                 if self.expert_parallel is not None and group is self.expert_parallel.group:
                     collective(dist.all_reduce, tokens, group=group, what="the load-balancing counts' all-reduce",
                                timeout_s=self.expert_parallel.timeout_s)
@@ -207,6 +209,7 @@ class MoELayer(nn.Module):
         shard = MoELayer(self.config, device=self.router.weight.device, dtype=self.router.weight.dtype,
                          expert_parallel_group=group, expert_parallel_timeout=timeout)
         shard.backend = self.backend
+        shard.aux_loss_group = self.aux_loss_group
         _load_all_but_experts(shard, self)
         shard.experts.load_experts([self.experts.expert_weights(e) for e in shard.expert_parallel.local])
         return shard

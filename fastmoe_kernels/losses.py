@@ -88,7 +88,7 @@ def load_balancing_loss(
         raise ValueError(f"{where}: `num_sequences` > 1 (per-sequence) and `group` (global) are exclusive")
     tokens, prob_mean = routing_stats(probs, expert_idx, num_sequences)
     if group is not None:
-        tokens = tokens.clone()
+        tokens = tokens.detach().clone()  # counts carry no gradient (and c10d's all_reduce has no autograd)
         dist.all_reduce(tokens, group=group)
     return coeff * load_balancing_loss_from_stats(tokens, prob_mean, expert_idx.shape[1], normalization=normalization)
 

@@ -8,6 +8,7 @@ import copy
 import json
 import os
 import traceback
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -41,7 +42,7 @@ def _close(a, b, what, failures):
 
 
 def check_case(case: str, rank: int, world: int, failures: list) -> None:
-    fields = dict(d_model=12, d_ff=8, num_experts=8, top_k=2, aux_loss_coeff=0.0)
+    fields = dict(d_model=12, d_ff=8, num_experts=8, top_k=2)  # the default config: its aux loss included
     fields.update(CASES[case])
     torch.manual_seed(0)  # the same full layer on every rank
     full = MoELayer(dtype=torch.float64, **fields)
@@ -92,22 +93,38 @@ def check_case(case: str, rank: int, world: int, failures: list) -> None:
 
 
 def check_aux_loss(rank: int, world: int, failures: list) -> None:
-    """The load-balancing loss counts tokens over the whole group; probabilities stay local."""
+    """The load-balancing loss keeps its configured scope: micro-batch (the default) counts this rank's
+    tokens, as the unsharded layer on this batch; "global" over the group set by set_aux_loss_group
+    counts every rank's tokens, probabilities kept local."""
     torch.manual_seed(0)
-    full = MoELayer(d_model=12, d_ff=8, num_experts=8, top_k=2, aux_loss_coeff=0.1, dtype=torch.float64)
-    shard = full.to_expert_parallel(dist.group.WORLD)
     gen = torch.Generator().manual_seed(99)
     xs = [torch.randn(5 + r, 12, generator=gen, dtype=torch.float64) for r in range(world)]
+    full = MoELayer(d_model=12, d_ff=8, num_experts=8, top_k=2, aux_loss_coeff=0.1, dtype=torch.float64)
+    shard = full.to_expert_parallel(dist.group.WORLD)
     shard(xs[rank])
+    full(xs[rank])
+    _close(shard.aux_losses["load_balancing"], full.aux_losses["load_balancing"], "micro-batch aux loss", failures)
+
+    torch.manual_seed(0)
+    full = MoELayer(d_model=12, d_ff=8, num_experts=8, top_k=2, aux_loss_coeff=0.1, load_balancing_type="global",
+                    dtype=torch.float64)
+    full.set_aux_loss_group(dist.group.WORLD)
+    shard = full.to_expert_parallel(dist.group.WORLD)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        shard(xs[rank].clone().requires_grad_()).sum().backward()  # PyTorch warns in the backward
+    traced = [str(w.message) for w in caught if "autograd" in str(w.message)]
+    if traced:
+        failures.append(f"the counts' all-reduce is traced by autograd: {traced}")
+    full.set_aux_loss_group(None)  # the reference counts by hand, on one process
     counts = torch.zeros(8, dtype=torch.float64)
     for xr in xs:
         full(xr)
         counts += full.routing_stats.tokens_per_expert.double()
-    full(xs[rank])
     with torch.no_grad():
         probs = torch.softmax(xs[rank] @ full.router.weight.t(), -1).mean(0)
     expected = 8 * ((counts / counts.sum()) * probs).sum()
-    _close(shard.aux_losses["load_balancing"], expected, "aux loss over the group", failures)
+    _close(shard.aux_losses["load_balancing"].detach(), expected, "global aux loss over the group", failures)
 
 
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:

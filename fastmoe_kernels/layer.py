@@ -114,12 +114,12 @@ class MoELayer(nn.Module):
         route = self.router(x2, return_probs=need_lb, backend=backend)
         plan = self.dispatcher.plan(route.expert_idx, route.weight, backend=backend)
         if self.expert_parallel is not None:
-            y = self.expert_parallel.run_experts(x2, plan, route.weight, self.experts, backend)
+            y = self._expert_parallel_experts(x2, plan, route.weight, backend)
         else:
             # permute → experts → weighted combine, as one fused op where the backend has it.
             y = self.experts.forward_tokens(x2, plan, route.weight, backend=backend, fused=cfg.fused_experts)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x2)
+            if self.shared_experts is not None:
+                y = y + self.shared_experts(x2)
         y = y.view(*lead_shape, cfg.d_model)
 
         aux_loss = self._aux_losses(route, lead_shape, backend)
@@ -129,6 +129,18 @@ class MoELayer(nn.Module):
         if cfg.aux_loss_in_backward and aux_loss.requires_grad:
             y = attach_aux_loss(y, aux_loss)
         return y
+
+    def _expert_parallel_experts(self, x: Tensor, plan, weight: Tensor, backend) -> Tensor:
+        """Routed experts through the exchange, the shared experts computed while the rows travel."""
+        exchange = self.expert_parallel
+        sent = exchange.dispatch(x, plan, backend)
+        shared = None
+        if self.shared_experts is not None:
+            shared = self.shared_experts(x)
+            exchange._trace("shared experts")
+        rows, offsets = exchange.receive(sent)
+        y = exchange.combine(sent, self.experts(rows, offsets, backend=backend), plan, weight, backend)
+        return y if shared is None else y + shared
 
     def _aux_losses(self, route: RouterOutput, lead_shape, backend) -> Tensor:
         cfg = self.config

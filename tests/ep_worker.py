@@ -55,8 +55,15 @@ def check_case(case: str, rank: int, world: int, failures: list) -> None:
     shard = full.to_expert_parallel(dist.group.WORLD)
 
     x = xs[rank].clone().requires_grad_()
+    shard.expert_parallel.trace = []
     y = shard(x)
     (y * gs[rank]).sum().backward()
+    # The schedule: the rows' all-to-all is waited for after the shared experts' compute (overlap).
+    want = ["rows sent"] + (["shared experts"] if shard.shared_experts is not None else []) + \
+        ["rows received", "outputs returned"]
+    if shard.expert_parallel.trace != want:
+        failures.append(f"{case}: schedule {shard.expert_parallel.trace}, expected {want}")
+    shard.expert_parallel.trace = None
 
     x_ref = xs[rank].clone().requires_grad_()
     y_ref = full(x_ref)

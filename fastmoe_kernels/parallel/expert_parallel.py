@@ -10,6 +10,8 @@ Forward of one layer on rank r (its own T_r tokens):
    after the ranks exchange their capacities — equal when their token counts are);
 3. reorder the received rows (grouped by source rank) by local expert, run the local experts,
    undo the reorder, exchange back, and combine with the routing weights.
+The rows' all-to-all is issued asynchronously and waited for only when the experts need the rows:
+the layer computes its shared experts in between, so they overlap the exchange.
 The backward runs the same exchanges in the transposed direction. Dropping by capacity is decided
 by each source rank on its own tokens (C from its own T_r), as a single-device layer would.
 """
@@ -73,6 +75,50 @@ def all_to_all(x: Tensor, out_splits: List[int], in_splits: List[int], group,
     return _AllToAll.apply(x, out_splits, in_splits, group, timeout_s)
 
 
+class Pending:
+    """An issued asynchronous exchange: its work handle, what it is called (for errors and the
+    schedule trace) and its bounded wait."""
+
+    def __init__(self, work, what: str, timeout_s: float):
+        self.work, self.what, self.timeout_s = work, what, timeout_s
+
+    def wait(self) -> None:
+        if self.work is not None:
+            wait_or_raise(self.work, self.what, self.timeout_s)
+            self.work = None
+
+
+class _AllToAllStart(torch.autograd.Function):
+    """Issue ``all_to_all_single`` asynchronously: the output is not to be read before ``_Wait``
+    (which takes it and the Pending). The backward's exchange the other way is synchronous."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, out_splits: List[int], in_splits: List[int], group, timeout_s: float,
+                pending: list) -> Tensor:
+        ctx.out_splits, ctx.in_splits, ctx.group, ctx.timeout_s = out_splits, in_splits, group, timeout_s
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        work = dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group, async_op=True)
+        pending.append(Pending(work, "the rows' all-to-all", timeout_s))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _AllToAll.backward(ctx, grad)[:5] + (None,)
+
+
+class _Wait(torch.autograd.Function):
+    """Wait for a Pending exchange, then hand its output on (identity for autograd)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, pending: Pending) -> Tensor:
+        pending.wait()
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
 def group_info(group) -> Tuple[int, int]:
     """(rank, world size) of this process in ``group``."""
     return dist.get_rank(group), dist.get_world_size(group)
@@ -105,6 +151,7 @@ class ExpertParallelExchange:
         self.fingerprint = fingerprint
         self.timeout_s = float(timeout_s)
         self.agreed = False
+        self.trace: Optional[list] = None
 
     def check_agreement(self, device: torch.device) -> None:
         """Raise ExpertParallelError naming what differs when the ranks' layers disagree (once)."""
@@ -128,7 +175,16 @@ class ExpertParallelExchange:
         self.agreed = True
 
     def run_experts(self, x: Tensor, plan: DispatchPlan, weight: Tensor, experts, backend: Optional[str]) -> Tensor:
-        """Tokens ``x [T, d]`` in, combined expert outputs ``[T, d]`` out, through the local ``experts``."""
+        """Tokens ``x [T, d]`` in, combined expert outputs ``[T, d]`` out, through the local ``experts``
+        (``dispatch``, ``receive``, the experts, ``combine``; the layer puts its shared experts
+        between ``dispatch`` and ``receive`` to overlap them with the rows' exchange)."""
+        sent = self.dispatch(x, plan, backend)
+        rows, offsets = self.receive(sent)
+        return self.combine(sent, experts(rows, offsets, backend=backend), plan, weight, backend)
+
+    def dispatch(self, x: Tensor, plan: DispatchPlan, backend: Optional[str]) -> "Dispatch":
+        """Exchange the counts (the one host synchronisation of the layer: uneven splits must be known
+        on the host) and issue the rows' all-to-all asynchronously; ``receive`` waits for it."""
         self.check_agreement(x.device)
         W, E_l = self.world, self.per_rank
         bounded = dict(group=self.group, timeout_s=self.timeout_s)
@@ -151,20 +207,51 @@ class ExpertParallelExchange:
             # Rows from each source, per expert.
             collective(dist.all_to_all_single, recv_counts, send_counts, what="the counts' all-to-all", **bounded)
             recv_matrix = recv_counts.view(W, E_l)
-            # Uneven splits must be known on the host: one synchronisation per layer.
             host = torch.stack([send_counts.view(W, E_l).sum(1), recv_matrix.sum(1)]).cpu()
             in_splits, out_splits = host[0].tolist(), host[1].tolist()
             sent = x_rows[: sum(in_splits)]  # rows past the kept ones (the capacity tail) stay home
-        received = all_to_all(sent, out_splits, in_splits, self.group, self.timeout_s)
+        pending: list = []
+        received = _AllToAllStart.apply(sent, out_splits, in_splits, self.group, self.timeout_s, pending)
+        self._trace("rows sent")
+        return Dispatch(received, pending[0], recv_matrix, in_splits, out_splits, x_rows.shape[0])
+
+    def receive(self, sent: "Dispatch") -> Tuple[Tensor, Tensor]:
+        """Wait for the rows; return them regrouped by local expert, and the local experts' offsets."""
+        received = _Wait.apply(sent.received, sent.pending)
+        self._trace("rows received")
+        W, E_l = self.world, self.per_rank
         # Received rows are grouped by source rank, then local expert; regroup them by local expert.
-        expert_of_row = torch.repeat_interleave(torch.arange(E_l, device=x.device).repeat(W), recv_matrix.reshape(-1))
-        order = torch.sort(expert_of_row, stable=True).indices
-        per_expert = recv_matrix.sum(0)
+        device = received.device
+        expert_of_row = torch.repeat_interleave(torch.arange(E_l, device=device).repeat(W), sent.recv_matrix.reshape(-1))
+        sent.order = torch.sort(expert_of_row, stable=True).indices
+        per_expert = sent.recv_matrix.sum(0)
         offsets = torch.cat([per_expert.new_zeros(1), torch.cumsum(per_expert, 0)]).to(torch.int32)
-        local_out = experts(received[order], offsets, backend=backend)  # grouped_mlp (fp8 with fp8_recipe)
-        back = torch.empty_like(local_out).index_copy(0, order, local_out)
-        returned = all_to_all(back, in_splits, out_splits, self.group, self.timeout_s)
-        if returned.shape[0] < x_rows.shape[0]:
+        return received[sent.order], offsets
+
+    def combine(self, sent: "Dispatch", local_out: Tensor, plan: DispatchPlan, weight: Tensor,
+                backend: Optional[str]) -> Tensor:
+        """Send the local experts' outputs back and combine them with the routing weights."""
+        back = torch.empty_like(local_out).index_copy(0, sent.order, local_out)
+        returned = all_to_all(back, sent.in_splits, sent.out_splits, self.group, self.timeout_s)
+        self._trace("outputs returned")
+        if returned.shape[0] < sent.num_rows:
             # The capacity tail holds no assignment and is never read by the combine.
-            returned = torch.cat([returned, returned.new_zeros(x_rows.shape[0] - returned.shape[0], returned.shape[1])])
+            returned = torch.cat([returned, returned.new_zeros(sent.num_rows - returned.shape[0], returned.shape[1])])
         return unpermute(returned, plan, weight, backend=backend)
+
+    def _trace(self, event: str) -> None:
+        """The schedule, for tests: set ``exchange.trace = []`` to record the order of events."""
+        if self.trace is not None:
+            self.trace.append(event)
+
+
+class Dispatch:
+    """What ``dispatch`` hands to ``receive`` and ``combine``: the rows in flight and their splits.
+    The interface a DeepEP-style backend would fill (its dispatch returns per-expert counts with an
+    alignment, as our grouped GEMMs take them)."""
+
+    def __init__(self, received: Tensor, pending: Pending, recv_matrix: Tensor, in_splits: List[int],
+                 out_splits: List[int], num_rows: int):
+        self.received, self.pending, self.recv_matrix = received, pending, recv_matrix
+        self.in_splits, self.out_splits, self.num_rows = in_splits, out_splits, num_rows
+        self.order: Optional[Tensor] = None

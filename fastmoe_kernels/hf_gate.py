@@ -105,7 +105,10 @@ def _learned_state(module) -> bool:
     act_fn = getattr(module, "act_fn", None)
     if isinstance(act_fn, torch.nn.Module) and any(True for _ in act_fn.parameters()):
         return True
-    names = {name.split(".")[0] for name, _ in module.named_parameters()}
+    # A parametrized projection (PEFT's LoRA on the 3-D weights: torch.nn.utils.parametrize) holds its
+    # tensor as parametrizations.<name>.original; it is still that projection.
+    names = {name.split(".")[1] if name.startswith("parametrizations.") else name.split(".")[0]
+             for name, _ in module.named_parameters()}
     return bool(names - PROJECTION_PARAMETERS - {"act_fn", "post_expert_norm"})
 
 

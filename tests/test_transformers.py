@@ -379,3 +379,47 @@ def test_router_precision_source_routes_as_a_bf16_model():
 def test_router_precision_source_keeps_fp32_for_fp32_routers():
     block = _bf16_block("deepseek_v3")  # DeepSeek-V3's router casts to fp32 before its product
     assert MoELayer.from_transformers(block, router_precision="source").config.router_precision == "fp32"
+
+
+def _peft_mixtral():
+    peft = pytest.importorskip("peft", reason="peft is installed by the test extra")
+    torch.manual_seed(0)
+    base = transformers.MixtralForCausalLM(_mixtral())
+    config = peft.LoraConfig(r=4, target_modules=[], lora_dropout=0.0, init_lora_weights=False,
+                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    return peft.get_peft_model(base, config)
+
+
+def _loss_and_grads(model, impl, ids):
+    model.base_model.model.set_experts_implementation(impl)
+    model.zero_grad()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_peft_lora_on_the_fused_3d_expert_weights_trains_as_eager(monkeypatch):
+    # PEFT's target_parameters LoRA wraps the experts module and hands the interface W + B·A as the
+    # module's gate_up_proj / down_proj: our kernels read the merged weight, its gradient reaches A, B.
+    model = _peft_mixtral()
+    calls = []
+    real = fm_hf.moe_mlp
+    monkeypatch.setattr(fm_hf, "moe_mlp", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    loss_ref, grads_ref = _loss_and_grads(model, "eager", ids)
+    loss, grads = _loss_and_grads(model, "fastmoe", ids)
+    assert calls, "the fastmoe experts implementation did not run"
+    torch.testing.assert_close(loss, loss_ref, **tol(torch.float32))
+    lora = [n for n in grads if "lora_" in n]
+    assert len(lora) == 4 * 2  # A and B of both expert weights, in both layers
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], **tol(torch.float32), msg=lambda m: f"{name}: {m}")
+
+
+def test_the_fastmoe_experts_are_deterministic():
+    # Our combine sums each token's k outputs in a fixed order (no atomics): bitwise equal reruns.
+    model = _peft_mixtral()
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(2))
+    first, second = _loss_and_grads(model, "fastmoe", ids), _loss_and_grads(model, "fastmoe", ids)
+    assert torch.equal(first[0], second[0])
+    assert all(torch.equal(first[1][n], second[1][n]) for n in first[1])

@@ -55,11 +55,14 @@ class MoELayer(nn.Module):
     its configured scope (``"global"`` over ``set_aux_loss_group``'s group, else this rank's tokens, as
     without expert parallelism). Before the first exchange the ranks check that they built the same
     layer (a mismatch raises ``ExpertParallelError`` naming the fields); every exchange waits at most
-    ``expert_parallel_timeout`` seconds (then ``ExpertParallelError``).
+    ``expert_parallel_timeout`` seconds (then ``ExpertParallelError``). ``expert_parallel_chunks`` C > 1
+    (dropless only) pipelines the exchange: the tokens go in C chunks, a chunk's rows travelling while
+    the experts compute the previous one.
     """
 
     def __init__(self, config: Optional[MoEConfig] = None, /, *, device=None, dtype=None,
-                 expert_parallel_group=None, expert_parallel_timeout: float = DEFAULT_TIMEOUT_S, **fields):
+                 expert_parallel_group=None, expert_parallel_timeout: float = DEFAULT_TIMEOUT_S,
+                 expert_parallel_chunks: int = 1, **fields):
         super().__init__()
         if config is None:
             config = MoEConfig(**fields)
@@ -75,9 +78,17 @@ class MoELayer(nn.Module):
         self.router = TopKRouter(config, **factory)
         self.expert_parallel = None
         widths = config.expert_widths
+        if not isinstance(expert_parallel_chunks, int) or isinstance(expert_parallel_chunks, bool) \
+                or expert_parallel_chunks < 1:
+            raise ValueError(f"MoELayer: `expert_parallel_chunks` must be an int >= 1, got {expert_parallel_chunks!r}")
+        if expert_parallel_chunks > 1 and not config.dropless:
+            raise ValueError("MoELayer: `expert_parallel_chunks` > 1 needs dropless routing (capacity is decided on "
+                             "the whole batch; chunks would change which assignments drop)")
+        self.expert_parallel_chunks = expert_parallel_chunks
         if expert_parallel_group is not None:
+            fingerprint = _fingerprint(config, dtype) + f";expert_parallel_chunks={expert_parallel_chunks}"
             self.expert_parallel = ExpertParallelExchange(
-                config.num_experts, expert_parallel_group, _fingerprint(config, dtype), expert_parallel_timeout)
+                config.num_experts, expert_parallel_group, fingerprint, expert_parallel_timeout)
             widths = tuple(widths[e] for e in self.expert_parallel.local)
         self.experts = GroupedExperts(config.d_model, widths, config.activation_spec, config.bias, config.init_std,
                                       fp8_recipe=config.fp8_recipe, **factory)
@@ -114,7 +125,7 @@ class MoELayer(nn.Module):
         route = self.router(x2, return_probs=need_lb, backend=backend)
         plan = self.dispatcher.plan(route.expert_idx, route.weight, backend=backend)
         if self.expert_parallel is not None:
-            y = self._expert_parallel_experts(x2, plan, route.weight, backend)
+            y = self._expert_parallel_experts(x2, route, plan, backend)
         else:
             # permute → experts → weighted combine, as one fused op where the backend has it.
             y = self.experts.forward_tokens(x2, plan, route.weight, backend=backend, fused=cfg.fused_experts)
@@ -130,16 +141,29 @@ class MoELayer(nn.Module):
             y = attach_aux_loss(y, aux_loss)
         return y
 
-    def _expert_parallel_experts(self, x: Tensor, plan, weight: Tensor, backend) -> Tensor:
-        """Routed experts through the exchange, the shared experts computed while the rows travel."""
-        exchange = self.expert_parallel
-        sent = exchange.dispatch(x, plan, backend)
+    def _expert_parallel_experts(self, x: Tensor, route: RouterOutput, plan, backend) -> Tensor:
+        """Routed experts through the exchange, the shared experts computed while the rows travel.
+        With ``expert_parallel_chunks`` C > 1 the tokens go in C chunks: every chunk's rows are sent at
+        once, and chunk c+1's rows and chunk c's outputs travel while the experts compute the next one."""
+        exchange, C = self.expert_parallel, self.expert_parallel_chunks
+        if C == 1:
+            chunks, plans, weights = [x], [plan], [route.weight]
+        else:
+            bounds = [x.shape[0] * i // C for i in range(C + 1)]
+            chunks = [x[a:b] for a, b in zip(bounds, bounds[1:])]
+            weights = [route.weight[a:b] for a, b in zip(bounds, bounds[1:])]
+            plans = [self.dispatcher.plan(route.expert_idx[a:b], route.weight[a:b], backend=backend)
+                     for a, b in zip(bounds, bounds[1:])]
+        sent = exchange.dispatch_chunks(chunks, plans, backend)
         shared = None
         if self.shared_experts is not None:
             shared = self.shared_experts(x)
             exchange._trace("shared experts")
-        rows, offsets = exchange.receive(sent)
-        y = exchange.combine(sent, self.experts(rows, offsets, backend=backend), plan, weight, backend)
+        for s in sent:
+            rows, offsets = exchange.receive(s)
+            exchange.combine_start(s, self.experts(rows, offsets, backend=backend))
+        outs = [exchange.combine_finish(s, p, w, backend) for s, p, w in zip(sent, plans, weights)]
+        y = outs[0] if C == 1 else torch.cat(outs)
         return y if shared is None else y + shared
 
     def _aux_losses(self, route: RouterOutput, lead_shape, backend) -> Tensor:
@@ -213,13 +237,13 @@ class MoELayer(nn.Module):
         return int(total - expert_params + self.config.top_k * expert_params / self.config.num_experts)
 
     # ---- expert parallelism ---------------------------------------------------------------------
-    def to_expert_parallel(self, group, timeout: float = DEFAULT_TIMEOUT_S) -> "MoELayer":
+    def to_expert_parallel(self, group, timeout: float = DEFAULT_TIMEOUT_S, chunks: int = 1) -> "MoELayer":
         """This rank's shard of this (full) layer: its block of experts, the router and shared experts
-        (``timeout``: seconds any exchange may wait)."""
+        (``timeout``: seconds any exchange may wait; ``chunks``: ``expert_parallel_chunks``)."""
         if self.expert_parallel is not None:
             raise ValueError("to_expert_parallel: the layer is already expert-parallel")
         shard = MoELayer(self.config, device=self.router.weight.device, dtype=self.router.weight.dtype,
-                         expert_parallel_group=group, expert_parallel_timeout=timeout)
+                         expert_parallel_group=group, expert_parallel_timeout=timeout, expert_parallel_chunks=chunks)
         shard.backend = self.backend
         shard.aux_loss_group = self.aux_loss_group
         _load_all_but_experts(shard, self)

@@ -25,12 +25,14 @@ CASES = {
                                       shared_expert_gate=True, activation="geglu"),
     "idle-experts": dict(score_func="sigmoid", expert_bias=True),
     "empty-rank": dict(capacity_factor=2.0),
+    "chunked-shared": dict(num_shared_experts=1, shared_d_ff=6),
 }
+CHUNKS = {"chunked-shared": 3}  # expert_parallel_chunks: the exchange pipelined over 3 chunks of tokens
 
 
 def token_counts(case: str, world: int):
     counts = [3 + 4 * r for r in range(world)]  # uneven
-    if case == "empty-rank":
+    if case in ("empty-rank", "chunked-shared"):
         counts[1] = 0
     return counts
 
@@ -52,15 +54,19 @@ def check_case(case: str, rank: int, world: int, failures: list) -> None:
     gen = torch.Generator().manual_seed(1234)
     xs = [torch.randn(t, 12, generator=gen, dtype=torch.float64) for t in token_counts(case, world)]
     gs = [torch.randn(t, 12, generator=gen, dtype=torch.float64) for t in token_counts(case, world)]
-    shard = full.to_expert_parallel(dist.group.WORLD)
+    chunks = CHUNKS.get(case, 1)
+    shard = full.to_expert_parallel(dist.group.WORLD, chunks=chunks)
 
     x = xs[rank].clone().requires_grad_()
     shard.expert_parallel.trace = []
     y = shard(x)
     (y * gs[rank]).sum().backward()
     # The schedule: the rows' all-to-all is waited for after the shared experts' compute (overlap).
-    want = ["rows sent"] + (["shared experts"] if shard.shared_experts is not None else []) + \
-        ["rows received", "outputs returned"]
+    # With chunks, every chunk's rows are sent first, and chunk c's outputs leave before chunk c+1's
+    # rows are taken (they travel while the experts compute).
+    tags = [""] if chunks == 1 else [f" {c}" for c in range(chunks)]
+    want = [f"rows sent{t}" for t in tags] + (["shared experts"] if shard.shared_experts is not None else []) + \
+        [e for t in tags for e in (f"rows received{t}", f"outputs sent{t}")] + [f"outputs returned{t}" for t in tags]
     if shard.expert_parallel.trace != want:
         failures.append(f"{case}: schedule {shard.expert_parallel.trace}, expected {want}")
     shard.expert_parallel.trace = None

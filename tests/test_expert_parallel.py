@@ -48,6 +48,14 @@ def test_layer_rejects_indivisible_expert_count(tmp_path):
         dist.destroy_process_group()
 
 
+def test_pipelined_chunks_need_dropless_routing_and_a_positive_count():
+    with pytest.raises(ValueError, match="expert_parallel_chunks.*dropless"):
+        MoELayer(d_model=8, d_ff=4, num_experts=4, top_k=2, capacity_factor=1.0, expert_parallel_chunks=2)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="expert_parallel_chunks"):
+            MoELayer(d_model=8, d_ff=4, num_experts=4, top_k=2, expert_parallel_chunks=bad)
+
+
 def run_workers(target, tmp_path, world=2, limit=120):
     ctx = mp.start_processes(target, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=False,
                              start_method="spawn")

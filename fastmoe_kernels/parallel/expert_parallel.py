@@ -185,40 +185,57 @@ class ExpertParallelExchange:
     def dispatch(self, x: Tensor, plan: DispatchPlan, backend: Optional[str]) -> "Dispatch":
         """Exchange the counts (the one host synchronisation of the layer: uneven splits must be known
         on the host) and issue the rows' all-to-all asynchronously; ``receive`` waits for it."""
-        self.check_agreement(x.device)
-        W, E_l = self.world, self.per_rank
-        bounded = dict(group=self.group, timeout_s=self.timeout_s)
-        x_rows = permute(x, plan, backend=backend)
-        if plan.padded:
-            # Fixed [E, C] layout: a rank sends E/W · C rows (padding included) to every rank. C comes
-            # from each rank's own token count, so the ranks tell each other theirs first (equal when
-            # every rank has the same number of tokens, the usual fixed-shape training step).
-            mine = torch.tensor([plan.capacity], dtype=torch.int64, device=x.device)
-            capacities = [torch.empty_like(mine) for _ in range(W)]
-            collective(dist.all_gather, capacities, mine, what="the capacities' all-gather", **bounded)
-            caps = torch.cat(capacities).cpu().tolist()
-            recv_matrix = torch.tensor(caps, dtype=torch.int64, device=x.device).unsqueeze(1).expand(W, E_l).contiguous()
-            in_splits = [E_l * plan.capacity] * W
-            out_splits = [E_l * c for c in caps]
-            sent = x_rows
+        return self.dispatch_chunks([x], [plan], backend)[0]
+
+    def dispatch_chunks(self, xs: List[Tensor], plans: List[DispatchPlan], backend: Optional[str]) -> List["Dispatch"]:
+        """``dispatch`` of several chunks of tokens (dropless plans when more than one): one counts
+        exchange and one host synchronisation for all, then every chunk's rows issued asynchronously,
+        so that a later chunk's rows travel while an earlier chunk's experts compute."""
+        self.check_agreement(xs[0].device)
+        x_rows = [permute(x, plan, backend=backend) for x, plan in zip(xs, plans)]
+        if plans[0].padded:
+            splits = [self._padded_splits(plans[0], xs[0].device)]
         else:
-            send_counts = plan.counts.to(torch.int64)
-            recv_counts = torch.empty_like(send_counts)
-            # Rows from each source, per expert.
-            collective(dist.all_to_all_single, recv_counts, send_counts, what="the counts' all-to-all", **bounded)
-            recv_matrix = recv_counts.view(W, E_l)
-            host = torch.stack([send_counts.view(W, E_l).sum(1), recv_matrix.sum(1)]).cpu()
-            in_splits, out_splits = host[0].tolist(), host[1].tolist()
-            sent = x_rows[: sum(in_splits)]  # rows past the kept ones (the capacity tail) stay home
-        pending: list = []
-        received = _AllToAllStart.apply(sent, out_splits, in_splits, self.group, self.timeout_s, pending)
-        self._trace("rows sent")
-        return Dispatch(received, pending[0], recv_matrix, in_splits, out_splits, x_rows.shape[0])
+            splits = self._count_exchange(plans)
+        sent = []
+        for c, (rows, (recv_matrix, in_splits, out_splits)) in enumerate(zip(x_rows, splits)):
+            rows_out = rows if plans[c].padded else rows[: sum(in_splits)]  # the capacity tail stays home
+            pending: list = []
+            received = _AllToAllStart.apply(rows_out, out_splits, in_splits, self.group, self.timeout_s, pending)
+            self._trace("rows sent" if len(xs) == 1 else f"rows sent {c}")
+            sent.append(Dispatch(received, pending[0], recv_matrix, in_splits, out_splits, rows.shape[0],
+                                 "" if len(xs) == 1 else f" {c}"))
+        return sent
+
+    def _padded_splits(self, plan: DispatchPlan, device) -> Tuple[Tensor, List[int], List[int]]:
+        """Fixed [E, C] layout: a rank sends E/W · C rows (padding included) to every rank. C comes from
+        each rank's own token count, so the ranks tell each other theirs first (equal when every rank
+        has the same number of tokens, the usual fixed-shape training step)."""
+        W, E_l = self.world, self.per_rank
+        mine = torch.tensor([plan.capacity], dtype=torch.int64, device=device)
+        capacities = [torch.empty_like(mine) for _ in range(W)]
+        collective(dist.all_gather, capacities, mine, what="the capacities' all-gather", group=self.group,
+                   timeout_s=self.timeout_s)
+        caps = torch.cat(capacities).cpu().tolist()
+        recv_matrix = torch.tensor(caps, dtype=torch.int64, device=device).unsqueeze(1).expand(W, E_l).contiguous()
+        return recv_matrix, [E_l * plan.capacity] * W, [E_l * c for c in caps]
+
+    def _count_exchange(self, plans: List[DispatchPlan]) -> List[Tuple[Tensor, List[int], List[int]]]:
+        """Rows per (source rank, local expert) of every chunk: one all-to-all of all chunks' counts,
+        one host read of the splits."""
+        W, E_l, C = self.world, self.per_rank, len(plans)
+        send = torch.stack([p.counts.to(torch.int64) for p in plans]).view(C, W, E_l)
+        send_by_rank = send.transpose(0, 1).contiguous()  # [W, C, E_l]: what goes to each rank, contiguous
+        recv = torch.empty_like(send_by_rank)
+        collective(dist.all_to_all_single, recv, send_by_rank, what="the counts' all-to-all", group=self.group,
+                   timeout_s=self.timeout_s)
+        host = torch.stack([send.sum(2), recv.sum(2).transpose(0, 1)]).cpu()  # [2, C, W]
+        return [(recv[:, c], host[0, c].tolist(), host[1, c].tolist()) for c in range(C)]
 
     def receive(self, sent: "Dispatch") -> Tuple[Tensor, Tensor]:
         """Wait for the rows; return them regrouped by local expert, and the local experts' offsets."""
         received = _Wait.apply(sent.received, sent.pending)
-        self._trace("rows received")
+        self._trace("rows received" + sent.label)
         W, E_l = self.world, self.per_rank
         # Received rows are grouped by source rank, then local expert; regroup them by local expert.
         device = received.device
@@ -231,9 +248,20 @@ class ExpertParallelExchange:
     def combine(self, sent: "Dispatch", local_out: Tensor, plan: DispatchPlan, weight: Tensor,
                 backend: Optional[str]) -> Tensor:
         """Send the local experts' outputs back and combine them with the routing weights."""
+        return self.combine_finish(self.combine_start(sent, local_out), plan, weight, backend)
+
+    def combine_start(self, sent: "Dispatch", local_out: Tensor) -> "Dispatch":
+        """Issue the outputs' return asynchronously (``combine_finish`` waits for it)."""
         back = torch.empty_like(local_out).index_copy(0, sent.order, local_out)
-        returned = all_to_all(back, sent.in_splits, sent.out_splits, self.group, self.timeout_s)
-        self._trace("outputs returned")
+        pending: list = []
+        sent.returned = _AllToAllStart.apply(back, sent.in_splits, sent.out_splits, self.group, self.timeout_s, pending)
+        sent.return_pending = pending[0]
+        self._trace("outputs sent" + sent.label)
+        return sent
+
+    def combine_finish(self, sent: "Dispatch", plan: DispatchPlan, weight: Tensor, backend: Optional[str]) -> Tensor:
+        returned = _Wait.apply(sent.returned, sent.return_pending)
+        self._trace("outputs returned" + sent.label)
         if returned.shape[0] < sent.num_rows:
             # The capacity tail holds no assignment and is never read by the combine.
             returned = torch.cat([returned, returned.new_zeros(sent.num_rows - returned.shape[0], returned.shape[1])])
@@ -251,7 +279,9 @@ class Dispatch:
     alignment, as our grouped GEMMs take them)."""
 
     def __init__(self, received: Tensor, pending: Pending, recv_matrix: Tensor, in_splits: List[int],
-                 out_splits: List[int], num_rows: int):
+                 out_splits: List[int], num_rows: int, label: str = ""):
         self.received, self.pending, self.recv_matrix = received, pending, recv_matrix
-        self.in_splits, self.out_splits, self.num_rows = in_splits, out_splits, num_rows
+        self.in_splits, self.out_splits, self.num_rows, self.label = in_splits, out_splits, num_rows, label
         self.order: Optional[Tensor] = None
+        self.returned: Optional[Tensor] = None
+        self.return_pending: Optional[Pending] = None

@@ -103,6 +103,10 @@ VARIANTS = [
             "once per weight version, both layouts in one pass",
             ("Qwen3-30B-A3B fp8", "Mixtral-8x7B fp8"), ("fwd", "fwd+bwd"), None,
             a={"env": {"FASTMOE_FP8_WEIGHT_CACHE": "off"}}, b={"env": {"FASTMOE_FP8_WEIGHT_CACHE": "on"}}),
+    Variant("fp8 wide tiles", "the fp8 product's tiles at most 128 columns (one weight block) → 256-column tiles "
+            "offered too (two block scales per K step; 64×256 compiles without spills on sm_90)",
+            ("Mixtral-8x7B fp8", "Qwen3-30B-A3B fp8"), ("fwd", "fwd+bwd"), None,
+            a={"env": {"FASTMOE_FP8_TILES": "narrow"}}, b={"env": {"FASTMOE_FP8_TILES": "wide"}}),
     Variant("decode tiles", "the forward's grouped GEMMs at 1 token with today's tiles (≥ 32 rows) → with the "
             "decode tiles offered (16 rows, 32-128 columns, deep K; M_BUCKET ≤ 16)",
             ("Mixtral-8x7B", "gpt-oss-20b", "Qwen3-30B-A3B"), ("fwd",), None,
@@ -132,7 +136,7 @@ def default_env() -> Dict[str, str]:
 # The order the A/B runs in when its budget cannot hold every variant: the open changes whose defaults
 # wait on it (part B), then the part-A choices it confirms.
 PRIORITY = ("node backward", "activation backward", "fused stored backward", "wgrad tile and order", "tile order", "up activation",
-            "router GEMM", "decode tiles", "TMA weights", "fp8 weight cache", "node dH epilogue", "wgrad dtype", "down output rows", "dW_up x", "trusted plans")
+            "router GEMM", "decode tiles", "TMA weights", "fp8 weight cache", "fp8 wide tiles", "node dH epilogue", "wgrad dtype", "down output rows", "dW_up x", "trusted plans")
 
 
 def setting_key(variant: Variant, setting: str) -> tuple:

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import empty
+from .._variants import flag
 from ..activations import Activation
 from ..fp8 import TILE
 from ._common import activation_args, cdiv, interpreted, launch, next_pow2, persistent_grid, register, rows_per_expert_bucket
@@ -52,21 +53,34 @@ FP8_MAX = tl.constexpr(448.0)
 _ROUND_MAGIC = tl.constexpr(12582912.0)
 
 # (BM, BN, warps, stages) of the forward/dgrad; BK is the 128 of the scaling tiles. BN divides 128 so
-# that an output tile lies in one weight block (one weight scale per K step). The 8-warp forms of the
+# that an output tile lies in one weight block (one weight scale per K step; wider tiles: below). The 8-warp forms of the
 # mid-sized tiles are there for the gated activation's backward in the dgrad's epilogue: it holds a
 # third fp32 tile, which 4 warps cannot hold without spilling (sm_90 compile check).
 FP8_MATMUL_TILES = [(128, 128, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 3), (64, 128, 8, 4),
                     (128, 64, 8, 4)]
+# Hopper-sized fp8 tiles (FASTMOE_FP8_TILES=wide; default narrow, the set the first H100 run measured):
+# 256 columns span two weight blocks, so each K step multiplies the product by a column vector of two
+# B scales (a_scale ⊗ b_scale) instead of one scalar — Hopper's fp8 rate wants wide tiles (DeepGEMM's
+# blockwise grouped GEMM runs 128×128 per warpgroup, two warpgroups side by side). The sm_90 compile
+# record (benchmarks/results/sm90-compile-2026-12-06-fp8-wide/) keeps one: 64×256, 8 warps, no spills
+# (128×256 holds two 128×256 fp32 tiles: pruned). Expected: A read once per 256 columns instead of per
+# 128 (half A's L2 traffic where N ≥ 256: Mixtral, gpt-oss), fewer rows per tile; the size of the
+# effect is the GPU A/B's ("fp8 wide tiles"), not a model's: the first run's fp8 profile has no
+# per-tile rates to calibrate one.
+FP8_TILES = flag("FASTMOE_FP8_TILES", "narrow", ("narrow", "wide"))
+FP8_WIDE_TILES = [(128, 256, 8, 3), (64, 256, 8, 4), (64, 256, 4, 3)]
 # (BN, BK) of the wgrad's output tile; the reduction steps over 128 tokens (one scaling tile).
 FP8_WGRAD_TILES = [(128, 128, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 3)]
 
 
 def _matmul_configs():
-    if interpreted():
-        return [triton.Config(dict(BM=16, BN=32, GROUP_M=2), num_warps=1)]
+    wide = FP8_TILES == "wide"
+    if interpreted():  # with wide tiles, one that spans two weight blocks (the scale vector's path)
+        return [triton.Config(dict(BM=16, BN=256 if wide else 32, GROUP_M=2), num_warps=1)]
+    tiles = FP8_MATMUL_TILES + (FP8_WIDE_TILES if wide else [])
     # Each tile in the row-major order, the first also in the grouped one (see _gemm.GROUPED_TILES).
     return [triton.Config(dict(BM=m, BN=n, GROUP_M=group), num_warps=w, num_stages=s)
-            for tiles, group in ((FP8_MATMUL_TILES, 1), (FP8_MATMUL_TILES[:1], GROUPED_ORDER))
+            for tiles, group in ((tiles, 1), (tiles[:1], GROUPED_ORDER))
             for m, n, w, s in tiles]
 
 
@@ -286,6 +300,8 @@ def _fp8_matmul_kernel(
             a_rows, a_valid = gather_rows(a_row_index_ptr, rows, rmask, num_a_rows, 1, GATHER_A)
             b_rows = b_ptr + e.to(tl.int64) * stride_be + cols.to(tl.int64)[:, None] * stride_bn
             s_b = b_scale_ptr + e.to(tl.int64) * stride_se + ((tile_n * BN) // BK) * stride_sn
+            # A tile wider than a weight block (FP8_WIDE_TILES) reads one B scale per column's block.
+            s_b_cols = b_scale_ptr + e.to(tl.int64) * stride_se + (cols // BK) * stride_sn
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             for kb in range(0, KT):
                 kk = kb * BK + tl.arange(0, BK)
@@ -293,8 +309,12 @@ def _fp8_matmul_kernel(
                 a = tl.load(a_ptr + a_rows[:, None] * K + kk[None, :], mask=a_valid[:, None] & kmask[None, :], other=0.0)
                 b = tl.load(b_rows + kk[None, :], mask=ncol[:, None] & kmask[None, :], other=0.0)
                 a_scale = tl.load(a_scale_ptr + a_rows * KT + kb, mask=a_valid, other=0.0)
-                b_scale = tl.load(s_b + kb * stride_sk)
-                acc += tl.dot(a, tl.trans(b)) * (a_scale * b_scale)[:, None]
+                if BN > BK:
+                    b_scale_cols = tl.load(s_b_cols + kb * stride_sk, mask=ncol, other=0.0)
+                    acc += tl.dot(a, tl.trans(b)) * (a_scale[:, None] * b_scale_cols[None, :])
+                else:
+                    b_scale = tl.load(s_b + kb * stride_sk)
+                    acc += tl.dot(a, tl.trans(b)) * (a_scale * b_scale)[:, None]
             if GATED:
                 # The activation's backward in the epilogue (the gradient of act(h) is never stored), on the
                 # even and then the odd columns: half the tiles of h live at once (the whole tile spilled on

@@ -268,3 +268,35 @@ def test_layer_fp8_triton_equals_the_emulation(device, mode):
     # move an activation across an e4m3 rounding boundary (one e4m3 step, 6%, for that element).
     for a, b in zip(results["triton"], results["torch"]):
         assert rel_err(a, b) < _LAYER_REL_ERR
+
+
+@pytest.fixture
+def wide_fp8_tile(monkeypatch):
+    """The fp8 product's autotuner offered one tile wider than a weight block (FASTMOE_FP8_TILES=wide's
+    form: 256 columns over two 128-wide blocks), whatever the flag says in this process."""
+    import triton
+
+    kernel = _kernels()._fp8_matmul_kernel
+    monkeypatch.setattr(kernel, "configs", [triton.Config(dict(BM=16, BN=256, GROUP_M=2), num_warps=1)])
+    monkeypatch.setattr(kernel, "cache", {})
+    return kernel
+
+
+def test_the_wide_tiles_scale_each_weight_block_by_its_own_scale(device, wide_fp8_tile):
+    if ON_GPU:
+        pytest.skip("pins the interpreter's tile; on a GPU the sm_90 compile record and the A/B cover it")
+    E, N, K = 3, 300, 200  # three weight blocks across one 256-column tile and the next
+    sizes = _uneven_sizes(E, 150)
+    offsets = _offsets(sizes, device)
+    x = torch.randn(sum(sizes), K, device=device)
+    w = torch.randn(E, N, K, device=device) / K ** 0.5
+    with torch.no_grad():
+        w[:, 128:256] *= 40.0  # block scales that differ by far more than the tolerance
+    g = torch.randn(sum(sizes), N, device=device)
+    got = _grads(lambda a, b: grouped_gemm_fp8(a, b, offsets, backend="triton"), x, w, g)
+    want = _grads(lambda a, b: fp8.grouped_gemm_fp8_reference(a, b, offsets), x, w, g)
+    assert wide_fp8_tile.best_config.kwargs["BN"] == 256
+    for name, a, b in zip(("out", "dgrad", "wgrad"), got, want):
+        assert rel_err(a, b) < FP8_SUM_REL_ERR, (name, rel_err(a, b))
+    for block in (slice(0, 128), slice(128, 256), slice(256, 300)):  # each block alone, not just the whole
+        assert rel_err(got[0][:, block], want[0][:, block]) < FP8_SUM_REL_ERR, block

@@ -123,10 +123,11 @@ class MoELayer(nn.Module):
         x2 = x.reshape(-1, cfg.d_model)
         need_lb = cfg.aux_loss_coeff > 0 and cfg.load_balancing_type != "none"
         route = self.router(x2, return_probs=need_lb, backend=backend)
-        plan = self.dispatcher.plan(route.expert_idx, route.weight, backend=backend)
         if self.expert_parallel is not None:
-            y = self._expert_parallel_experts(x2, route, plan, backend)
+            y, routed, kept, dropped = self._expert_parallel_experts(x2, route, backend)
         else:
+            plan = self.dispatcher.plan(route.expert_idx, route.weight, backend=backend)
+            routed, kept, dropped = plan.routed_counts, plan.counts, plan.dropped_fraction
             # permute → experts → weighted combine, as one fused op where the backend has it.
             y = self.experts.forward_tokens(x2, plan, route.weight, backend=backend, fused=cfg.fused_experts)
             if self.shared_experts is not None:
@@ -134,37 +135,46 @@ class MoELayer(nn.Module):
         y = y.view(*lead_shape, cfg.d_model)
 
         aux_loss = self._aux_losses(route, lead_shape, backend)
-        self._last_route = {"routed": plan.routed_counts, "kept": plan.counts, "dropped": plan.dropped_fraction}
+        self._last_route = {"routed": routed, "kept": kept, "dropped": dropped}
         if return_aux_loss:
             return y, aux_loss
         if cfg.aux_loss_in_backward and aux_loss.requires_grad:
             y = attach_aux_loss(y, aux_loss)
         return y
 
-    def _expert_parallel_experts(self, x: Tensor, route: RouterOutput, plan, backend) -> Tensor:
-        """Routed experts through the exchange, the shared experts computed while the rows travel.
-        With ``expert_parallel_chunks`` C > 1 the tokens go in C chunks: every chunk's rows are sent at
-        once, and chunk c+1's rows and chunk c's outputs travel while the experts compute the next one."""
+    def _expert_parallel_experts(self, x: Tensor, route: RouterOutput, backend):
+        """Routed experts through the exchange, the shared experts computed while the rows travel;
+        returns (output, routed counts, kept counts, dropped fraction). With ``expert_parallel_chunks``
+        C > 1 the tokens go in C chunks (one plan each, no plan of the whole batch): every chunk's rows
+        are sent at once, and chunk c+1's rows and chunk c's outputs travel while the experts compute."""
         exchange, C = self.expert_parallel, self.expert_parallel_chunks
         if C == 1:
+            plan = self.dispatcher.plan(route.expert_idx, route.weight, backend=backend)
             chunks, plans, weights = [x], [plan], [route.weight]
+            routed, kept, dropped = plan.routed_counts, plan.counts, plan.dropped_fraction
         else:
             bounds = [x.shape[0] * i // C for i in range(C + 1)]
             chunks = [x[a:b] for a, b in zip(bounds, bounds[1:])]
             weights = [route.weight[a:b] for a, b in zip(bounds, bounds[1:])]
             plans = [self.dispatcher.plan(route.expert_idx[a:b], route.weight[a:b], backend=backend)
                      for a, b in zip(bounds, bounds[1:])]
+            kept = routed = torch.stack([p.counts for p in plans]).sum(0).to(plans[0].counts.dtype)
+            dropped = route.weight.new_zeros((), dtype=torch.float32)  # dropless (checked at construction)
         sent = exchange.dispatch_chunks(chunks, plans, backend)
         shared = None
-        if self.shared_experts is not None:
-            shared = self.shared_experts(x)
-            exchange._trace("shared experts")
-        for s in sent:
-            rows, offsets = exchange.receive(s)
-            exchange.combine_start(s, self.experts(rows, offsets, backend=backend))
+        try:
+            if self.shared_experts is not None:
+                shared = self.shared_experts(x)
+                exchange._trace("shared experts")
+            for s in sent:
+                rows, offsets = exchange.receive(s)
+                exchange.combine_start(s, self.experts(rows, offsets, backend=backend))
+        except BaseException:
+            exchange.drain(sent)
+            raise
         outs = [exchange.combine_finish(s, p, w, backend) for s, p, w in zip(sent, plans, weights)]
         y = outs[0] if C == 1 else torch.cat(outs)
-        return y if shared is None else y + shared
+        return (y if shared is None else y + shared), routed, kept, dropped
 
     def _aux_losses(self, route: RouterOutput, lead_shape, backend) -> Tensor:
         cfg = self.config

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 import ep_worker
 from fastmoe_kernels import MoELayer
+from fastmoe_kernels.parallel import ExpertParallelExchange
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -83,3 +84,24 @@ def test_a_frozen_peer_is_reported_within_the_timeout(tmp_path):
     outcomes, elapsed = run_workers(ep_worker.frozen_peer_worker, tmp_path)
     assert outcomes[0].startswith("ExpertParallelError") and "did not complete within 3 s" in outcomes[0], outcomes[0]
     assert elapsed < 60
+
+
+def test_padded_plans_go_in_one_chunk_and_gloo_waits_are_bounded(tmp_path):
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    from fastmoe_kernels.ops import make_plan
+    from fastmoe_kernels.parallel.expert_parallel import bounds_its_waits
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        exchange = ExpertParallelExchange(4, dist.group.WORLD)
+        x = torch.randn(5, 8)
+        plan = make_plan(torch.randint(0, 4, (5, 2)), 4, capacity=3, drop_policy="position", pad=True)
+        with pytest.raises(ValueError, match="plans.*unpadded"):
+            exchange.dispatch_chunks([x, x], [plan, plan], None)
+        with pytest.raises(ValueError, match="as many"):
+            exchange.dispatch_chunks([x], [plan, plan], None)
+        assert bounds_its_waits(dist.group.WORLD)  # gloo: a timed wait (NCCL's would spin the host)
+    finally:
+        dist.destroy_process_group()

@@ -279,6 +279,13 @@ def test_megatron_flags_it_does_not_run_are_refused_by_name(field, value, match)
         FastMoEGroupedMLP(E, cfg)
 
 
+def test_selective_recompute_of_the_activation_is_refused_by_name():
+    cfg = copy.copy(config())
+    cfg.recompute_granularity, cfg.recompute_modules = "selective", ["moe_act"]
+    with pytest.raises(ValueError, match="moe_act"):
+        FastMoEGroupedMLP(E, cfg)
+
+
 @pytest.mark.parametrize("overrides, match", [
     (dict(gated_linear_unit=True, activation_func=F.relu), "activation_func"),
     (dict(gated_linear_unit=False, activation_func=quick_gelu), "activation_func"),

@@ -27,7 +27,8 @@ Megatron's configuration, honoured or refused by name:
   offset is 1), GELU (GeGLU; exact or Megatron's ``fast_gelu`` tanh form), and without a gate SiLU,
   GELU, ReLU and Megatron's ``squared_relu``; anything else is refused;
 - ``moe_apply_probs_on_input`` (top-1, as Megatron requires); ``params_dtype`` and
-  ``use_cpu_initialization``/``perform_initialization`` with Megatron's own initialisers;
+  ``use_cpu_initialization``/``perform_initialization`` with Megatron's own initialisers (and refused:
+  selective recompute of ``moe_act``);
 - ``gradient_accumulation_fusion``: the weight gradients are added into the parameters' fp32
   ``main_grad`` (Megatron's DistributedDataParallel), with ``grad_added_to_main_grad`` set as Megatron's
   linear layers do; the expert tensor-parallel shard (the dispatcher reduces its partial sums);
@@ -109,6 +110,9 @@ def _refuse_unsupported(config) -> None:
     for field, why in refused.items():
         if getattr(config, field, None):
             raise ValueError(f"{WHERE}: config.{field}={getattr(config, field)!r}: {why}")
+    if config.recompute_granularity == "selective" and "moe_act" in (config.recompute_modules or ()):
+        raise ValueError(f"{WHERE}: config.recompute_modules has 'moe_act' (recompute the activation): our up "
+                         "projection saves its pre-activation for the backward; remove 'moe_act' to use these experts")
     if config.moe_apply_probs_on_input and config.moe_router_topk != 1:
         raise ValueError(f"{WHERE}: config.moe_apply_probs_on_input needs moe_router_topk=1 (as Megatron's experts), "
                          f"got {config.moe_router_topk}")
@@ -214,7 +218,7 @@ class FastMoEGroupedMLP(MegatronModule):
         if self.config.moe_apply_probs_on_input:
             x = (probs.unsqueeze(-1) * x).to(x.dtype)  # Megatron's order: weight the input, not the output
             probs = torch.ones_like(probs)
-        plan = plan_for_grouped_rows(tokens_per_expert.to(x.device), x.shape[0], where=WHERE)
+        plan = plan_for_grouped_rows(tokens_per_expert.to(x.device), x.shape[0], where=WHERE, name="tokens_per_expert")
         w_up, w_down = self.expert_weights()
         weight = probs.unsqueeze(1)
         if self._fused(x, w_up, w_down, weight):

@@ -21,8 +21,12 @@ initialisers, so FSDP2 shards them on the expert dimension and checkpoints load 
 (w1) and up (w3) weights are concatenated to our ``[E, 2F, D]`` each forward (one copy of the up
 weights; the backward splits the gradient); torchtitan's path casts the weights to bf16 each forward,
 a copy of the same size. Computation is in x's dtype (torchtitan's own path always casts x and the
-weights to bf16); the combine sums each token's k outputs in fp32 in a fixed order (deterministic).
-No host synchronisation; traceable by ``torch.compile`` (the ops are custom ops).
+weights to bf16): with FSDP2's bf16 parameters that is bf16; under ``torch.autocast`` with fp32
+activations (a single-device or DDP run) our custom ops are not autocast-aware and run in fp32 —
+correct, slower and larger than torchtitan's bf16. The combine sums each token's k outputs in fp32
+in a fixed order (deterministic). No host synchronisation; the forward traces under ``torch.compile``
+without graph breaks (tested with fullgraph). Not checked: torchtitan's ``spmd_types`` type checking
+(its ``GroupedExperts`` retypes the offsets; ours builds its own).
 
 fp8: ``FastMoEConverter.Config(fp8_recipe="blockwise")`` runs our blockwise-e4m3 GEMMs. torchtitan's
 own ``Float8GroupedExpertsConverter`` / ``MXFP8GroupedExpertsConverter`` on the same experts is
@@ -84,7 +88,7 @@ class FastMoEGroupedExperts(GroupedExperts):
         w_up, w_down = self.expert_weights()
         # Rows past the counts (an expert-parallel dispatcher's padding) belong to no expert: zeros.
         plan = plan_for_grouped_rows(num_tokens_per_expert_E, x_RD.shape[0], all_rows=False,
-                                     where="FastMoEGroupedExperts")
+                                     where="FastMoEGroupedExperts", name="num_tokens_per_expert_E")
         if self.fp8_recipe:
             return grouped_mlp_fp8(x_RD, w_up, w_down, plan.offsets, SWIGLU, backend=self.backend)
         return grouped_mlp(x_RD, w_up, w_down, plan.offsets, SWIGLU, backend=self.backend)

@@ -248,7 +248,7 @@ def make_plan(
 
 
 def plan_for_grouped_rows(counts: Tensor, num_rows: int, *, all_rows: bool = True,
-                          where: str = "plan_for_grouped_rows") -> DispatchPlan:
+                          where: str = "plan_for_grouped_rows", name: str = "counts") -> DispatchPlan:
     """The :class:`DispatchPlan` of ``num_rows`` rows that a trainer's token dispatcher has already grouped
     by expert (Megatron-Core's experts seam, torchtitan's ``GroupedExperts``): ``counts [E]`` rows per
     expert, in order. Each row is its own assignment (top-1, row r holds assignment r), so ``moe_mlp`` with
@@ -257,26 +257,28 @@ def plan_for_grouped_rows(counts: Tensor, num_rows: int, *, all_rows: bool = Tru
     No host synchronisation: ``counts`` must sum to ``num_rows`` (``all_rows``; at most ``num_rows``
     otherwise, for a dispatcher that pads) — a value check, asynchronous like the others, reports where
     they do not; the offsets are clamped to the rows, so rows past them hold no assignment and come
-    out as zeros."""
-    check_tensor(where, "tokens_per_expert", counts, ndim=1, dtypes=INDEX_DTYPES)
+    out as zeros. ``where`` and ``name`` (the caller's name for ``counts``) make the errors the caller's."""
+    check_tensor(where, name, counts, ndim=1, dtypes=INDEX_DTYPES)
     if isinstance(num_rows, int):
         check_int(where, "num_rows", num_rows, low=0)
     if isinstance(num_rows, int) and num_rows >= 2**31:
         raise ValueError(f"{where}: {num_rows} rows exceed the int32 row index range")
     E = counts.shape[0]
     if E < 1:
-        raise ValueError(f"{where}: `tokens_per_expert` must hold one count per expert (E >= 1), got shape [0]")
+        raise ValueError(f"{where}: `{name}` must hold one count per expert (E >= 1), got shape [0]")
     totals = torch.cumsum(counts.clamp(min=0).to(torch.int64), 0)
 
     def stats() -> Tensor:
         total = counts.to(torch.int64).sum()
         wrong_total = (total != num_rows) if all_rows else (total > num_rows)
-        return torch.stack([((counts < 0).any() | wrong_total).to(torch.int64), total])
+        lowest = counts.min().to(torch.int64)
+        return torch.stack([((lowest < 0) | wrong_total).to(torch.int64), total, lowest])
 
     def message(values) -> str:
+        if values[2] < 0:
+            return f"{where}: `{name}` must hold counts >= 0, found {values[2]}"
         bound = "" if all_rows else "at most "
-        return (f"{where}: `tokens_per_expert` (>= 0, one per expert) must sum to {bound}the {num_rows} rows "
-                f"given, sums to {values[1]}")
+        return f"{where}: `{name}` must sum to {bound}the {num_rows} rows given, sums to {values[1]}"
 
     if not torch.compiler.is_compiling():  # a trace cannot hold the check's host read; the offsets stay clamped
         check_values(counts.device, stats, message)

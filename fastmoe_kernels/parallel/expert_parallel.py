@@ -34,9 +34,23 @@ class ExpertParallelError(RuntimeError):
     """The ranks of an expert-parallel group disagree, or one of them stopped answering."""
 
 
-def wait_or_raise(work, what: str, timeout_s: float) -> None:
-    """Wait for an asynchronous collective at most ``timeout_s`` seconds (backends that bound their
-    waits: gloo; NCCL's own watchdog bounds its collectives), else raise a named error."""
+def bounds_its_waits(group) -> bool:
+    """Whether a timed ``work.wait`` is the right wait for ``group``'s backend: gloo's blocks the host
+    at most that long; NCCL's would spin the host until the collective ends (ProcessGroupNCCL waits on
+    the host whenever a timeout is given), while its plain wait only orders the current stream after
+    the collective, which NCCL's own timeout and watchdog bound."""
+    try:
+        return dist.get_backend(group) != "nccl"
+    except (RuntimeError, ValueError):  # not a process group torch knows: keep the bounded wait
+        return True
+
+
+def wait_or_raise(work, what: str, timeout_s: float, group=None) -> None:
+    """Wait for an asynchronous collective: at most ``timeout_s`` seconds where the backend bounds host
+    waits (gloo), else raise a named error; on NCCL the stream-ordering wait (see bounds_its_waits)."""
+    if group is not None and not bounds_its_waits(group):
+        work.wait()
+        return
     try:
         finished = work.wait(timeout=datetime.timedelta(seconds=timeout_s))
     except RuntimeError as exc:
@@ -47,8 +61,9 @@ def wait_or_raise(work, what: str, timeout_s: float) -> None:
 
 
 def collective(fn: Callable, *args, what: str, timeout_s: float, **kwargs) -> None:
-    """Run ``fn(*args, async_op=True, **kwargs)`` (a torch.distributed collective) with a bounded wait."""
-    wait_or_raise(fn(*args, async_op=True, **kwargs), what, timeout_s)
+    """Run ``fn(*args, async_op=True, **kwargs)`` (a torch.distributed collective) and wait for it
+    (bounded where the backend allows: wait_or_raise)."""
+    wait_or_raise(fn(*args, async_op=True, **kwargs), what, timeout_s, kwargs.get("group"))
 
 
 class _AllToAll(torch.autograd.Function):
@@ -79,12 +94,12 @@ class Pending:
     """An issued asynchronous exchange: its work handle, what it is called (for errors and the
     schedule trace) and its bounded wait."""
 
-    def __init__(self, work, what: str, timeout_s: float):
-        self.work, self.what, self.timeout_s = work, what, timeout_s
+    def __init__(self, work, what: str, timeout_s: float, group=None):
+        self.work, self.what, self.timeout_s, self.group = work, what, timeout_s, group
 
     def wait(self) -> None:
         if self.work is not None:
-            wait_or_raise(self.work, self.what, self.timeout_s)
+            wait_or_raise(self.work, self.what, self.timeout_s, self.group)
             self.work = None
 
 
@@ -98,7 +113,7 @@ class _AllToAllStart(torch.autograd.Function):
         ctx.out_splits, ctx.in_splits, ctx.group, ctx.timeout_s = out_splits, in_splits, group, timeout_s
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
         work = dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group, async_op=True)
-        pending.append(Pending(work, "the rows' all-to-all", timeout_s))
+        pending.append(Pending(work, "the rows' all-to-all", timeout_s, group))
         return out
 
     @staticmethod
@@ -191,6 +206,11 @@ class ExpertParallelExchange:
         """``dispatch`` of several chunks of tokens (dropless plans when more than one): one counts
         exchange and one host synchronisation for all, then every chunk's rows issued asynchronously,
         so that a later chunk's rows travel while an earlier chunk's experts compute."""
+        if len(xs) != len(plans) or not plans:
+            raise ValueError(f"dispatch_chunks: `xs` and `plans` must be as many (>= 1), got {len(xs)} and {len(plans)}")
+        if len(plans) > 1 and any(p.padded for p in plans):
+            raise ValueError("dispatch_chunks: `plans` of several chunks must be unpadded (the padded [E, C] layout "
+                             "exchanges one chunk)")
         self.check_agreement(xs[0].device)
         x_rows = [permute(x, plan, backend=backend) for x, plan in zip(xs, plans)]
         if plans[0].padded:
@@ -266,6 +286,18 @@ class ExpertParallelExchange:
             # The capacity tail holds no assignment and is never read by the combine.
             returned = torch.cat([returned, returned.new_zeros(sent.num_rows - returned.shape[0], returned.shape[1])])
         return unpermute(returned, plan, weight, backend=backend)
+
+    @staticmethod
+    def drain(sent: List["Dispatch"]) -> None:
+        """Wait for every exchange still in flight (after an error between dispatch and combine: a buffer
+        freed under a running collective, or ranks left one collective apart, would be worse)."""
+        for s in sent:
+            for pending in (s.pending, s.return_pending):
+                if pending is not None:
+                    try:
+                        pending.wait()
+                    except Exception:  # noqa: BLE001 - the original error is the one to report
+                        pass
 
     def _trace(self, event: str) -> None:
         """The schedule, for tests: set ``exchange.trace = []`` to record the order of events."""

@@ -218,3 +218,19 @@ def test_a_converted_config_converts_again_to_itself():
     again = FastMoEConverter.Config().build().convert(copy.deepcopy(config))
     assert type(again.layers[0].moe.routed_experts) is FastMoERoutedExperts.Config
     assert type(again.layers[0].moe.routed_experts.inner_experts) is FastMoEGroupedExperts.Config
+
+
+def test_the_training_step_of_the_moe_compiles_with_autograd_and_equals_eager():
+    # aot_eager traces the forward and the backward (our ops' autograd formulas) in one graph.
+    _, ours = pair()
+    moe = ours.layers["0"].moe
+    x = torch.randn(TOKENS, SEQ, 256, requires_grad=True)
+    moe(x).sum().backward()
+    want = [x.grad.clone()] + [p.grad.clone() for p in moe.parameters() if p.requires_grad]
+    x.grad = None
+    moe.zero_grad()
+    torch._dynamo.reset()
+    torch.compile(moe, backend="aot_eager", fullgraph=True)(x).sum().backward()
+    got = [x.grad] + [p.grad for p in moe.parameters() if p.requires_grad]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

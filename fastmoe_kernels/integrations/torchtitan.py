@@ -24,8 +24,8 @@ a copy of the same size. Computation is in x's dtype (torchtitan's own path alwa
 weights to bf16): with FSDP2's bf16 parameters that is bf16; under ``torch.autocast`` with fp32
 activations (a single-device or DDP run) our custom ops are not autocast-aware and run in fp32 —
 correct, slower and larger than torchtitan's bf16. The combine sums each token's k outputs in fp32
-in a fixed order (deterministic). No host synchronisation; the forward traces under ``torch.compile``
-without graph breaks (tested with fullgraph). Not checked: torchtitan's ``spmd_types`` type checking
+in a fixed order (deterministic). No host synchronisation; the MoE layer traces under ``torch.compile``
+without graph breaks (fullgraph; its training step under aot_eager equals eager). Not checked: torchtitan's ``spmd_types`` type checking
 (its ``GroupedExperts`` retypes the offsets; ours builds its own).
 
 fp8: ``FastMoEConverter.Config(fp8_recipe="blockwise")`` runs our blockwise-e4m3 GEMMs. torchtitan's

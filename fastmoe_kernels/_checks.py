@@ -245,6 +245,12 @@ def check_int(where: str, name: str, value, *, low: Optional[int] = None, high: 
         raise ValueError(f"{where}: `{name}` must be in [{lo}, {hi}], got {value}")
 
 
+def check_optional_bool(where: str, name: str, value) -> None:
+    """``value`` is None (the package decides), True or False."""
+    if value not in (None, True, False):
+        raise TypeError(f"{where}: `{name}` must be None, True or False, got {value!r}")
+
+
 def check_choice(where: str, name: str, value, choices: Iterable) -> None:
     choices = tuple(choices)
     if value not in choices:

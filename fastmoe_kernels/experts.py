@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import ActivationLike, apply_activation, as_activation
-from .fp8 import FP8_RECIPES
+from .fp8 import check_recipe
 from .ops import DispatchPlan, grouped_mlp, moe_mlp
 from .ops.fp8_mlp import grouped_mlp_fp8, moe_mlp_fp8
 
@@ -48,8 +48,7 @@ class GroupedExperts(nn.Module):
                              "weights read in place (the transformers experts), not of this module")
         self.init_std = init_std
         self.homogeneous = len(set(self.widths)) == 1
-        if fp8_recipe is not None and fp8_recipe not in FP8_RECIPES:
-            raise ValueError(f"GroupedExperts: `fp8_recipe` must be None or one of {FP8_RECIPES}, got {fp8_recipe!r}")
+        check_recipe("GroupedExperts", fp8_recipe)
         if fp8_recipe is not None and not self.homogeneous:
             raise ValueError("GroupedExperts: `fp8_recipe` needs experts of one width (the 128×128 weight blocks of "
                              f"packed experts of widths {list(self.widths)} would straddle experts)")

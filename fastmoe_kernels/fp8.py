@@ -29,6 +29,12 @@ import torch
 from torch import Tensor
 
 FP8_RECIPES = ("blockwise",)  # MoEConfig.fp8_recipe
+
+
+def check_recipe(where: str, recipe) -> None:
+    """``recipe`` is None (no fp8) or one of FP8_RECIPES."""
+    if recipe is not None and recipe not in FP8_RECIPES:
+        raise ValueError(f"{where}: `fp8_recipe` must be None or one of {FP8_RECIPES}, got {recipe!r}")
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 # Whether the fp8 GEMM being called will run a backward (set by the op layer around the call; read by

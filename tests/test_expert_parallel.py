@@ -31,22 +31,26 @@ def test_expert_parallel_matches_single_process(tmp_path, world):
     assert not problems, "\n".join(problems)
 
 
-def test_layer_rejects_indivisible_expert_count(tmp_path):
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo process group of this process alone (the default group while the test runs)."""
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build")
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        layer = MoELayer(d_model=8, d_ff=4, num_experts=4, top_k=2)
-        shard = layer.to_expert_parallel(dist.group.WORLD)  # one rank: all experts, same function
-        x = torch.randn(5, 8)
-        torch.testing.assert_close(shard(x), layer(x))
-        with pytest.raises(ValueError, match="already expert-parallel"):
-            shard.to_expert_parallel(dist.group.WORLD)
-        with pytest.raises(ValueError, match="not expert-parallel"):
-            layer.gather_full()
-    finally:
-        dist.destroy_process_group()
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+def test_layer_rejects_indivisible_expert_count(one_rank_group):
+    layer = MoELayer(d_model=8, d_ff=4, num_experts=4, top_k=2)
+    shard = layer.to_expert_parallel(one_rank_group)  # one rank: all experts, same function
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(shard(x), layer(x))
+    with pytest.raises(ValueError, match="already expert-parallel"):
+        shard.to_expert_parallel(one_rank_group)
+    with pytest.raises(ValueError, match="not expert-parallel"):
+        layer.gather_full()
 
 
 def test_pipelined_chunks_need_dropless_routing_and_a_positive_count():
@@ -86,22 +90,15 @@ def test_a_frozen_peer_is_reported_within_the_timeout(tmp_path):
     assert elapsed < 60
 
 
-def test_padded_plans_go_in_one_chunk_and_gloo_waits_are_bounded(tmp_path):
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available in this build")
+def test_padded_plans_go_in_one_chunk_and_gloo_waits_are_bounded(one_rank_group):
     from fastmoe_kernels.ops import make_plan
     from fastmoe_kernels.parallel.expert_parallel import bounds_its_waits
 
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        exchange = ExpertParallelExchange(4, dist.group.WORLD)
-        x = torch.randn(5, 8)
-        plan = make_plan(torch.randint(0, 4, (5, 2)), 4, capacity=3, drop_policy="position", pad=True)
-        with pytest.raises(ValueError, match="plans.*unpadded"):
-            exchange.dispatch_chunks([x, x], [plan, plan], None)
-        with pytest.raises(ValueError, match="as many"):
-            exchange.dispatch_chunks([x], [plan, plan], None)
-        assert bounds_its_waits(dist.group.WORLD)  # gloo: a timed wait (NCCL's would spin the host)
-    finally:
-        dist.destroy_process_group()
+    exchange = ExpertParallelExchange(4, one_rank_group)
+    x = torch.randn(5, 8)
+    plan = make_plan(torch.randint(0, 4, (5, 2)), 4, capacity=3, drop_policy="position", pad=True)
+    with pytest.raises(ValueError, match="plans.*unpadded"):
+        exchange.dispatch_chunks([x, x], [plan, plan], None)
+    with pytest.raises(ValueError, match="as many"):
+        exchange.dispatch_chunks([x], [plan, plan], None)
+    assert bounds_its_waits(one_rank_group)  # gloo: a timed wait (NCCL's would spin the host)

@@ -59,7 +59,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from .. import backends
 from ..activations import Activation
-from ..fp8 import FP8_RECIPES
+from .._checks import check_optional_bool
+from ..fp8 import check_recipe
 from ..ops import grouped_mlp, moe_mlp
 from ..ops.fp8_mlp import grouped_mlp_fp8, moe_mlp_fp8
 from ..ops.moe_mlp import default_fusion
@@ -155,10 +156,8 @@ class FastMoEGroupedMLP(MegatronModule):
                  fused: Optional[bool] = None, backend: Optional[str] = None):
         super().__init__(config=config)
         _refuse_unsupported(config)
-        if fp8_recipe is not None and fp8_recipe not in FP8_RECIPES:
-            raise ValueError(f"{WHERE}: `fp8_recipe` must be None or one of {FP8_RECIPES}, got {fp8_recipe!r}")
-        if fused not in (None, True, False):
-            raise TypeError(f"{WHERE}: `fused` must be None, True or False, got {fused!r}")
+        check_recipe(WHERE, fp8_recipe)
+        check_optional_bool(WHERE, "fused", fused)
         if pg_collection is None:
             from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
             pg_collection = get_default_pg_collection()

@@ -46,7 +46,8 @@ from torchtitan.models.common.token_dispatcher import AllToAllTokenDispatcher, L
 from torchtitan.protocols.model import ModelConfigConverter
 
 from ..activations import as_activation
-from ..fp8 import FP8_RECIPES
+from .._checks import check_optional_bool
+from ..fp8 import check_recipe
 from ..ops import grouped_mlp, make_plan, moe_mlp
 from ..ops.fp8_mlp import grouped_mlp_fp8, moe_mlp_fp8
 from ..ops.plan import plan_for_grouped_rows
@@ -152,11 +153,8 @@ class FastMoEConverter(ModelConfigConverter):
         routed_experts: bool = True
 
     def __init__(self, config: Config):
-        if config.fp8_recipe is not None and config.fp8_recipe not in FP8_RECIPES:
-            raise ValueError(f"FastMoEConverter: `fp8_recipe` must be None or one of {FP8_RECIPES}, "
-                             f"got {config.fp8_recipe!r}")
-        if config.fused not in (None, True, False):
-            raise TypeError(f"FastMoEConverter: `fused` must be None, True or False, got {config.fused!r}")
+        check_recipe("FastMoEConverter", config.fp8_recipe)
+        check_optional_bool("FastMoEConverter", "fused", config.fused)
         self.config = config
 
     def _experts(self, config) -> FastMoEGroupedExperts.Config:

@@ -22,7 +22,7 @@ from .. import backends, tuning
 from ..tuning import LayerShape
 from ..activations import Activation, ActivationLike, apply_activation, is_gated
 from .grouped_gemm import grouped_gemm_reference
-from .._checks import FLOAT_DTYPES, check_tensor
+from .._checks import FLOAT_DTYPES, check_optional_bool, check_tensor
 from .grouped_mlp import check_expert_weights, grouped_mlp
 from .permute import check_plan, combine_reference, permute, permute_reference, unpermute
 from .plan import DispatchPlan
@@ -216,8 +216,7 @@ def moe_mlp(
     check_tensor(where, "x", x, shape=(plan.row.shape[0], None))
     check_tensor(where, "weight", weight, ndim=2, dtypes=FLOAT_DTYPES, shape=tuple(plan.row.shape), device=x.device)
     act, widths = check_expert_weights(where, x, w_up, w_down, b_up, b_down, activation, widths, plan.num_experts)
-    if fused not in (None, True, False):
-        raise TypeError(f"{where}: `fused` must be None, True or False, got {fused!r}")
+    check_optional_bool(where, "fused", fused)
     tensors = [t for t in (x, w_up, w_down, b_up, b_down, weight) if t is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     shape = LayerShape.of(x.shape[1], _hidden_width(w_down, widths or []), plan.num_experts, plan.top_k, act.name,

@@ -259,10 +259,10 @@ def plan_for_grouped_rows(counts: Tensor, num_rows: int, *, all_rows: bool = Tru
     they do not; the offsets are clamped to the rows, so rows past them hold no assignment and come
     out as zeros. ``where`` and ``name`` (the caller's name for ``counts``) make the errors the caller's."""
     check_tensor(where, name, counts, ndim=1, dtypes=INDEX_DTYPES)
-    if isinstance(num_rows, int):
+    if isinstance(num_rows, int):  # a SymInt while compiling: its bounds are the trace's
         check_int(where, "num_rows", num_rows, low=0)
-    if isinstance(num_rows, int) and num_rows >= 2**31:
-        raise ValueError(f"{where}: {num_rows} rows exceed the int32 row index range")
+        if num_rows >= 2**31:
+            raise ValueError(f"{where}: {num_rows} rows exceed the int32 row index range")
     E = counts.shape[0]
     if E < 1:
         raise ValueError(f"{where}: `{name}` must hold one count per expert (E >= 1), got shape [0]")

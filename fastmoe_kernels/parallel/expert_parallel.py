@@ -222,9 +222,9 @@ class ExpertParallelExchange:
             rows_out = rows if plans[c].padded else rows[: sum(in_splits)]  # the capacity tail stays home
             pending: list = []
             received = _AllToAllStart.apply(rows_out, out_splits, in_splits, self.group, self.timeout_s, pending)
-            self._trace("rows sent" if len(xs) == 1 else f"rows sent {c}")
-            sent.append(Dispatch(received, pending[0], recv_matrix, in_splits, out_splits, rows.shape[0],
-                                 "" if len(xs) == 1 else f" {c}"))
+            label = "" if len(xs) == 1 else f" {c}"  # the chunk, in the schedule trace
+            self._trace("rows sent" + label)
+            sent.append(Dispatch(received, pending[0], recv_matrix, in_splits, out_splits, rows.shape[0], label))
         return sent
 
     def _padded_splits(self, plan: DispatchPlan, device) -> Tuple[Tensor, List[int], List[int]]:

@@ -2,6 +2,7 @@
 fake (meta) implementation; ``backends.resolve`` picks the implementation of each kernel."""
 from .grouped_gemm import grouped_gemm
 from .grouped_gemm_fp8 import grouped_gemm_fp8
+from . import fp8_moe_node as _fp8_moe_node  # noqa: F401  (registers the fp8 node's torch reference)
 from .grouped_mlp import grouped_mlp
 from .moe_mlp import moe_mlp
 from .permute import permute, unpermute

@@ -111,7 +111,12 @@ def grouped_mlp_fp8(x: Tensor, w_up: Tensor, w_down: Tensor, offsets: Tensor, ac
 def moe_mlp_fp8(x: Tensor, plan: DispatchPlan, weight: Tensor, w_up: Tensor, w_down: Tensor, act: Activation,
                 b_up: Optional[Tensor] = None, b_down: Optional[Tensor] = None, *,
                 backend: Optional[str] = None) -> Tensor:
-    """Tokens in, tokens out (see the module docstring)."""
+    """Tokens in, tokens out (see the module docstring); with FASTMOE_FP8_QUANTISERS=fused one node
+    whose quantisers run in the kernels producing their inputs (ops/fp8_moe_node.py: the same numbers)."""
+    from .fp8_moe_node import fused_quantisers_apply, moe_mlp_fp8_node  # (it imports this module's references)
+
+    if fused_quantisers_apply(w_down, act, b_up, b_down):
+        return moe_mlp_fp8_node(x, plan, weight, w_up, w_down, act, backend=backend)
     rows_expert = _experts_for_bias(plan.offsets, plan.num_rows, b_up, b_down)
     h = _add_bias(gathered_gemm_fp8(x, plan, w_up, backend=backend), b_up, rows_expert)
     y = _add_bias(activated_gemm_fp8(h, w_down, plan.offsets, act, backend=backend), b_down, rows_expert)

@@ -12,5 +12,5 @@ expert MLP), ``fp8`` (the blockwise fp8 grouped GEMMs), ``router_gemm`` (the rou
 """
 import triton  # noqa: F401  (ImportError here = backend unavailable)
 
-from . import (fp8, grouped_gemm, grouped_mlp_node, grouped_up, moe_mlp, permute, plan, router_gemm,  # noqa: F401
+from . import (fp8, fp8_fused, grouped_gemm, grouped_mlp_node, grouped_up, moe_mlp, permute, plan, router_gemm,  # noqa: F401
                routing, routing_stats)  # (registration)

@@ -127,15 +127,29 @@ def _to_e4m3(x, scale):
 
 # ---- quantisers ------------------------------------------------------------------------------------
 @triton.jit
-def _quantize_rows_kernel(x_ptr, row_index_ptr, num_src, stride_xm, q_ptr, s_ptr, M, K, KT,
+def _weighted(x, x_ptr, row_index_ptr, rows, valid, row_weight_ptr, ROW_WEIGHTED: tl.constexpr):
+    """x, or with ROW_WEIGHTED each row times ``row_weight[index[r]]`` rounded to x's dtype: the rows of
+    the weighted combine's input gradient, ``w·g[token]`` as the combine's backward writes them
+    (permute.py's gather with a scale), read from g itself so that they are never written."""
+    if ROW_WEIGHTED:
+        idx = tl.load(row_index_ptr + rows, mask=valid, other=0)
+        w = tl.load(row_weight_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+        x = (x * w[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, row_index_ptr, num_src, stride_xm, row_weight_ptr, q_ptr, s_ptr, M, K, KT,
                           up_col, col_step, alpha, limit, up_offset, ACT: tl.constexpr, GATED: tl.constexpr,
-                          GATHER: tl.constexpr, BM: tl.constexpr, TILE_K: tl.constexpr):
+                          GATHER: tl.constexpr, DIV: tl.constexpr, ROW_WEIGHTED: tl.constexpr, BM: tl.constexpr,
+                          TILE_K: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * TILE_K + tl.arange(0, TILE_K)
     rmask = rows < M
-    src, valid = gather_rows(row_index_ptr, rows, rmask, num_src, 1, GATHER)
+    src, valid = gather_rows(row_index_ptr, rows, rmask, num_src, DIV, GATHER)
     x = load_activated(x_ptr, src, valid, stride_xm, cols, cols < K, up_col, col_step, alpha, limit, up_offset,
                        ACT, GATED)
+    x = _weighted(x, x_ptr, row_index_ptr, rows, valid, row_weight_ptr, ROW_WEIGHTED)
     scale = _scale_of(tl.max(tl.abs(x), 1))
     out = rows.to(tl.int64)[:, None] * K + cols[None, :]
     tl.store(q_ptr + out, _to_e4m3(x, scale[:, None]), mask=rmask[:, None] & (cols < K)[None, :])
@@ -143,18 +157,20 @@ def _quantize_rows_kernel(x_ptr, row_index_ptr, num_src, stride_xm, q_ptr, s_ptr
 
 
 @triton.jit
-def _quantize_cols_kernel(x_ptr, row_index_ptr, num_src, stride_xm, qt_ptr, s_ptr, offsets_ptr, num_rows, padded_rows, K,
-                          up_col, col_step, alpha, limit, up_offset, ACT: tl.constexpr, GATED: tl.constexpr,
-                          E, E_PAD: tl.constexpr, GATHER: tl.constexpr, BK: tl.constexpr, TILE_M: tl.constexpr):
+def _quantize_cols_kernel(x_ptr, row_index_ptr, num_src, stride_xm, row_weight_ptr, qt_ptr, s_ptr, offsets_ptr, num_rows,
+                          padded_rows, K, up_col, col_step, alpha, limit, up_offset, ACT: tl.constexpr,
+                          GATED: tl.constexpr, E, E_PAD: tl.constexpr, GATHER: tl.constexpr, DIV: tl.constexpr,
+                          ROW_WEIGHTED: tl.constexpr, BK: tl.constexpr, TILE_M: tl.constexpr):
     e_range, lo_v, hi_v, mt_v, mend_v = group_table(offsets_ptr, num_rows, E, E_PAD, TILE_M)
     t = tl.program_id(0)
     if t < tl.sum(mt_v, 0):
         _, rows, rmask, _ = expert_tile(t, 1, e_range, lo_v, hi_v, mt_v, mend_v, TILE_M, 1)  # row tile t of its expert
         cols = tl.program_id(1) * BK + tl.arange(0, BK)
         cmask = cols < K
-        src, valid = gather_rows(row_index_ptr, rows, rmask, num_src, 1, GATHER)
+        src, valid = gather_rows(row_index_ptr, rows, rmask, num_src, DIV, GATHER)
         x = load_activated(x_ptr, src, valid, stride_xm, cols, cmask, up_col, col_step, alpha, limit, up_offset,
                            ACT, GATED)
+        x = _weighted(x, x_ptr, row_index_ptr, rows, valid, row_weight_ptr, ROW_WEIGHTED)
         scale = _scale_of(tl.max(tl.abs(x), 0))
         # The whole tile is written (rows past the expert's end as zeros), at its aligned place.
         slots = t * TILE_M + tl.arange(0, TILE_M)
@@ -200,9 +216,11 @@ def _activation_view(x: torch.Tensor, activation: Optional[Activation]):
 
 
 def quantize_rows(x: torch.Tensor, row_index: Optional[torch.Tensor] = None,
-                  activation: Optional[Activation] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``x [M, K]`` (or ``x[row_index]`` — rows < 0 are zeros; or ``act(x)``, x a pre-activation) →
-    (e4m3 ``[M', K']``, scales ``[M', ceil(K'/128)]``)."""
+                  activation: Optional[Activation] = None, *, div: int = 1,
+                  row_weight: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``x [M, K]`` (or ``x[row_index // div]`` — rows < 0 are zeros —, each times ``row_weight[row_index]``
+    rounded to x's dtype when given; or ``act(x)``, x a pre-activation) → (e4m3 ``[M', K']``, scales
+    ``[M', ceil(K'/128)]``)."""
     M = x.shape[0] if row_index is None else row_index.shape[0]
     K, act = _activation_view(x, activation)
     KT = cdiv(K, TILE)
@@ -211,8 +229,9 @@ def quantize_rows(x: torch.Tensor, row_index: Optional[torch.Tensor] = None,
     if M and K:
         BM = 16 if interpreted() else 32
         _quantize_rows_kernel[(cdiv(M, BM), KT)](
-            x, row_index if row_index is not None else x, x.shape[0], x.stride(0), q, s, M, K, KT, **act,
-            GATHER=row_index is not None, BM=BM, TILE_K=TILE)
+            x, row_index if row_index is not None else x, x.shape[0], x.stride(0),
+            row_weight if row_weight is not None else x, q, s, M, K, KT, **act,
+            GATHER=row_index is not None, DIV=div, ROW_WEIGHTED=row_weight is not None, BM=BM, TILE_K=TILE)
     return q, s
 
 
@@ -223,8 +242,10 @@ def column_tiles(num_rows: int, num_experts: int) -> int:
 
 
 def quantize_cols(x: torch.Tensor, offsets: torch.Tensor, num_rows: int, row_index: Optional[torch.Tensor] = None,
-                  activation: Optional[Activation] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The wgrad operand: rows ``offsets[e]:offsets[e+1]`` of ``x`` (or of ``x[row_index]``, or of ``act(x)``) in tiles of
+                  activation: Optional[Activation] = None, *, div: int = 1,
+                  row_weight: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The wgrad operand: rows ``offsets[e]:offsets[e+1]`` of ``x`` (or of ``x[row_index // div]``, weighted as
+    in :func:`quantize_rows`, or of ``act(x)``) in tiles of
     128 rows per column, starting at each expert's first row → (e4m3 ``xᵀ`` tiles ``[K, 128·tiles]``,
     scales ``[tiles, K]``): tile t of expert e, ``t = Σ_{e'<e} ceil(n_e'/128) + j``, holds its rows
     ``offsets[e] + 128·j …`` in columns ``128·t …`` and zeros after the expert's last row. Tiles past
@@ -237,9 +258,10 @@ def quantize_cols(x: torch.Tensor, offsets: torch.Tensor, num_rows: int, row_ind
     if num_rows and K:
         BK = 32 if interpreted() else 64
         _quantize_cols_kernel[(tiles, cdiv(K, BK))](
-            x, row_index if row_index is not None else x, x.shape[0], x.stride(0), qt, s, offsets, num_rows,
-            tiles * TILE, K, **act,
-            E=E, E_PAD=next_pow2(E), GATHER=row_index is not None, BK=BK, TILE_M=TILE)
+            x, row_index if row_index is not None else x, x.shape[0], x.stride(0),
+            row_weight if row_weight is not None else x, qt, s, offsets, num_rows, tiles * TILE, K, **act,
+            E=E, E_PAD=next_pow2(E), GATHER=row_index is not None, DIV=div, ROW_WEIGHTED=row_weight is not None,
+            BK=BK, TILE_M=TILE)
     return qt, s
 
 
@@ -271,6 +293,28 @@ def quantize_weight_layouts(w: torch.Tensor, *, forward: bool = True, transposed
 
 
 # ---- the products ----------------------------------------------------------------------------------
+@triton.jit
+def fp8_k_steps(a_ptr, a_scale_ptr, a_rows, a_valid, b_rows, ncol, s_b, s_b_cols, stride_sk, K, KT,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, COLUMN_SCALES: tl.constexpr):
+    """The fp32 product ``A[a_rows] · Bᵀ`` of one output tile, each 128-deep K step scaled by its A row
+    scales and B's block scale: one (``s_b``, the tile inside one weight block) or one per column
+    (``s_b_cols``: a tile over several blocks, or columns gathered from anywhere in the weight)."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for kb in range(0, KT):
+        kk = kb * BK + tl.arange(0, BK)
+        kmask = kk < K
+        a = tl.load(a_ptr + a_rows[:, None] * K + kk[None, :], mask=a_valid[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_rows + kk[None, :], mask=ncol[:, None] & kmask[None, :], other=0.0)
+        a_scale = tl.load(a_scale_ptr + a_rows * KT + kb, mask=a_valid, other=0.0)
+        if COLUMN_SCALES:
+            b_scale_cols = tl.load(s_b_cols + kb * stride_sk, mask=ncol, other=0.0)
+            acc += tl.dot(a, tl.trans(b)) * (a_scale[:, None] * b_scale_cols[None, :])
+        else:
+            b_scale = tl.load(s_b + kb * stride_sk)
+            acc += tl.dot(a, tl.trans(b)) * (a_scale * b_scale)[:, None]
+    return acc
+
+
 @triton.autotune(configs=_matmul_configs(), key=["N_OUT", "K", "M_BUCKET", "E", "GATED"],
                  prune_configs_by={"early_config_prune": pruner(_matmul_footprint, "a_ptr")}, cache_results=True)
 @triton.jit
@@ -302,19 +346,8 @@ def _fp8_matmul_kernel(
             s_b = b_scale_ptr + e.to(tl.int64) * stride_se + ((tile_n * BN) // BK) * stride_sn
             # A tile wider than a weight block (FP8_WIDE_TILES) reads one B scale per column's block.
             s_b_cols = b_scale_ptr + e.to(tl.int64) * stride_se + (cols // BK) * stride_sn
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-            for kb in range(0, KT):
-                kk = kb * BK + tl.arange(0, BK)
-                kmask = kk < K
-                a = tl.load(a_ptr + a_rows[:, None] * K + kk[None, :], mask=a_valid[:, None] & kmask[None, :], other=0.0)
-                b = tl.load(b_rows + kk[None, :], mask=ncol[:, None] & kmask[None, :], other=0.0)
-                a_scale = tl.load(a_scale_ptr + a_rows * KT + kb, mask=a_valid, other=0.0)
-                if BN > BK:
-                    b_scale_cols = tl.load(s_b_cols + kb * stride_sk, mask=ncol, other=0.0)
-                    acc += tl.dot(a, tl.trans(b)) * (a_scale[:, None] * b_scale_cols[None, :])
-                else:
-                    b_scale = tl.load(s_b + kb * stride_sk)
-                    acc += tl.dot(a, tl.trans(b)) * (a_scale * b_scale)[:, None]
+            acc = fp8_k_steps(a_ptr, a_scale_ptr, a_rows, a_valid, b_rows, ncol, s_b, s_b_cols, stride_sk, K, KT,
+                              BM, BN, BK, BN > BK)
             if GATED:
                 # The activation's backward in the epilogue (the gradient of act(h) is never stored), on the
                 # even and then the odd columns: half the tiles of h live at once (the whole tile spilled on

@@ -1,0 +1,152 @@
+"""The fp8 routed experts as one autograd node, their quantisers fused into the kernels that produce
+the quantised tensors (issue 35, item 2: ``FASTMOE_FP8_QUANTISERS=fused``; default "separate").
+
+``moe_mlp_fp8`` (ops/fp8_mlp.py) is three ops — the gathered up projection, the activated down
+projection, the weighted combine — and each fp8 operand that passes from one to the next is written
+in the layer's dtype and quantised again by a pass that reads it back. Inside one node
+(triton_backend/fp8_fused.py):
+
+- forward: act(h) is row-quantised in the up projection's epilogue (h is still written: the backward
+  reads it), not by a pass over h;
+- backward: the combine's input gradient ``w·g[token]`` is never written — its row and column
+  quantisers read g and the routing weights; dh is quantised by rows and by columns in the down
+  projection's dgrad epilogue and never written in the layer's dtype.
+
+The numbers are the separate path's, bit for bit (the same roundings in the same order): the torch
+emulation stays the specification and nothing in it changes. Counted from the code at the H100 run's
+shapes (bf16, 16,384 tokens), the traffic removed per training step: Qwen3-30B-A3B ~2.1 GB of ~8 GB
+of quantiser traffic (h read 0.40, ``w·g`` written 0.54 and dh written and read twice 1.21),
+Mixtral-8x7B ~8 GB (dh 5.6 of it). The model's prediction of the time: benchmarks/results/model-*/.
+
+Where it applies: the triton backend with fp8 kernels, experts without biases (the biases are added
+between the products, in the layer's dtype), and f a multiple of 128 for a gated activation with
+gate and up halves side by side (each dgrad tile's up columns must be one row-scaling tile of dh);
+elsewhere the separate path runs, which computes the same numbers.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from .._variants import flag
+from ..activations import Activation
+from ..fp8 import TILE, backward_expected
+from .fp8_mlp import (_activated_backward_reference, _activated_forward_reference, _gathered_backward_reference,
+                      _gathered_forward_reference)
+from .grouped_gemm import check_offsets
+from .permute import combine_reference, unpermute_backward_reference
+from .plan import DispatchPlan
+
+QUANTISERS = flag("FASTMOE_FP8_QUANTISERS", "separate", ("separate", "fused"))
+
+
+def _activation_of(name: str, params: List[float]) -> Activation:
+    return Activation(name, params[0], params[1], bool(params[2]))
+
+
+# ---- the specification: the separate path's three ops, composed -----------------------------------------
+def moe_mlp_fp8_node_reference(x, weight, w_up, w_down, offsets, src, row, assignment, activation: Activation):
+    """(tokens out, h, y): the gathered up projection, the activated down projection, the weighted combine."""
+    h = _gathered_forward_reference(x, w_up, offsets, src)
+    y = _activated_forward_reference(h, w_down, offsets, activation)
+    return combine_reference(y, row, weight), h, y
+
+
+def moe_mlp_fp8_node_backward_reference(grad_out, x, weight, w_up, w_down, offsets, src, row, assignment, h, y,
+                                        activation: Activation):
+    """(dx, d weight fp32, dW_up, dW_down): each op's backward reference in turn."""
+    grad_y, grad_weight = unpermute_backward_reference(grad_out, y, row, weight, assignment)
+    grad_h, grad_w_down = _activated_backward_reference(grad_y, h, w_down, offsets, activation)
+    grad_rows, grad_w_up = _gathered_backward_reference(grad_h, x, w_up, offsets, src)
+    grad_x = combine_reference(grad_rows, row, grad_rows.new_empty(0, dtype=torch.float32))
+    return grad_x, grad_weight.float(), grad_w_up, grad_w_down
+
+
+backends.register("moe_mlp_fp8_node", "torch")(moe_mlp_fp8_node_reference)
+backends.register("moe_mlp_fp8_node_backward", "torch")(moe_mlp_fp8_node_backward_reference)
+
+
+# ---- the op -----------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastmoe::moe_mlp_fp8_node", mutates_args=())
+def _node_op(x: Tensor, weight: Tensor, w_up: Tensor, w_down: Tensor, offsets: Tensor, src: Tensor, row: Tensor,
+             assignment: Tensor, act_name: str, act_params: List[float], backend: str,
+             backward_backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    check_offsets("moe_mlp_fp8", offsets, src.shape[0])  # inside the op, where torch.compile does not trace it
+    return backends.get_kernel("moe_mlp_fp8_node", backend)(x, weight, w_up, w_down, offsets, src, row, assignment,
+                                                            _activation_of(act_name, act_params))
+
+
+@_node_op.register_fake
+def _(x, weight, w_up, w_down, offsets, src, row, assignment, act_name, act_params, backend, backward_backend):
+    R = src.shape[0]
+    return x.new_empty(x.shape), x.new_empty((R, w_up.shape[1])), x.new_empty((R, w_down.shape[1]))
+
+
+@torch.library.custom_op("fastmoe::moe_mlp_fp8_node_backward", mutates_args=())
+def _node_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, w_up: Tensor, w_down: Tensor, offsets: Tensor,
+                      src: Tensor, row: Tensor, assignment: Tensor, h: Tensor, y: Tensor, act_name: str,
+                      act_params: List[float], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return backends.get_kernel("moe_mlp_fp8_node_backward", backend)(
+        grad_out, x, weight, w_up, w_down, offsets, src, row, assignment, h, y, _activation_of(act_name, act_params))
+
+
+@_node_backward_op.register_fake
+def _(grad_out, x, weight, w_up, w_down, offsets, src, row, assignment, h, y, act_name, act_params, backend):
+    return (torch.empty_like(x), weight.new_empty(weight.shape, dtype=torch.float32), torch.empty_like(w_up),
+            torch.empty_like(w_down))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, w_up, w_down, offsets, src, row, assignment, act_name, act_params, _, backward_backend = inputs
+    _, h, y = output
+    ctx.save_for_backward(x, weight, w_up, w_down, offsets, src, row, assignment, h, y)
+    ctx.activation, ctx.backend, ctx.weight_dtype = (act_name, act_params), backward_backend, weight.dtype
+    ctx.mark_non_differentiable(h, y)  # saved for the backward, never differentiated
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_out, _grad_h, _grad_y):
+    x, weight, w_up, w_down, offsets, src, row, assignment, h, y = ctx.saved_tensors
+    if grad_out is None:
+        return (None,) * 12
+    grad_x, grad_weight, grad_w_up, grad_w_down = _node_backward_op(
+        grad_out.contiguous(), x, weight, w_up, w_down, offsets, src, row, assignment, h, y, *ctx.activation,
+        ctx.backend)
+    return (grad_x, grad_weight.to(ctx.weight_dtype), grad_w_up, grad_w_down) + (None,) * 8
+
+
+_node_op.register_autograd(_backward, setup_context=_setup)
+
+
+def fused_quantisers_apply(w_down: Tensor, activation: Activation, b_up: Optional[Tensor],
+                           b_down: Optional[Tensor]) -> bool:
+    """Whether ``moe_mlp_fp8`` takes the node (see the module docstring)."""
+    if QUANTISERS != "fused" or b_up is not None or b_down is not None:
+        return False
+    return not (activation.gated and not activation.interleaved and w_down.shape[2] % TILE)
+
+
+def moe_mlp_fp8_node(x: Tensor, plan: DispatchPlan, weight: Tensor, w_up: Tensor, w_down: Tensor,
+                     activation: Activation, *, backend: Optional[str] = None) -> Tensor:
+    """``moe_mlp_fp8(x, plan, weight, w_up, w_down, activation)`` as one node (arguments checked by it)."""
+    from .grouped_gemm_fp8 import _warn_emulation, compute_capability
+
+    cc = compute_capability(x.device)
+    forward = backends.resolve("moe_mlp_fp8_node", backend, x.device, x.dtype, cc=cc)
+    backward = backends.resolve("moe_mlp_fp8_node_backward", backend, x.device, x.dtype, cc=cc)
+    if "torch" in (forward, backward):
+        _warn_emulation(x.device)
+    params = [float(activation.alpha), float(activation.limit), float(activation.interleaved)]
+    args = (x.contiguous(), weight.contiguous(), w_up, w_down, plan.offsets, plan.src, plan.row, plan.assignment,
+            activation.name, params, forward, backward)
+    if torch.compiler.is_compiling():
+        return _node_op(*args)[0]
+    # The weight cache writes the dgrad's layout in the forward's pass when a backward will follow.
+    token = backward_expected.set(torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, w_up, w_down)))
+    try:
+        return _node_op(*args)[0]
+    finally:
+        backward_expected.reset(token)

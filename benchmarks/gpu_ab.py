@@ -107,6 +107,11 @@ VARIANTS = [
             "offered too (two block scales per K step; 64×256 compiles without spills on sm_90)",
             ("Mixtral-8x7B fp8", "Qwen3-30B-A3B fp8"), ("fwd", "fwd+bwd"), None,
             a={"env": {"FASTMOE_FP8_TILES": "narrow"}}, b={"env": {"FASTMOE_FP8_TILES": "wide"}}),
+    Variant("fp8 fused quantisers", "h, the combine's gradient w·g and dh each written in bf16 and quantised by a "
+            "pass that reads them back → quantised in the kernels producing them (one fp8 node: act(h) in the up "
+            "projection's epilogue, dh by rows and columns in the dgrad's; the same numbers)",
+            ("Mixtral-8x7B fp8", "Qwen3-30B-A3B fp8"), ("fwd", "fwd+bwd"), None,
+            a={"env": {"FASTMOE_FP8_QUANTISERS": "separate"}}, b={"env": {"FASTMOE_FP8_QUANTISERS": "fused"}}),
     Variant("decode tiles", "the forward's grouped GEMMs at 1 token with today's tiles (≥ 32 rows) → with the "
             "decode tiles offered (16 rows, 32-128 columns, deep K; M_BUCKET ≤ 16)",
             ("Mixtral-8x7B", "gpt-oss-20b", "Qwen3-30B-A3B"), ("fwd",), None,
@@ -136,7 +141,7 @@ def default_env() -> Dict[str, str]:
 # The order the A/B runs in when its budget cannot hold every variant: the open changes whose defaults
 # wait on it (part B), then the part-A choices it confirms.
 PRIORITY = ("node backward", "activation backward", "fused stored backward", "wgrad tile and order", "tile order", "up activation",
-            "router GEMM", "decode tiles", "TMA weights", "fp8 weight cache", "fp8 wide tiles", "node dH epilogue", "wgrad dtype", "down output rows", "dW_up x", "trusted plans")
+            "router GEMM", "decode tiles", "TMA weights", "fp8 weight cache", "fp8 fused quantisers", "fp8 wide tiles", "node dH epilogue", "wgrad dtype", "down output rows", "dW_up x", "trusted plans")
 
 
 def setting_key(variant: Variant, setting: str) -> tuple:

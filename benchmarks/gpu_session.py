@@ -54,7 +54,7 @@ CHECK_TESTS = ["tests/kernel_tests/test_grouped_gemm.py", "tests/kernel_tests/te
                # the part B variants, the router's tensor-core GEMMs and the fp8 weight cache (bf16 runs
                # only here: the interpreters multiply it wrongly)
                "tests/kernel_tests/test_training_variants.py", "tests/kernel_tests/test_router_logits.py",
-               "tests/kernel_tests/test_fp8_weight_cache.py",
+               "tests/kernel_tests/test_fp8_weight_cache.py", "tests/kernel_tests/test_fp8_fused.py",
                # the activation-gradient kernel and the decode tiles (the forward issue)
                "tests/kernel_tests/test_activation_grad.py", "tests/kernel_tests/test_decode_tiles.py",
                # the weights through TMA descriptors, the plan kernels' in-kernel key and row fill

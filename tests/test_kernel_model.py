@@ -143,3 +143,20 @@ def test_the_decode_tiles_are_predicted_never_slower_and_fastest_where_few_exper
             assert r["decode_tiles_ms"] == pytest.approx(r["today_ms"]), r  # not offered there
     mixtral_1 = next(r for r in rows if r["case"] == "Mixtral-8x7B" and r["tokens"] == 1)
     assert mixtral_1["today_ms"] / mixtral_1["decode_tiles_ms"] > 1.3
+
+
+def test_the_fused_fp8_quantisers_bytes_are_the_passes_they_remove():
+    """Qwen3's shape by hand: the forward no longer reads h (R·2f); the backward no longer gathers w·g
+    (read and write, R·d each) nor writes dh and reads it back twice (3·R·2f); bf16."""
+    from fastmoe_kernels.bench.predictions import fp8_quantiser_bytes, fp8_quantiser_rows
+
+    R, d, h = 16384 * 8, 2048, 2 * 768
+    removed = fp8_quantiser_bytes(StepShape(16384, d, 768, 128, 8, True))
+    assert removed == {"fwd": R * h * 2, "fwd+bwd": R * h * 2 + 2 * R * d * 2 + 3 * R * h * 2}
+    ungated = fp8_quantiser_bytes(StepShape(16384, d, 768, 128, 8, False))
+    assert ungated["fwd"] == removed["fwd"] // 2
+    rows = {(r["case"], r["mode"]): r for r in fp8_quantiser_rows(km.H100_SXM)}
+    qwen3 = rows[("Qwen3-30B-A3B", "fwd+bwd")]
+    assert qwen3["saved_ms"] == pytest.approx(qwen3["removed_GB"] * 1e9 / (km.H100_SXM.copy_gbps * 1e9) * 1e3)
+    assert qwen3["fp8_predicted_ms"] == pytest.approx(18.4 - qwen3["saved_ms"]) and 1.0 < qwen3["speedup"] < 1.1
+    assert rows[("gpt-oss-20b", "fwd")]["fp8_today_ms"] is None  # no fp8 run measured there

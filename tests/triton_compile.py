@@ -45,7 +45,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 GEMM_KERNELS = ("_grouped_matmul_kernel", "_up_projection_kernel", "_activation_backward_kernel", "_grouped_wgrad_kernel")
 # The fp8 GEMMs (fp8_recipe="blockwise"), compiled for targets with fp8 tensor cores (sm_89 and later):
 # their K loops must be pipelined and, on sm_90, their products fp8 wgmma.
-FP8_KERNELS = ("_fp8_matmul_kernel", "_fp8_wgrad_kernel")
+FP8_KERNELS = ("_fp8_matmul_kernel", "_fp8_wgrad_kernel", "_fp8_up_quant_kernel", "_fp8_dgrad_quant_kernel")
 FP8_ARCH = 89
 # A spill of a few registers outside the K loop costs nothing measurable; more makes a config unusable.
 SPILL_TOLERANCE = 64
@@ -207,6 +207,7 @@ ONLY = {
     "activation-grad": lambda layer, dtype, arch: _activation_grad_steps(layer, 96, 64, dtype),
     "decode": lambda layer, dtype, arch: _decode_forwards(layer, 64, dtype),
     "tma": lambda layer, dtype, arch: _tma_steps(layer, 96, 64, dtype),
+    "fp8-fused": lambda layer, dtype, arch: _fp8_fused_steps(layer, dtype, arch),
 }
 
 
@@ -355,6 +356,35 @@ def _fp8_steps(layer_cls, dtype: torch.dtype, arch: int) -> None:
             _train_step(layer_cls, 96, 256, dtype, dict(extra, fp8_recipe="blockwise"))
 
 
+# The fp8 quantisers fused into their producers (FASTMOE_FP8_QUANTISERS=fused, ops/fp8_moe_node.py): gated
+# with the halves side by side and interleaved (gpt-oss), and ungated with a padded capacity plan.
+FP8_FUSED = {"fastmoe_kernels.ops.fp8_moe_node": {"QUANTISERS": "fused"}}
+
+
+def _fp8_fused_steps(layer_cls, dtype: torch.dtype, arch: int) -> None:
+    if arch < FP8_ARCH:
+        return
+    for extra in (dict(d_ff=384), dict(d_ff=256, activation="relu2", capacity_factor=1.0, pad_to_capacity=True)):
+        _flagged_step(layer_cls, 96, 256, dtype, FP8_FUSED, dict(extra, fp8_recipe="blockwise"))
+    _flagged(FP8_FUSED, lambda: _interleaved_fp8_step(96, 256, dtype))
+
+
+def _interleaved_fp8_step(T: int, d: int, dtype: torch.dtype) -> None:
+    from fastmoe_kernels.activations import Activation
+    from fastmoe_kernels.ops import make_plan
+    from fastmoe_kernels.ops.fp8_mlp import moe_mlp_fp8
+
+    E, f, k = 4, 160, 2
+    x = torch.randn(T, d, dtype=dtype, requires_grad=True)
+    w_up = torch.randn(E, 2 * f, d, dtype=dtype, requires_grad=True)
+    w_down = torch.randn(E, d, f, dtype=dtype, requires_grad=True)
+    plan = make_plan(torch.randint(0, E, (T, k)), E)
+    weight = torch.rand(T, k, dtype=dtype)
+    y = moe_mlp_fp8(x, plan, weight, w_up, w_down, Activation("swiglu_oai", 1.702, 7.0, interleaved=True),
+                    backend="triton")
+    y.backward(torch.ones_like(y))
+
+
 def _train_step(layer_cls, T: int, d: int, dtype: torch.dtype, extra: dict) -> None:
     kw = dict(d_model=d, d_ff=32, num_experts=4, top_k=2, backend="triton")
     kw.update(extra)
@@ -383,7 +413,7 @@ def _interleaved_step(T: int, d: int, dtype: torch.dtype) -> None:
 
 # The constexprs an autotune config sets: tile sizes and the tile orders (_gemm.expert_tile's GROUP_M, the
 # weight gradient's GROUP_K).
-CONFIG_CONSTEXPRS = ("BM", "BN", "BK", "GROUP_M", "GROUP_K")
+CONFIG_CONSTEXPRS = ("BM", "BN", "BK", "GROUP_M", "GROUP_K", "PARTS")
 
 
 def _variant(record: dict) -> str:
@@ -434,7 +464,8 @@ def main(argv=None) -> int:
                        ("router", "the router's tensor-core GEMMs"),
                        ("activation-grad", "the composition's activation-gradient kernel (FASTMOE_ACTIVATION_BACKWARD=kernel)"),
                        ("decode", "the forward at 4 tokens (the decode tiles, FASTMOE_DECODE_TILES)"),
-                       ("tma", "the forward's GEMMs with the weights through TMA descriptors (FASTMOE_B_LOADS=tma)")):
+                       ("tma", "the forward's GEMMs with the weights through TMA descriptors (FASTMOE_B_LOADS=tma)"),
+                       ("fp8-fused", "the fp8 quantisers fused into their producers (FASTMOE_FP8_QUANTISERS=fused)")):
         only.add_argument(f"--{name}-only", dest="only", action="store_const", const=name, help=f"only {what}")
     args = parser.parse_args(argv)
     arches = args.arch or [90]

@@ -160,7 +160,43 @@ def decode_rows(device: Device, tokens=(1, 4, 16, 64, 256, 512)) -> List[dict]:
     return rows
 
 
-def markdown(device: Device, changes: List[dict], decode: List[dict]) -> str:
+# The first H100 run's fp8 (blockwise) times, bf16 layers at 16,384 tokens (benchmarks/results/h100-2026-11-24/):
+# experts forward and forward+backward, ms.
+H100_FP8_MS = {"Qwen3-30B-A3B": {"fwd": 5.21, "fwd+bwd": 18.4}, "Mixtral-8x7B": {"fwd": 21.3, "fwd+bwd": 82.7}}
+
+
+def fp8_quantiser_bytes(shape: StepShape, elem_bytes: int = 2) -> Dict[str, float]:
+    """Bytes the fused fp8 quantisers (FASTMOE_FP8_QUANTISERS=fused) remove, by mode, counted from the two
+    paths' code: the forward's row quantiser no longer reads h (R·H); the backward no longer gathers w·g
+    (its read and write, R·d each: its quantisers read g instead of it, the same bytes) nor writes dh and
+    reads it back for rows and for columns (3·R·H). The e4m3 outputs are written on both paths."""
+    rows = shape.tokens * shape.top_k
+    h_cols = (2 if shape.gated else 1) * shape.d_ff
+    forward = rows * h_cols * elem_bytes
+    backward = 2 * rows * shape.d_model * elem_bytes + 3 * rows * h_cols * elem_bytes
+    return {"fwd": forward, "fwd+bwd": forward + backward}
+
+
+def fp8_quantiser_rows(device: Device) -> List[dict]:
+    """The fused quantisers' predicted saving: the bytes they remove at the copy rate (a bound for passes that
+    ran at it), against the first run's fp8 times where it measured them. Not modelled: the fused kernels'
+    fixed tiles (the dgrad's 128×128, the gated up projection's 64×256) against the autotuner's choice, and
+    the dgrad epilogue computed twice — the A/B ("fp8 fused quantisers") measures them."""
+    rows = []
+    cases = {c.label: c for c in model_cases()}
+    for label in HEADLINE:
+        shape = StepShape.of_case(cases[label])
+        for mode, removed in fp8_quantiser_bytes(shape, cases[label].elem_bytes()).items():
+            saved = removed / (device.copy_gbps * 1e9) * 1e3
+            measured = H100_FP8_MS.get(label, {}).get(mode)
+            rows.append(dict(case=label, mode=mode, removed_GB=removed / 1e9, saved_ms=saved, launches_removed=1 if
+                             mode == "fwd" else 4, fp8_today_ms=measured,
+                             fp8_predicted_ms=measured - saved if measured else None,
+                             speedup=measured / (measured - saved) if measured else None))
+    return rows
+
+
+def markdown(device: Device, changes: List[dict], decode: List[dict], fp8: Optional[List[dict]] = None) -> str:
     lines = [f"# Kernel-model predictions on {device.name}", "",
              f"Ceilings: dense {device.dense_tflops:.0f} TFLOP/s, copy {device.copy_gbps:.0f} GB/s, fill "
              f"{device.fill_gbps or 0:.0f} GB/s, L2 {device.l2_bytes / 2**20:.0f} MiB, {device.sms} SMs. GEMM "
@@ -187,6 +223,20 @@ def markdown(device: Device, changes: List[dict], decode: List[dict]) -> str:
                      f"{r['today_ms']:.3f} | {r['today_GBps']:.0f} | {r['decode_tiles_ms']:.3f} | "
                      f"{r['decode_tiles_GBps']:.0f} | {100 * r['decode_tiles_GBps'] / r['copy_GBps']:.0f} | "
                      f"{r['floor_ms']:.3f} |")
+    if fp8:
+        lines += ["", "## FP8: the quantisers fused into their producers (FASTMOE_FP8_QUANTISERS=fused)", "",
+                  "The bytes the fused node removes (h read by the forward's row quantiser; the backward's gather of "
+                  "w·g, its write and read; dh written and read back twice) at the copy rate, against the first H100 "
+                  "run's fp8 times where measured. The fused kernels' fixed tiles and the dgrad's twice-computed "
+                  "epilogue are not modelled (the A/B measures them).", "",
+                  "| case | mode | bytes removed (GB) | launches removed | at the copy rate (ms) "
+                  "| fp8 today, H100 (ms) | predicted (ms) | × |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in fp8:
+            today = f"{r['fp8_today_ms']:.2f}" if r["fp8_today_ms"] else "–"
+            pred = f"{r['fp8_predicted_ms']:.2f}" if r["fp8_predicted_ms"] else "–"
+            speedup = f"{r['speedup']:.3f}" if r["speedup"] else "–"
+            lines.append(f"| {r['case']} | {r['mode']} | {r['removed_GB']:.2f} | {r['launches_removed']} | "
+                         f"{r['saved_ms']:.2f} | {today} | {pred} | {speedup} |")
     lines += ["", "The contiguous down projection (rows written in expert order, the combine reading them by row) moves "
               "the same bytes as the scattered store (each row's d elements are contiguous either way): the model "
               "predicts no change in the GEMM, and none in the combine's bytes; what it can change (fewer partial "
@@ -202,14 +252,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     device = device_named(args.device) if args.device else H100_SXM
     device = device.with_ceilings(fill_gbps=args.fill_gbps or device.fill_gbps or H100_FILL_GBPS)
-    changes, decode = change_rows(device), decode_rows(device)
-    text = markdown(device, changes, decode)
+    changes, decode, fp8 = change_rows(device), decode_rows(device), fp8_quantiser_rows(device)
+    text = markdown(device, changes, decode, fp8)
     print(text)
     if args.out:
         out = pathlib.Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "predictions.md").write_text(text + "\n")
-        (out / "predictions.json").write_text(json.dumps(dict(changes=changes, decode=decode), indent=1, default=str))
+        (out / "predictions.json").write_text(json.dumps(dict(changes=changes, decode=decode, fp8_quantisers=fp8),
+                                                          indent=1, default=str))
     return 0
 
 

@@ -13,10 +13,14 @@ in the layer's dtype and quantised again by a pass that reads it back. Inside on
   projection's dgrad epilogue and never written in the layer's dtype.
 
 The numbers are the separate path's, bit for bit (the same roundings in the same order): the torch
-emulation stays the specification and nothing in it changes. Counted from the code at the H100 run's
-shapes (bf16, 16,384 tokens), the traffic removed per training step: Qwen3-30B-A3B ~2.1 GB of ~8 GB
-of quantiser traffic (h read 0.40, ``w·g`` written 0.54 and dh written and read twice 1.21),
-Mixtral-8x7B ~8 GB (dh 5.6 of it). The model's prediction of the time: benchmarks/results/model-*/.
+emulation stays the specification and nothing in it changes. Counted from the code
+(``bench.predictions.fp8_quantiser_bytes``; bf16, 16,384 tokens), the traffic removed: Qwen3-30B-A3B
+0.40 GB of the forward and 2.68 GB of a training step (h read 0.40; the gather of ``w·g``, its read
+and write 1.07; dh written and read back twice 1.21), Mixtral-8x7B 1.88 and 8.05 GB (dh 5.64 of it),
+and 4 launches per step; at the H100's copy rate, 0.9 of the 18.4 ms and 2.8 of the 82.7 ms fp8 steps
+the first run measured (benchmarks/results/model-2026-12-07/predictions.md). What the bytes do not
+price: the dgrad's tile is fixed at 128×128 and its epilogue computes dh twice, the gated up
+projection's at 64×256 (the A/B "fp8 fused quantisers" measures both paths).
 
 Where it applies: the triton backend with fp8 kernels, experts without biases (the biases are added
 between the products, in the layer's dtype), and f a multiple of 128 for a gated activation with

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import triton
 import triton.language as tl
@@ -155,15 +155,18 @@ def rotating_pruner(configs, named_args, **kwargs):
     return take_configs(list(configs))
 
 
-def pruner(footprint: Footprint, operand_tensor: str, output_tile: Tuple[str, str] = ("BM", "BN")):
+def pruner(footprint: Footprint, operand_tensor: str, output_tile: Tuple[str, str] = ("BM", "BN"),
+           output_elements: Optional[Callable[[Dict[str, int], Dict[str, object]], int]] = None):
     """An ``early_config_prune`` keeping the configs that fit (see the module docstring);
     ``operand_tensor`` names the argument whose element size the operand tiles have, ``output_tile``
-    the two tile sizes of the kernel's output tile."""
+    the two tile sizes of the kernel's output tile (or ``output_elements`` its size, for a kernel
+    whose output tile is not two config values)."""
 
     def estimate(config: triton.Config, args: Dict[str, object]) -> int:
         tiles = config.kwargs
-        return shared_memory_estimate(config, args[operand_tensor].element_size(), footprint(tiles, args)[0],
-                                      tiles[output_tile[0]] * tiles[output_tile[1]])
+        output = (output_elements(tiles, args) if output_elements is not None
+                  else tiles[output_tile[0]] * tiles[output_tile[1]])
+        return shared_memory_estimate(config, args[operand_tensor].element_size(), footprint(tiles, args)[0], output)
 
     def prune(configs, named_args, **kwargs):
         if len(configs) == 1:

@@ -37,7 +37,7 @@ from ..fp8 import TILE
 from ._common import (activation_args, cdiv, interpreted, launch, next_pow2, persistent_programs, register,
                       rows_per_expert_bucket)
 from ._gemm import GROUPED_ORDER, expert_tile, grouped_row_span, outside_tile, outside_tile_count, pruner, store_tile
-from ._jit import act_fwd, act_grad, gather_rows, group_table, pick, up_fwd, up_grad
+from ._jit import act_fwd, act_grad, gated_grads, gather_rows, group_table, pick, up_fwd
 from .fp8 import (_scale_of, _to_e4m3, column_tiles, fp8_capable, fp8_k_steps, fp8_matmul, fp8_wgrad, quantize_cols,
                   quantize_rows, quantize_weight_layouts)
 from .fp8_weight_cache import cached_weight
@@ -49,7 +49,7 @@ from .permute import combine, rowdot
 UP_QUANT_TILES = [(64, 8, 4), (128, 8, 3), (64, 4, 4)]
 # (warps, stages) of the quantising dgrad: 128 rows (the column quantiser's tiles) × 128 activation
 # columns; 16 warps hold the accumulator and the epilogue's halves of h in half the registers per thread.
-DGRAD_QUANT_TILES = [(8, 3), (16, 3), (8, 4)]
+DGRAD_QUANT_TILES = [(8, 3, 4), (8, 3, 8), (16, 3, 4), (8, 4, 8)]
 
 
 def _up_configs():
@@ -64,11 +64,16 @@ def _up_footprint(t, args):
     return (t["BM"] + product) * TILE, 2 * t["BM"] * product
 
 
+def _up_output(t, args):
+    return t["BM"] * (2 * TILE if args.get("GATED") else TILE)
+
+
 def _dgrad_configs():
     if interpreted():
-        return [triton.Config(dict(GROUP_M=2), num_warps=1)]
-    return [triton.Config(dict(GROUP_M=group), num_warps=w, num_stages=s)
-            for tiles, group in ((DGRAD_QUANT_TILES, 1), (DGRAD_QUANT_TILES[:1], GROUPED_ORDER)) for w, s in tiles]
+        return [triton.Config(dict(GROUP_M=2, PARTS=8), num_warps=1)]
+    return [triton.Config(dict(GROUP_M=group, PARTS=parts), num_warps=w, num_stages=s)
+            for tiles, group in ((DGRAD_QUANT_TILES, 1), (DGRAD_QUANT_TILES[:1], GROUPED_ORDER))
+            for w, s, parts in tiles]
 
 
 def _dgrad_footprint(t, args):
@@ -78,7 +83,7 @@ def _dgrad_footprint(t, args):
 
 # ---- the up projection with act(h) row-quantised -----------------------------------------------------
 @triton.autotune(configs=_up_configs(), key=["N_ACT", "K", "M_BUCKET", "E", "GATED"],
-                 prune_configs_by={"early_config_prune": pruner(_up_footprint, "a_ptr", ("BM", "BK"))},
+                 prune_configs_by={"early_config_prune": pruner(_up_footprint, "a_ptr", output_elements=_up_output)},
                  cache_results=True)
 @triton.jit
 def _fp8_up_quant_kernel(
@@ -177,7 +182,33 @@ def _activation(activation: Activation) -> dict:
 
 # ---- the down projection's input gradient with dh quantised by rows and by columns -------------------
 @triton.jit
-def _dh_half(d_act, rows64, rmask, j, N_ACT, h_ptr, stride_hm, up_col, col_step, alpha, limit, up_offset,
+def _split_columns(acc, BM: tl.constexpr, BK: tl.constexpr, PARTS: tl.constexpr):
+    """acc's columns in PARTS (4 or 8) contiguous parts, as a tuple."""
+    if PARTS == 4:
+        x = tl.permute(tl.reshape(acc, (BM, 2, 2, BK // 4)), (0, 3, 2, 1))  # [m, i, b, a] = acc[m, 64a + 32b + i]
+        lo, hi = tl.split(x)  # a = 0, 1
+        p0, p1 = tl.split(lo)
+        p2, p3 = tl.split(hi)
+        return p0, p1, p2, p3
+    else:
+        x = tl.permute(tl.reshape(acc, (BM, 2, 2, 2, BK // 8)), (0, 4, 3, 2, 1))  # [m, i, c, b, a]: 64a + 32b + 16c + i
+        lo, hi = tl.split(x)
+        lo0, lo1 = tl.split(lo)
+        hi0, hi1 = tl.split(hi)
+        p0, p1 = tl.split(lo0)
+        p2, p3 = tl.split(lo1)
+        p4, p5 = tl.split(hi0)
+        p6, p7 = tl.split(hi1)
+        return p0, p1, p2, p3, p4, p5, p6, p7
+
+
+@triton.jit
+def _part(parts, c: tl.constexpr, PARTS: tl.constexpr):
+    return parts[c]
+
+
+@triton.jit
+def _dh_part(d_act, rows64, rmask, j, N_ACT, h_ptr, stride_hm, up_col, col_step, alpha, limit, up_offset,
              ACT: tl.constexpr, GATED: tl.constexpr):
     """(d gate, d up) — or (dh, unused) without a gate — at activation columns j of the tile, each
     rounded to h's dtype (dh's, as the separate path stores it) and 0 outside the tile's valid rows."""
@@ -186,14 +217,28 @@ def _dh_half(d_act, rows64, rmask, j, N_ACT, h_ptr, stride_hm, up_col, col_step,
     gate = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if GATED:
         up = tl.load(h_ptr + offs + up_col, mask=mask, other=0.0).to(tl.float32)
-        d_gate = d_act * up_fwd(up, limit, up_offset) * act_grad(gate, ACT, alpha, limit)
-        d_up = d_act * act_fwd(gate, ACT, alpha, limit) * up_grad(up, limit)
+        d_gate, d_up = gated_grads(d_act, gate, up, ACT, alpha, limit, up_offset)
     else:
         d_gate = d_act * act_grad(gate, ACT, alpha, limit)
         d_up = d_gate
     d_gate = tl.where(mask, d_gate.to(h_ptr.dtype.element_ty).to(tl.float32), 0.0)
     d_up = tl.where(mask, d_up.to(h_ptr.dtype.element_ty).to(tl.float32), 0.0)
     return d_gate, d_up
+
+
+@triton.jit
+def _dh_pairs(d_act, rows64, rmask, j0, N_ACT, h_ptr, stride_hm, alpha, limit, up_offset, ACT: tl.constexpr,
+              BM: tl.constexpr, WIDTH: tl.constexpr):
+    """dh at activation columns ``j0 …`` of an interleaved h (gate, up at columns 2j, 2j + 1): the tile of
+    its 2·WIDTH natural columns (read and written whole: contiguous, vectorised, one address per vector —
+    every other column alone spilled on sm_90), the columns, their mask; rounded and masked as _dh_part."""
+    cols = 2 * j0 + tl.arange(0, 2 * WIDTH)
+    mask = rmask[:, None] & (cols < 2 * N_ACT)[None, :]
+    pair = tl.load(h_ptr + rows64[:, None] * stride_hm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    gate, up = tl.split(tl.reshape(pair, (BM, WIDTH, 2)))
+    d_gate, d_up = gated_grads(d_act, gate, up, ACT, alpha, limit, up_offset)
+    dh = tl.reshape(tl.join(d_gate, d_up), (BM, 2 * WIDTH))
+    return tl.where(mask, dh.to(h_ptr.dtype.element_ty).to(tl.float32), 0.0), cols, mask
 
 
 @triton.jit
@@ -205,45 +250,6 @@ def _store_cols_quantised(qt_ptr, qt_scale_ptr, v, h_cols, cmask, t, padded_rows
     tl.store(qt_ptr + h_cols.to(tl.int64)[None, :] * padded_rows + slots[:, None], _to_e4m3(v, scale[None, :]),
              mask=cmask[None, :])
     tl.store(qt_scale_ptr + t.to(tl.int64) * H_COLS + h_cols, scale, mask=cmask)
-
-
-@triton.jit
-def _in_first_tile(jl, INTERLEAVED: tl.constexpr):
-    """Whether activation column ``jl`` (of the tile's 128) lies in the first of the two row-scaling
-    tiles of dh's natural columns: with interleaved gate/up (columns 2j, 2j + 1) the first 64 do;
-    otherwise the gate columns form the first tile and the up columns the second."""
-    return jl < 64 if INTERLEAVED else jl >= 0
-
-
-@triton.jit
-def _tile_amax(amax_a, amax_b, d_gate, d_up, jl, GATED: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """The rows' running amax over the tile's two row-scaling tiles (one without a gate)."""
-    if INTERLEAVED:
-        first = _in_first_tile(jl, INTERLEAVED)[None, :]
-        both = tl.maximum(tl.abs(d_gate), tl.abs(d_up))
-        amax_a = tl.maximum(amax_a, tl.max(tl.where(first, both, 0.0), 1))
-        amax_b = tl.maximum(amax_b, tl.max(tl.where(first, 0.0, both), 1))
-    else:
-        amax_a = tl.maximum(amax_a, tl.max(tl.abs(d_gate), 1))
-        if GATED:
-            amax_b = tl.maximum(amax_b, tl.max(tl.abs(d_up), 1))
-    return amax_a, amax_b
-
-
-@triton.jit
-def _store_rows_quantised(q_ptr, rows64, rmask, d_gate, d_up, j, jl, N_ACT, H_COLS, up_col, col_step, s_a, s_b,
-                          GATED: tl.constexpr, INTERLEAVED: tl.constexpr):
-    mask = rmask[:, None] & (j < N_ACT)[None, :]
-    offs = rows64[:, None] * H_COLS + (j * col_step)[None, :]
-    if INTERLEAVED:
-        first = _in_first_tile(jl, INTERLEAVED)[None, :]
-        scale = tl.where(first, s_a[:, None], s_b[:, None])
-        tl.store(q_ptr + offs, _to_e4m3(d_gate, scale), mask=mask)
-        tl.store(q_ptr + offs + up_col, _to_e4m3(d_up, scale), mask=mask)
-    else:
-        tl.store(q_ptr + offs, _to_e4m3(d_gate, s_a[:, None]), mask=mask)
-        if GATED:
-            tl.store(q_ptr + offs + up_col, _to_e4m3(d_up, s_b[:, None]), mask=mask)
 
 
 @triton.jit
@@ -260,7 +266,8 @@ def _natural_tiles(tile_n, up_col, col_step, BK: tl.constexpr, GATED: tl.constex
 
 
 @triton.autotune(configs=_dgrad_configs(), key=["N_ACT", "K", "M_BUCKET", "E", "GATED"],
-                 prune_configs_by={"early_config_prune": pruner(_dgrad_footprint, "a_ptr", ("BK", "BK"))},
+                 prune_configs_by={"early_config_prune": pruner(_dgrad_footprint, "a_ptr",
+                                                                 output_elements=lambda t, args: TILE * TILE)},
                  cache_results=True)
 @triton.jit
 def _fp8_dgrad_quant_kernel(
@@ -270,7 +277,7 @@ def _fp8_dgrad_quant_kernel(
     q_ptr, q_scale_ptr, qt_ptr, qt_scale_ptr, padded_rows,  # dh by rows [R, H_COLS] + [R, HT]; by columns (fp8.py)
     offsets_ptr, num_rows, N_ACT, H_COLS, HT, K, KT, M_BUCKET,
     up_col, col_step, alpha, limit, up_offset, ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr,
-    E, E_PAD: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    E, E_PAD: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PARTS: tl.constexpr,
 ):
     BM: tl.constexpr = BK  # the column quantiser's 128-row tiles
     e_range, lo_v, hi_v, mt_v, mend_v = group_table(offsets_ptr, num_rows, E, E_PAD, BM)
@@ -289,30 +296,53 @@ def _fp8_dgrad_quant_kernel(
             s_b = b_scale_ptr + e.to(tl.int64) * stride_se + tile_n * stride_sn
             acc = fp8_k_steps(a_ptr, a_scale_ptr, rows64, rmask, b_rows, j < N_ACT, s_b, s_b, stride_sk, K, KT,
                               BM, BK, BK, False)
-            # Even, then odd activation columns: half of h's tiles live at once (fp8.py's gated epilogue).
-            acc_even, acc_odd = tl.split(tl.reshape(acc, (BM, BK // 2, 2)))
-            jl_even = 2 * tl.arange(0, BK // 2)
-            j_even = tile_n * BK + jl_even
+            # The activation columns in PARTS contiguous parts (part c: columns c·BK/PARTS …): one part's tiles of h
+            # live at once (halves, as fp8.py's gated epilogue takes them, spilled 1.7 KB on sm_90 here), and
+            # which row-scaling tile a part's values belong to is known at compile time.
+            parts = _split_columns(acc, BM, BK, PARTS)
+            width: tl.constexpr = BK // PARTS
             amax_a = tl.zeros((BM,), dtype=tl.float32)
             amax_b = tl.zeros((BM,), dtype=tl.float32)
             # Pass 1: the column-quantised dh (each column's scale is complete in this tile) and the rows' amax.
-            for parity in tl.static_range(2):
-                d_gate, d_up = _dh_half(acc_even if parity == 0 else acc_odd, rows64, rmask, j_even + parity, N_ACT,
-                                        h_ptr, stride_hm, up_col, col_step, alpha, limit, up_offset, ACT, GATED)
-                cols = (j_even + parity) * col_step
-                cmask = (j_even + parity) < N_ACT
-                _store_cols_quantised(qt_ptr, qt_scale_ptr, d_gate, cols, cmask, t, padded_rows, H_COLS, BM)
-                if GATED:
-                    _store_cols_quantised(qt_ptr, qt_scale_ptr, d_up, cols + up_col, cmask, t, padded_rows, H_COLS, BM)
-                amax_a, amax_b = _tile_amax(amax_a, amax_b, d_gate, d_up, jl_even + parity, GATED, INTERLEAVED)
+            for c in tl.static_range(PARTS):
+                j0 = tile_n * BK + c * width
+                if INTERLEAVED:  # the first half of the tile's columns is the first row-scaling tile
+                    dh, cols, _ = _dh_pairs(_part(parts, c, PARTS), rows64, rmask, j0, N_ACT, h_ptr, stride_hm, alpha,
+                                            limit, up_offset, ACT, BM, width)
+                    _store_cols_quantised(qt_ptr, qt_scale_ptr, dh, cols, cols < H_COLS, t, padded_rows, H_COLS, BM)
+                    if c < PARTS // 2:
+                        amax_a = tl.maximum(amax_a, tl.max(tl.abs(dh), 1))
+                    else:
+                        amax_b = tl.maximum(amax_b, tl.max(tl.abs(dh), 1))
+                else:  # gate columns, then (gated) up columns
+                    j = j0 + tl.arange(0, width)
+                    d_gate, d_up = _dh_part(_part(parts, c, PARTS), rows64, rmask, j, N_ACT, h_ptr, stride_hm, up_col,
+                                            col_step, alpha, limit, up_offset, ACT, GATED)
+                    _store_cols_quantised(qt_ptr, qt_scale_ptr, d_gate, j, j < N_ACT, t, padded_rows, H_COLS, BM)
+                    amax_a = tl.maximum(amax_a, tl.max(tl.abs(d_gate), 1))
+                    if GATED:
+                        _store_cols_quantised(qt_ptr, qt_scale_ptr, d_up, j + up_col, j < N_ACT, t, padded_rows,
+                                              H_COLS, BM)
+                        amax_b = tl.maximum(amax_b, tl.max(tl.abs(d_up), 1))
             s_a = _scale_of(amax_a)
             s_b_rows = _scale_of(amax_b)
             # Pass 2: dh again from the accumulator, row-quantised with the tile's two row scales.
-            for parity in tl.static_range(2):
-                d_gate, d_up = _dh_half(acc_even if parity == 0 else acc_odd, rows64, rmask, j_even + parity, N_ACT,
-                                        h_ptr, stride_hm, up_col, col_step, alpha, limit, up_offset, ACT, GATED)
-                _store_rows_quantised(q_ptr, rows64, rmask, d_gate, d_up, j_even + parity, jl_even + parity, N_ACT,
-                                      H_COLS, up_col, col_step, s_a, s_b_rows, GATED, INTERLEAVED)
+            for c in tl.static_range(PARTS):
+                j0 = tile_n * BK + c * width
+                if INTERLEAVED:
+                    dh, cols, mask = _dh_pairs(_part(parts, c, PARTS), rows64, rmask, j0, N_ACT, h_ptr, stride_hm,
+                                               alpha, limit, up_offset, ACT, BM, width)
+                    scale = s_a if c < PARTS // 2 else s_b_rows
+                    tl.store(q_ptr + rows64[:, None] * H_COLS + cols[None, :], _to_e4m3(dh, scale[:, None]), mask=mask)
+                else:
+                    j = j0 + tl.arange(0, width)
+                    d_gate, d_up = _dh_part(_part(parts, c, PARTS), rows64, rmask, j, N_ACT, h_ptr, stride_hm, up_col,
+                                            col_step, alpha, limit, up_offset, ACT, GATED)
+                    mask = rmask[:, None] & (j < N_ACT)[None, :]
+                    offs = rows64[:, None] * H_COLS + j[None, :]
+                    tl.store(q_ptr + offs, _to_e4m3(d_gate, s_a[:, None]), mask=mask)
+                    if GATED:
+                        tl.store(q_ptr + offs + up_col, _to_e4m3(d_up, s_b_rows[:, None]), mask=mask)
             ta, tb = _natural_tiles(tile_n, up_col, col_step, BK, GATED, INTERLEAVED)
             tl.store(q_scale_ptr + rows64 * HT + ta, s_a, mask=rmask)
             if GATED:

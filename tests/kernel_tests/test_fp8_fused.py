@@ -114,9 +114,26 @@ def test_up_projection_quantises_act_h_as_the_separate_quantiser(device, act, f,
     _assert_equal(s, want_s, "act(h) scales")
 
 
-@pytest.mark.parametrize("mode,dtype", _PLAN_DTYPES, ids=_PLAN_DTYPE_IDS)
+def _pin_dgrad_parts(monkeypatch, parts):
+    """The dgrad's epilogue in ``parts`` column parts: 8 is the interpreter's config, 4 one a GPU offers."""
+    import triton
+
+    kernel = _kernels()[1]._fp8_dgrad_quant_kernel
+    monkeypatch.setattr(kernel, "configs", [triton.Config(dict(GROUP_M=2, PARTS=parts), num_warps=1)])
+    monkeypatch.setattr(kernel, "cache", {})
+
+
+# Every (plan, dtype) pair in 8 parts, the dropless fp32 one in 4 too.
+_DGRAD_PARAMS = [(m, d, 8) for m, d in _PLAN_DTYPES] + [(None, torch.float32, 4)]
+_DGRAD_IDS = [f"{i}-8parts" for i in _PLAN_DTYPE_IDS] + ["dropless-fp32-4parts"]
+
+
+@pytest.mark.parametrize("mode,dtype,parts", _DGRAD_PARAMS, ids=_DGRAD_IDS)
 @pytest.mark.parametrize("act,f", _CASES, ids=_IDS)
-def test_dgrad_quantises_dh_by_rows_and_columns_as_the_separate_quantisers(device, act, f, mode, dtype):
+def test_dgrad_quantises_dh_by_rows_and_columns_as_the_separate_quantisers(device, monkeypatch, act, f, mode, dtype,
+                                                                           parts):
+    if not ON_GPU:  # (on a GPU the autotuner's configs run: both part counts among them)
+        _pin_dgrad_parts(monkeypatch, parts)
     fp8, plan, _, _, _, w_down = _operands(act, f, 136, 4, mode, dtype, device)
     R, offsets = plan.num_rows, plan.offsets
     h = (torch.randn(R, f * (2 if act.gated else 1), device=device) * 4).to(dtype)  # past swiglu_oai's clamps

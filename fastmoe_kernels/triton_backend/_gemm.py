@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .._variants import flag
 from ._common import interpreted, shared_memory_limit
-from ._jit import pick
+from ._jit import group_table, pick
 
 # (BM, BN, BK, warps, stages). Hopper-sized tiles first; smaller ones for small groups (fine-grained
 # MoE) and narrow N; the last fits every variant on every GPU (the pruner's fallback: the smallest).
@@ -224,6 +224,17 @@ def grouped_row_span(offsets_ptr, num_rows, E):
 def outside_tile_count(first_row, last_row, num_rows, n_tiles, BM: tl.constexpr):
     """Tiles covering the rows before the first group and after the last, every N tile of each."""
     return (tl.cdiv(first_row, BM) + tl.cdiv(num_rows - last_row, BM)) * n_tiles
+
+
+@triton.jit
+def persistent_tiles(offsets_ptr, num_rows, n_tiles, E, E_PAD: tl.constexpr, BM: tl.constexpr):
+    """The persistent schedule of a grouped GEMM that also writes the rows outside every group: (group_table's
+    five vectors, GEMM tiles, first and end row of the groups, all tiles: the GEMM's, then the outside ones)."""
+    e_range, lo_v, hi_v, mt_v, mend_v = group_table(offsets_ptr, num_rows, E, E_PAD, BM)
+    gemm_tiles = tl.sum(mt_v, 0) * n_tiles
+    first_row, last_row = grouped_row_span(offsets_ptr, num_rows, E)
+    total_tiles = gemm_tiles + outside_tile_count(first_row, last_row, num_rows, n_tiles, BM)
+    return e_range, lo_v, hi_v, mt_v, mend_v, gemm_tiles, first_row, last_row, total_tiles
 
 
 @triton.jit

@@ -43,7 +43,7 @@ from .._variants import flag
 from ..activations import Activation
 from ..fp8 import TILE
 from ._common import activation_args, cdiv, interpreted, launch, next_pow2, persistent_grid, register, rows_per_expert_bucket
-from ._gemm import GROUPED_ORDER, expert_tile, grouped_row_span, outside_tile, outside_tile_count, pruner, rotating_pruner, store_tile
+from ._gemm import GROUPED_ORDER, expert_tile, outside_tile, persistent_tiles, pruner, rotating_pruner, store_tile
 from ._jit import gather_rows, group_table, load_activated, pick, store_activation_grad
 from .fp8_weight_cache import cached_weight
 
@@ -331,11 +331,9 @@ def _fp8_matmul_kernel(
     E, E_PAD: tl.constexpr, GATHER_A: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    e_range, lo_v, hi_v, mt_v, mend_v = group_table(offsets_ptr, num_rows, E, E_PAD, BM)
     n_tiles = tl.cdiv(N_OUT, BN)
-    gemm_tiles = tl.sum(mt_v, 0) * n_tiles
-    first_row, last_row = grouped_row_span(offsets_ptr, num_rows, E)
-    total_tiles = gemm_tiles + outside_tile_count(first_row, last_row, num_rows, n_tiles, BM)
+    e_range, lo_v, hi_v, mt_v, mend_v, gemm_tiles, first_row, last_row, total_tiles = persistent_tiles(
+        offsets_ptr, num_rows, n_tiles, E, E_PAD, BM)
     for tile in range(tl.program_id(0), total_tiles, tl.num_programs(0)):
         if tile < gemm_tiles:
             e, rows, rmask, tile_n = expert_tile(tile, n_tiles, e_range, lo_v, hi_v, mt_v, mend_v, BM, GROUP_M)

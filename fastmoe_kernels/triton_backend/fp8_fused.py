@@ -36,8 +36,8 @@ from ..activations import Activation
 from ..fp8 import TILE
 from ._common import (activation_args, cdiv, interpreted, launch, next_pow2, persistent_programs, register,
                       rows_per_expert_bucket)
-from ._gemm import GROUPED_ORDER, expert_tile, grouped_row_span, outside_tile, outside_tile_count, pruner, store_tile
-from ._jit import act_fwd, act_grad, gated_grads, gather_rows, group_table, pick, up_fwd
+from ._gemm import GROUPED_ORDER, expert_tile, outside_tile, persistent_tiles, pruner, store_tile
+from ._jit import act_fwd, act_grad, gated_grads, gather_rows, pick, up_fwd
 from .fp8 import (_scale_of, _to_e4m3, column_tiles, fp8_capable, fp8_k_steps, fp8_matmul, fp8_wgrad, quantize_cols,
                   quantize_rows, quantize_weight_layouts)
 from .fp8_weight_cache import cached_weight
@@ -95,11 +95,9 @@ def _fp8_up_quant_kernel(
     E, E_PAD: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     PRODUCT: tl.constexpr = 2 * BK if GATED else BK  # product columns per tile of BK activation columns
-    e_range, lo_v, hi_v, mt_v, mend_v = group_table(offsets_ptr, num_rows, E, E_PAD, BM)
     n_tiles = tl.cdiv(N_ACT, BK)
-    gemm_tiles = tl.sum(mt_v, 0) * n_tiles
-    first_row, last_row = grouped_row_span(offsets_ptr, num_rows, E)
-    total_tiles = gemm_tiles + outside_tile_count(first_row, last_row, num_rows, n_tiles, BM)
+    e_range, lo_v, hi_v, mt_v, mend_v, gemm_tiles, first_row, last_row, total_tiles = persistent_tiles(
+        offsets_ptr, num_rows, n_tiles, E, E_PAD, BM)
     for tile in range(tl.program_id(0), total_tiles, tl.num_programs(0)):
         if tile < gemm_tiles:
             e, rows, rmask, tile_n = expert_tile(tile, n_tiles, e_range, lo_v, hi_v, mt_v, mend_v, BM, GROUP_M)
@@ -280,11 +278,9 @@ def _fp8_dgrad_quant_kernel(
     E, E_PAD: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PARTS: tl.constexpr,
 ):
     BM: tl.constexpr = BK  # the column quantiser's 128-row tiles
-    e_range, lo_v, hi_v, mt_v, mend_v = group_table(offsets_ptr, num_rows, E, E_PAD, BM)
     n_tiles = tl.cdiv(N_ACT, BK)
-    gemm_tiles = tl.sum(mt_v, 0) * n_tiles
-    first_row, last_row = grouped_row_span(offsets_ptr, num_rows, E)
-    total_tiles = gemm_tiles + outside_tile_count(first_row, last_row, num_rows, n_tiles, BM)
+    e_range, lo_v, hi_v, mt_v, mend_v, gemm_tiles, first_row, last_row, total_tiles = persistent_tiles(
+        offsets_ptr, num_rows, n_tiles, E, E_PAD, BM)
     for tile in range(tl.program_id(0), total_tiles, tl.num_programs(0)):
         if tile < gemm_tiles:
             e, rows, rmask, tile_n = expert_tile(tile, n_tiles, e_range, lo_v, hi_v, mt_v, mend_v, BM, GROUP_M)

@@ -224,7 +224,13 @@ def plot(rows, args, path) -> None:
 def write_readme(args, summary, times, text, device, path, argv) -> None:
     held = summary["held"]
     table = "\n".join(f"| {s} | {b:.4f} | {f:.4f} | {f - b:+.4f} |" for (s, b), (_, f) in zip(held["bf16"], held["fp8"]))
-    command = "python benchmarks/fp8_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    from fastmoe_kernels._variants import FLAGS
+
+    # The package's selectable variants set away from their defaults (an fp8 recipe variant, say): part of the run.
+    flags = {name: os.environ[name].strip().lower() for name in sorted(FLAGS)
+             if os.environ.get(name, FLAGS[name][0]).strip().lower() != FLAGS[name][0]}
+    command = "".join(f"{k}={v} " for k, v in flags.items()) + "python benchmarks/fp8_accuracy.py " + " ".join(
+        argv if argv is not None else sys.argv[1:])
     body = f"""# FP8 (blockwise e4m3) against bf16: a tiny MoE language model
 
 {summary['line']}.

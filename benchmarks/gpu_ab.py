@@ -112,6 +112,11 @@ VARIANTS = [
             "projection's epilogue, dh by rows and columns in the dgrad's; the same numbers)",
             ("Mixtral-8x7B fp8", "Qwen3-30B-A3B fp8"), ("fwd", "fwd+bwd"), None,
             a={"env": {"FASTMOE_FP8_QUANTISERS": "separate"}}, b={"env": {"FASTMOE_FP8_QUANTISERS": "fused"}}),
+    Variant("fp8 folded routing weight", "the fused node's dgrad from each weighted copy w·g quantised → from each "
+            "token's gradient quantised once, the routing weight in the row scales (a rounding change: "
+            "benchmarks/results/cpu-2026-12-07-fp8-accuracy-folded/)",
+            ("Qwen3-30B-A3B fp8", "Mixtral-8x7B fp8"), ("fwd+bwd",), None,
+            a={"env": {"FASTMOE_FP8_QUANTISERS": "fused"}}, b={"env": {"FASTMOE_FP8_QUANTISERS": "fused-folded"}}),
     Variant("decode tiles", "the forward's grouped GEMMs at 1 token with today's tiles (≥ 32 rows) → with the "
             "decode tiles offered (16 rows, 32-128 columns, deep K; M_BUCKET ≤ 16)",
             ("Mixtral-8x7B", "gpt-oss-20b", "Qwen3-30B-A3B"), ("fwd",), None,
@@ -141,7 +146,7 @@ def default_env() -> Dict[str, str]:
 # The order the A/B runs in when its budget cannot hold every variant: the open changes whose defaults
 # wait on it (part B), then the part-A choices it confirms.
 PRIORITY = ("node backward", "activation backward", "fused stored backward", "wgrad tile and order", "tile order", "up activation",
-            "router GEMM", "decode tiles", "TMA weights", "fp8 weight cache", "fp8 fused quantisers", "fp8 wide tiles", "node dH epilogue", "wgrad dtype", "down output rows", "dW_up x", "trusted plans")
+            "router GEMM", "decode tiles", "TMA weights", "fp8 weight cache", "fp8 fused quantisers", "fp8 folded routing weight", "fp8 wide tiles", "node dH epilogue", "wgrad dtype", "down output rows", "dW_up x", "trusted plans")
 
 
 def setting_key(variant: Variant, setting: str) -> tuple:

@@ -80,6 +80,8 @@ AUTO_PREFERENCE: Dict[str, Dict[str, Order]] = {
         "grouped_gemm_fp8_gathered_backward": ("triton", "torch"),
         "grouped_gemm_fp8_activated": ("triton", "torch"),
         "grouped_gemm_fp8_activated_backward": ("triton", "torch"),
+        "moe_mlp_fp8_node": ("triton", "torch"),  # the fp8 experts as one node (FASTMOE_FP8_QUANTISERS=fused)
+        "moe_mlp_fp8_node_backward": ("triton", "torch"),
         "route_topk": ("cuda", "triton", "torch"),
         "route_topk_backward": ("cuda", "triton", "torch"),
         "make_plan": ("cuda", "triton", "torch"),
@@ -110,6 +112,8 @@ AUTO_PREFERENCE: Dict[str, Dict[str, Order]] = {
         "grouped_gemm_fp8_gathered_backward": ("torch",),
         "grouped_gemm_fp8_activated": ("torch",),
         "grouped_gemm_fp8_activated_backward": ("torch",),
+        "moe_mlp_fp8_node": ("torch",),
+        "moe_mlp_fp8_node_backward": ("torch",),
         "route_topk": _cpu_router_order,
         "route_topk_backward": _cpu_router_order,
         "make_plan": ("cpp", "torch"),

@@ -150,6 +150,24 @@ def grouped_gemm_fp8_backward_reference(grad: Tensor, x: Tensor, w: Tensor, offs
     return grad_x.to(x.dtype), grad_w.to(w.dtype)
 
 
+def grouped_gemm_fp8_folded_dgrad_reference(grad_tokens: Tensor, token: Tensor, row_weight: Tensor, w: Tensor,
+                                            offsets: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """The dgrad with the routing weight folded into the output gradient's row scales (the fused fp8 node's
+    ``FASTMOE_FP8_QUANTISERS=fused-folded``): row r of expert e is ``row_weight[r] · (Q(g)[token[r]] · w[e])``,
+    Q the 1×128 row quantisation of the *tokens'* gradient ``grad_tokens [T, N]`` — each token quantised
+    once, not each of its k weighted copies ``w·g`` (rows with ``token < 0`` are zeros) — in ``out_dtype``."""
+    bounds = offsets.tolist()
+    wq = fake_quant_weight(w)
+    gq = torch.cat([fake_quant_rows(grad_tokens), grad_tokens.new_zeros(1, grad_tokens.shape[1], dtype=torch.float32)])
+    rows = gq[torch.where(token >= 0, token, grad_tokens.shape[0]).long()]
+    out = torch.zeros(token.shape[0], w.shape[2], dtype=torch.float32, device=grad_tokens.device)
+    for e in range(w.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            out[lo:hi] = (rows[lo:hi] @ wq[e]) * row_weight[lo:hi, None].float()
+    return out.to(out_dtype)
+
+
 class _GroupedGemmFp8(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:

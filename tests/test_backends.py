@@ -11,7 +11,8 @@ GEMM_KERNELS = ("grouped_gemm", "grouped_gemm_wgrad", "moe_mlp", "moe_mlp_backwa
                 "grouped_mlp_node", "grouped_mlp_node_backward", "router_logits", "router_logits_backward",
                 "grouped_gemm_fp8",
                 "grouped_gemm_fp8_backward", "grouped_gemm_fp8_gathered", "grouped_gemm_fp8_gathered_backward",
-                "grouped_gemm_fp8_activated", "grouped_gemm_fp8_activated_backward")
+                "grouped_gemm_fp8_activated", "grouped_gemm_fp8_activated_backward", "moe_mlp_fp8_node",
+                "moe_mlp_fp8_node_backward")
 INDEX_KERNELS = ("route_topk", "route_topk_backward", "make_plan", "permute", "combine", "unpermute_backward",
                  "routing_stats")
 

@@ -65,12 +65,13 @@ def test_sweeps_hold_their_stated_budgets(grid):
         assert all(c.tokens == 16384 and c.dtype == "bfloat16" for c in models.values())
         # The decode sweeps at model shapes: each model's own layer, inference only, from 1 token.
         for sweep, label in (("decode-qwen3", "Qwen3-30B-A3B"), ("decode-mixtral", "Mixtral-8x7B"),
-                             ("decode-gpt-oss", "gpt-oss-20b")):
+                             ("decode-gpt-oss", "gpt-oss-20b"), ("decode-mixtral-fp8", "Mixtral-8x7B fp8"),
+                             ("decode-qwen3-fp8", "Qwen3-30B-A3B fp8")):
             points = by(sweep)
             assert points and all(c.inference_only and c.label == label and shape(c) == shape(models[label])
-                                  for c in points), sweep
+                                  and c.fp8_recipe == models[label].fp8_recipe for c in points), sweep
             assert min(c.tokens for c in points) == 1 and max(c.tokens for c in points) == (
-                512 if grid == "full" else 256)
+                512 if grid == "full" else 1 if label.endswith("fp8") else 256)
     else:
         assert not by("models") and not any(c.sweep.startswith("decode-") for c in cases)
 
@@ -91,6 +92,12 @@ def test_case_accounting():
     c = BenchCase("base", tokens=10, d_model=8, d_ff=4, num_experts=4, top_k=2)
     assert c.routed_flops() == 6 * 10 * 2 * 8 * 4 and c.routed_flops(True) == 18 * 10 * 2 * 8 * 4
     assert c.params() == {"total_params": 4 * 3 * 8 * 4 + 8 * 4, "active_params": 2 * 3 * 8 * 4 + 8 * 4}
+    # A forward's fewest bytes (bf16): 3 touched experts, the router, the tokens in and out; with the fp8
+    # recipe the routed weights as the weight cache holds them (1 byte and a 4-byte scale per 128² block).
+    always = 8 * 4 + 2 * 10 * 8
+    assert c.forward_bytes(3) == (3 * 3 * 8 * 4 + always) * 2
+    assert dataclasses.replace(c, fp8_recipe="blockwise").forward_bytes(3) == pytest.approx(
+        3 * 3 * 8 * 4 * (1 + 4 / 128 ** 2) + always * 2)
 
 
 def test_baselines_compute_our_function():
@@ -438,7 +445,7 @@ def test_the_model_shapes_are_graphed_once_and_their_graphs_need_a_gpu():
     assert models["Mixtral-8x7B"].graphed_modes() == ("fwd", "fwd+bwd")
     assert models["DeepSeek-V3"].graphed_modes() == ("fwd",)  # 22.5 GB of experts: no second copy of a step
     assert models["Mixtral-8x7B fp8"].graphed_modes() == ()
-    assert all(c.graphed_modes() == ("fwd",) for c in cases if c.sweep.startswith("decode-"))
+    assert all(c.graphed_modes() == (() if c.fp8_recipe else ("fwd",)) for c in cases if c.sweep.startswith("decode-"))
     assert not any(c.graphed for c in build_grid("quick"))
     tiny = dataclasses.replace(next(c for c in build_grid("smoke") if c.sweep == "base"), graphed=True)
     skips = {}

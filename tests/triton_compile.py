@@ -205,7 +205,7 @@ ONLY = {
     "part-b": lambda layer, dtype, arch: _part_b_steps(layer, 96, 64, dtype),
     "router": lambda layer, dtype, arch: [_part_b_steps(layer, 96, 64, t, only=[ROUTER]) for t in (dtype, torch.float32)],
     "activation-grad": lambda layer, dtype, arch: _activation_grad_steps(layer, 96, 64, dtype),
-    "decode": lambda layer, dtype, arch: _decode_forwards(layer, 64, dtype),
+    "decode": lambda layer, dtype, arch: [_decode_forwards(layer, 64, dtype), _fp8_decode_forward(layer, dtype, arch)],
     "tma": lambda layer, dtype, arch: _tma_steps(layer, 96, 64, dtype),
     "fp8-fused": lambda layer, dtype, arch: _fp8_fused_steps(layer, dtype, arch),
 }
@@ -354,10 +354,20 @@ def _fp8_steps(layer_cls, dtype: torch.dtype, arch: int) -> None:
         for extra in (dict(d_ff=384), dict(d_ff=256, bias=True, activation="gelu", capacity_factor=1.0,
                                            pad_to_capacity=True)):
             _train_step(layer_cls, 96, 256, dtype, dict(extra, fp8_recipe="blockwise"))
+        _fp8_decode_forward(layer_cls, dtype, arch)
+
+
+def _fp8_decode_forward(layer_cls, dtype: torch.dtype, arch: int) -> None:
+    """The fp8 layer's forward at 4 tokens (M_BUCKET 2: the fp8 product's decode tiles offered)."""
+    if arch >= FP8_ARCH:
+        layer = layer_cls(d_model=256, d_ff=256, num_experts=4, top_k=2, backend="triton",
+                          fp8_recipe="blockwise").to(dtype)
+        with torch.no_grad():
+            layer(torch.randn(4, 256, dtype=dtype))
 
 
 # The fp8 quantisers fused into their producers (FASTMOE_FP8_QUANTISERS=fused, ops/fp8_moe_node.py): gated
-# with the halves side by side and interleaved (gpt-oss), and ungated with a padded capacity plan.
+# with the halves side by side and interleaved (gpt-oss), ungated with a padded capacity plan, and folded.
 FP8_FUSED = {"fastmoe_kernels.ops.fp8_moe_node": {"QUANTISERS": "fused"}}
 
 
@@ -367,6 +377,9 @@ def _fp8_fused_steps(layer_cls, dtype: torch.dtype, arch: int) -> None:
     for extra in (dict(d_ff=384), dict(d_ff=256, activation="relu2", capacity_factor=1.0, pad_to_capacity=True)):
         _flagged_step(layer_cls, 96, 256, dtype, FP8_FUSED, dict(extra, fp8_recipe="blockwise"))
     _flagged(FP8_FUSED, lambda: _interleaved_fp8_step(96, 256, dtype))
+    # the routing weight folded into the dgrad's row scales (the dgrad's FOLDED variant)
+    folded = {"fastmoe_kernels.ops.fp8_moe_node": {"QUANTISERS": "fused-folded"}}
+    _flagged_step(layer_cls, 96, 256, dtype, folded, dict(d_ff=384, fp8_recipe="blockwise"))
 
 
 def _interleaved_fp8_step(T: int, d: int, dtype: torch.dtype) -> None:
@@ -522,7 +535,8 @@ def main(argv=None) -> int:
             if r["async_copies"] == 0:
                 unpipelined.append(r)
                 print(f"sm_{arch} {r['kernel']}: fp8 K loop not pipelined (no async copies) {r['constexprs']}")
-            if arch >= 90 and r["fp8_wgmma"] == 0:
+            # (a 16-row decode tile is under wgmma's 64 rows: mma.sync, as the bf16 decode tiles)
+            if arch >= 90 and r["fp8_wgmma"] == 0 and r["constexprs"].get("BM") != 16:
                 problems.append(f"{r['kernel']}: no fp8 wgmma on sm_{arch} {r['constexprs']}")
                 print(f"sm_{arch} {problems[-1]}")
         for r in (r for r in rows if r["constexprs"].get("B_TMA")):

@@ -154,8 +154,11 @@ class BenchCase:
 
     def forward_bytes(self, touched_experts: int) -> int:
         """Fewest bytes a forward must move: the touched experts' weights, the shared experts' and the
-        router's, the tokens in and out. What bounds a small batch (decode)."""
+        router's, the tokens in and out. What bounds a small batch (decode). With an fp8 recipe the routed
+        experts' weights are read as the weight cache holds them: e4m3, one fp32 scale per 128×128 block."""
         always = self.shared_params + self.d_model * self.num_experts + 2 * self.tokens * self.d_model
+        if self.fp8_recipe:
+            return touched_experts * self.expert_params * (1 + 4 / 128 ** 2) + always * self.elem_bytes()
         return (touched_experts * self.expert_params + always) * self.elem_bytes()
 
     def elem_bytes(self) -> int:

@@ -16,7 +16,8 @@ each includes the base point itself (measured once, reported in every sweep):
   in the GPU grids the Mixtral-8x7B shape gets its fp8 twin too (the issue's ≥ 1.6× target is set at
   the Qwen3 — the GPU base — and Mixtral shapes). Without fp8 kernels (CPU, GPUs before sm_89) the
   fp8 point times the fp32 emulation;
-- ``decode-qwen3``, ``decode-mixtral``, ``decode-gpt-oss`` (GPU grids): those models' layers at 1–512
+- ``decode-qwen3``, ``decode-mixtral``, ``decode-gpt-oss`` and the fp8 twins ``decode-mixtral-fp8``,
+  ``decode-qwen3-fp8`` (GPU grids): those models' layers at 1–512
   tokens, inference only (the forward issue's decode targets: the rate on the hit experts' weights
   against the copy bandwidth);
 - ``models`` (GPU grids): the MoE layers of Qwen3-30B-A3B, OLMoE, Mixtral-8x7B, DeepSeek-V3 (one
@@ -60,13 +61,18 @@ def model_cases(tokens: int = 16384, dtype: str = "bfloat16") -> List[BenchCase]
 
 # The decode sweeps at model shapes (GPU grids; sweeps.DECODE_MODELS): each model's layer at few tokens.
 DECODE_MODEL_TOKENS = {"gpu": [1, 16, 256], "full": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]}
+# The fp8 twins in the GPU grid at 1 token, where reading the weights bounds the forward (the
+# grid's 15-minute estimate, 886 s without them, holds no more).
+FP8_DECODE_TOKENS = {"gpu": [1]}
 
 
 def model_decode_cases(grid: str) -> List[BenchCase]:
     """The models' decode sweeps of ``grid`` (none outside the GPU grids: the weights are GBs)."""
     models = {c.label: c for c in model_cases()}
+    tokens = lambda label: (FP8_DECODE_TOKENS.get(grid) or DECODE_MODEL_TOKENS.get(grid, [])
+                            if models[label].fp8_recipe else DECODE_MODEL_TOKENS.get(grid, []))
     return [replace(models[label], sweep=sweep, tokens=t, inference_only=True)
-            for sweep, label in DECODE_MODELS.items() for t in DECODE_MODEL_TOKENS.get(grid, [])]
+            for sweep, label in DECODE_MODELS.items() for t in tokens(label)]
 
 
 def tiny_model_cases() -> List[BenchCase]:

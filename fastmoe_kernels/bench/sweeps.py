@@ -18,7 +18,9 @@ OUR_IMPLS = ("torch", "triton", "triton-unfused", "triton-fused", "cuda", "cuda-
 # tables and plots, never "ours" in a comparison with the baselines (they run eagerly).
 GRAPHED_IMPL = "triton-graphed"
 # The decode sweeps at real models' layers (GPU grids): sweep name → the model case's label.
-DECODE_MODELS = {"decode-qwen3": "Qwen3-30B-A3B", "decode-mixtral": "Mixtral-8x7B", "decode-gpt-oss": "gpt-oss-20b"}
+# The fp8 twins read the weight cache's e4m3 weights (the FP8 issue's item 4).
+DECODE_MODELS = {"decode-qwen3": "Qwen3-30B-A3B", "decode-mixtral": "Mixtral-8x7B", "decode-gpt-oss": "gpt-oss-20b",
+                 "decode-mixtral-fp8": "Mixtral-8x7B fp8", "decode-qwen3-fp8": "Qwen3-30B-A3B fp8"}
 
 
 def impl_backend(impl: str):

@@ -31,40 +31,19 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..activations import Activation, apply_activation
-from ..fp8 import grouped_gemm_fp8_backward_reference, grouped_gemm_fp8_forward_reference
+from ..activations import Activation
+from .fp8_moe_node import fused_quantisers_apply, moe_mlp_fp8_node
+from .fp8_references import (activated_backward_reference, activated_forward_reference, gathered_backward_reference,
+                             gathered_forward_reference)
 from .grouped_gemm_fp8 import apply_fp8_gemm, grouped_gemm_fp8
-from .permute import permute_reference, unpermute
+from .permute import unpermute
 from .plan import DispatchPlan
 
 
-def _gathered_forward_reference(x: Tensor, w: Tensor, offsets: Tensor, src: Tensor) -> Tensor:
-    return grouped_gemm_fp8_forward_reference(permute_reference(x, src), w, offsets)
-
-
-def _gathered_backward_reference(grad: Tensor, x: Tensor, w: Tensor, offsets: Tensor, src: Tensor):
-    """(gradient of the gathered rows ``[R, K]``, gradient of w)."""
-    return grouped_gemm_fp8_backward_reference(grad, permute_reference(x, src), w, offsets)
-
-
-def _activated_forward_reference(h: Tensor, w: Tensor, offsets: Tensor, act: Activation) -> Tensor:
-    return grouped_gemm_fp8_forward_reference(apply_activation(h, act), w, offsets)
-
-
-def _activated_backward_reference(grad: Tensor, h: Tensor, w: Tensor, offsets: Tensor, act: Activation):
-    """(gradient of the pre-activation h, gradient of w): the fp8 dgrad reaches act(h), torch's own
-    derivative of the activation carries it to h (``torch.func.vjp``: a function transform, so it
-    works inside the op, where autograd is off)."""
-    a, activation_vjp = torch.func.vjp(lambda t: apply_activation(t, act), h)
-    grad_a, grad_w = grouped_gemm_fp8_backward_reference(grad, a, w, offsets)
-    (grad_h,) = activation_vjp(grad_a)
-    return grad_h, grad_w
-
-
-backends.register("grouped_gemm_fp8_gathered", "torch")(_gathered_forward_reference)
-backends.register("grouped_gemm_fp8_gathered_backward", "torch")(_gathered_backward_reference)
-backends.register("grouped_gemm_fp8_activated", "torch")(_activated_forward_reference)
-backends.register("grouped_gemm_fp8_activated_backward", "torch")(_activated_backward_reference)
+backends.register("grouped_gemm_fp8_gathered", "torch")(gathered_forward_reference)
+backends.register("grouped_gemm_fp8_gathered_backward", "torch")(gathered_backward_reference)
+backends.register("grouped_gemm_fp8_activated", "torch")(activated_forward_reference)
+backends.register("grouped_gemm_fp8_activated_backward", "torch")(activated_backward_reference)
 
 
 def _expert_of_rows(offsets: Tensor, num_rows: int) -> Tensor:
@@ -113,8 +92,6 @@ def moe_mlp_fp8(x: Tensor, plan: DispatchPlan, weight: Tensor, w_up: Tensor, w_d
                 backend: Optional[str] = None) -> Tensor:
     """Tokens in, tokens out (see the module docstring); with FASTMOE_FP8_QUANTISERS=fused one node
     whose quantisers run in the kernels producing their inputs (ops/fp8_moe_node.py: the same numbers)."""
-    from .fp8_moe_node import fused_quantisers_apply, moe_mlp_fp8_node  # (it imports this module's references)
-
     if fused_quantisers_apply(w_down, act, b_up, b_down):
         return moe_mlp_fp8_node(x, plan, weight, w_up, w_down, act, backend=backend)
     rows_expert = _experts_for_bias(plan.offsets, plan.num_rows, b_up, b_down)

@@ -43,6 +43,7 @@ from .._variants import flag
 from ..activations import Activation
 from ..fp8 import TILE
 from ._common import activation_args, cdiv, interpreted, launch, next_pow2, persistent_grid, register, rows_per_expert_bucket
+from . import _gemm
 from ._gemm import GROUPED_ORDER, expert_tile, outside_tile, persistent_tiles, pruner, rotating_pruner, store_tile
 from ._jit import gather_rows, group_table, load_activated, pick, store_activation_grad
 from .fp8_weight_cache import cached_weight
@@ -69,6 +70,14 @@ FP8_MATMUL_TILES = [(128, 128, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64,
 # per-tile rates to calibrate one.
 FP8_TILES = flag("FASTMOE_FP8_TILES", "narrow", ("narrow", "wide"))
 FP8_WIDE_TILES = [(128, 256, 8, 3), (64, 256, 8, 4), (64, 256, 4, 3)]
+# The decode tiles of the fp8 product (the forward issue's _gemm.DECODE_TILES for fp8, now that the weight
+# cache makes an fp8 forward read the hit experts' e4m3 weights only): 16 rows, 32-128 columns, BK the
+# scaling tile's 128; offered where the mean rows per expert (M_BUCKET) is at most 16 and never above
+# (_gemm.for_rows_per_expert), unless FASTMOE_DECODE_TILES=off. At 1 token the 64-row tiles above leave
+# 63 of 64 rows padding and one program per (expert, 128 columns): Mixtral's hit experts' up projection
+# is 2 × 224 programs, 16-row 64-column tiles 2 × 448. Bound: one read of the hit experts' e4m3 weights,
+# half a bf16 forward's bytes (benchmarks/results/model-2026-12-07/).
+FP8_DECODE_TILES = [(16, 64, 4, 4), (16, 32, 4, 4), (16, 128, 4, 4)]
 # (BN, BK) of the wgrad's output tile; the reduction steps over 128 tokens (one scaling tile).
 FP8_WGRAD_TILES = [(128, 128, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 3)]
 
@@ -79,9 +88,9 @@ def _matmul_configs():
         return [triton.Config(dict(BM=16, BN=256 if wide else 32, GROUP_M=2), num_warps=1)]
     tiles = FP8_MATMUL_TILES + (FP8_WIDE_TILES if wide else [])
     # Each tile in the row-major order, the first also in the grouped one (see _gemm.GROUPED_TILES).
+    groups = [(tiles, 1), (tiles[:1], GROUPED_ORDER)] + ([(FP8_DECODE_TILES, 1)] if _gemm.DECODE_TILES_ON else [])
     return [triton.Config(dict(BM=m, BN=n, GROUP_M=group), num_warps=w, num_stages=s)
-            for tiles, group in ((tiles, 1), (tiles[:1], GROUPED_ORDER))
-            for m, n, w, s in tiles]
+            for tiles, group in groups for m, n, w, s in tiles]
 
 
 def _matmul_footprint(t, args):

@@ -27,6 +27,8 @@ to the layer's dtype first, then the quantisers' arithmetic of fp8.py).
 """
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 import triton
 import triton.language as tl
@@ -270,11 +272,15 @@ def _natural_tiles(tile_n, up_col, col_step, BK: tl.constexpr, GATED: tl.constex
 @triton.jit
 def _fp8_dgrad_quant_kernel(
     a_ptr, a_scale_ptr,  # the output gradient's rows, row-quantised: e4m3 [R, K], scales [R, KT]
+    # FOLDED: A is the tokens' gradient [T, K] instead, row r reading token a_row_index[r] // DIV, and the
+    # product of row r is scaled by a_weight[a_row_index[r]] (the routing weight folded into its row scales)
+    a_row_index_ptr, num_a_rows, a_weight_ptr,
     b_ptr, stride_be, stride_bn, b_scale_ptr, stride_se, stride_sn, stride_sk,  # W_down transposed e4m3 [E, N_ACT, K]
     h_ptr, stride_hm,  # the saved pre-activation h [R, H_COLS]
     q_ptr, q_scale_ptr, qt_ptr, qt_scale_ptr, padded_rows,  # dh by rows [R, H_COLS] + [R, HT]; by columns (fp8.py)
     offsets_ptr, num_rows, N_ACT, H_COLS, HT, K, KT, M_BUCKET,
     up_col, col_step, alpha, limit, up_offset, ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr,
+    FOLDED: tl.constexpr, DIV: tl.constexpr,
     E, E_PAD: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PARTS: tl.constexpr,
 ):
     BM: tl.constexpr = BK  # the column quantiser's 128-row tiles
@@ -290,8 +296,15 @@ def _fp8_dgrad_quant_kernel(
             rows64 = rows.to(tl.int64)
             b_rows = b_ptr + e.to(tl.int64) * stride_be + j.to(tl.int64)[:, None] * stride_bn
             s_b = b_scale_ptr + e.to(tl.int64) * stride_se + tile_n * stride_sn
-            acc = fp8_k_steps(a_ptr, a_scale_ptr, rows64, rmask, b_rows, j < N_ACT, s_b, s_b, stride_sk, K, KT,
-                              BM, BK, BK, False)
+            if FOLDED:
+                a_rows, a_valid = gather_rows(a_row_index_ptr, rows, rmask, num_a_rows, DIV, True)
+                acc = fp8_k_steps(a_ptr, a_scale_ptr, a_rows, a_valid, b_rows, j < N_ACT, s_b, s_b, stride_sk, K, KT,
+                                  BM, BK, BK, False)
+                idx = tl.load(a_row_index_ptr + rows, mask=a_valid, other=0)
+                acc = acc * tl.load(a_weight_ptr + idx, mask=a_valid, other=0.0).to(tl.float32)[:, None]
+            else:
+                acc = fp8_k_steps(a_ptr, a_scale_ptr, rows64, rmask, b_rows, j < N_ACT, s_b, s_b, stride_sk, K, KT,
+                                  BM, BK, BK, False)
             # The activation columns in PARTS contiguous parts (part c: columns c·BK/PARTS …): one part's tiles of h
             # live at once (halves, as fp8.py's gated epilogue takes them, spilled 1.7 KB on sm_90 here), and
             # which row-scaling tile a part's values belong to is known at compile time.
@@ -358,12 +371,14 @@ def _fp8_dgrad_quant_kernel(
 
 
 def dgrad_quantised(g_q: torch.Tensor, g_s: torch.Tensor, w_qt: torch.Tensor, w_s: torch.Tensor, offsets: torch.Tensor,
-                    h: torch.Tensor, activation: Activation):
+                    h: torch.Tensor, activation: Activation, *, folded: Optional[Tuple[torch.Tensor, int, torch.Tensor]] = None):
     """dh of the down projection, never in the layer's dtype: ``(dh e4m3 [R, H], its row scales [R,
     ceil(H/128)], dhᵀ column tiles [H, 128·tiles], their scales [tiles, H])`` — the operands of the up
     projection's dgrad and wgrad (fp8.py's quantize_rows and quantize_cols of dh). ``g_q``/``g_s``: the
     output gradient's rows quantised; ``w_qt`` the down weight's transposed e4m3 ``[E, f, d]`` with the
-    forward's block scales ``w_s [E, ceil(d/128), ceil(f/128)]``."""
+    forward's block scales ``w_s [E, ceil(d/128), ceil(f/128)]``. With ``folded = (assignment, k, weights)``
+    ``g_q``/``g_s`` are the tokens' gradient quantised (T rows) and row r's product is
+    ``weights[assignment[r]] · (g[assignment[r] // k] · W)``: the routing weight in the row scale."""
     E, f, K = w_qt.shape
     R, H = h.shape
     if activation.gated and not activation.interleaved and f % TILE:
@@ -379,10 +394,12 @@ def dgrad_quantised(g_q: torch.Tensor, g_s: torch.Tensor, w_qt: torch.Tensor, w_
     if R == 0 or f == 0:
         return q, q_s, qt, qt_s
     stride_se, stride_sk, stride_sn = w_s.stride()  # read transposed: (n = f, k = d) is w_s[e, k // 128, n // 128]
+    index, div, weights = folded if folded is not None else (offsets, 1, g_s)
     launch(_fp8_dgrad_quant_kernel, _grid(h.device, R, f, E),
-           g_q, g_s, w_qt, w_qt.stride(0), w_qt.stride(1), w_s, stride_se, stride_sn, stride_sk, h, h.stride(0),
-           q, q_s, qt, qt_s, tiles * TILE, offsets, R, f, H, HT, K, cdiv(K, TILE), rows_per_expert_bucket(R, E),
-           up_col, col_step, **_activation(activation), INTERLEAVED=activation.gated and activation.interleaved,
+           g_q, g_s, index, g_q.shape[0], weights, w_qt, w_qt.stride(0), w_qt.stride(1), w_s, stride_se, stride_sn,
+           stride_sk, h, h.stride(0), q, q_s, qt, qt_s, tiles * TILE, offsets, R, f, H, HT, K, cdiv(K, TILE),
+           rows_per_expert_bucket(R, E), up_col, col_step, **_activation(activation),
+           INTERLEAVED=activation.gated and activation.interleaved, FOLDED=folded is not None, DIV=div,
            E=E, E_PAD=next_pow2(E), BK=TILE)
     return q, q_s, qt, qt_s
 
@@ -413,16 +430,22 @@ def moe_mlp_fp8_node_triton(x, weight, w_up, w_down, offsets, src, row, assignme
 
 @register("moe_mlp_fp8_node_backward", applies=fp8_capable)
 def moe_mlp_fp8_node_backward_triton(grad_out, x, weight, w_up, w_down, offsets, src, row, assignment, h, y,
-                                     activation):
+                                     activation, folded):
     """(dx ``[T, d]``, d weight ``[T, k]`` fp32, dW_up, dW_down): the combine's input gradient ``w·g[token]``
-    read from g by its quantisers, dh quantised in the down projection's dgrad epilogue."""
+    read from g by its quantisers, dh quantised in the down projection's dgrad epilogue; ``folded``: the
+    dgrad's operand is g quantised per token, the routing weight folded into the row scales."""
     offsets = offsets.to(torch.int32)
     R, k = src.shape[0], row.shape[1]
     grad_weight = rowdot(grad_out, y, row)
     weights = weight.reshape(-1)
-    g_q, g_s = quantize_rows(grad_out, assignment, div=k, row_weight=weights)
     w_qt, w_s = cached_weight(w_down, True, quantize_weight_layouts)
-    dh_q, dh_s, dh_t, dh_ts = dgrad_quantised(g_q, g_s, w_qt, w_s, offsets, h, activation)
+    if folded:
+        g_q, g_s = quantize_rows(grad_out)  # each token once (T rows, not R)
+        dh_q, dh_s, dh_t, dh_ts = dgrad_quantised(g_q, g_s, w_qt, w_s, offsets, h, activation,
+                                                  folded=(assignment, k, weights))
+    else:
+        g_q, g_s = quantize_rows(grad_out, assignment, div=k, row_weight=weights)
+        dh_q, dh_s, dh_t, dh_ts = dgrad_quantised(g_q, g_s, w_qt, w_s, offsets, h, activation)
     del g_q, g_s
     g_t, g_ts = quantize_cols(grad_out, offsets, R, row_index=assignment, div=k, row_weight=weights)
     a_t, a_ts = quantize_cols(h, offsets, R, activation=activation)

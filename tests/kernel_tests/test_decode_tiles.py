@@ -8,7 +8,7 @@ import torch
 
 from fastmoe_kernels import ops
 from kernel_tests.conftest import low_precision_dtypes
-from kernel_tests.helpers import assert_rel, routing
+from kernel_tests.helpers import assert_rel, rel_err, routing
 
 triton = pytest.importorskip("triton")
 _gemm = pytest.importorskip("fastmoe_kernels.triton_backend._gemm")
@@ -114,3 +114,53 @@ def test_a_small_batch_forward_with_decode_tiles_equals_the_reference(backend, d
     assert _common.tuned_launches["_up_projection_kernel"]["BM"] == 16
     assert not out.isnan().any()
     assert_rel(out, reference.to(dtype), dtype, scale=2 if dtype != torch.float32 else 1, what="decode forward")
+
+
+@pytest.fixture
+def fp8_kernels(monkeypatch):
+    fp8 = pytest.importorskip("fastmoe_kernels.triton_backend.fp8")
+    monkeypatch.setattr(fp8, "interpreted", lambda: False)  # the lists a GPU sees
+    monkeypatch.setattr(_common, "shared_memory_override", SM90_SHARED)
+    return fp8
+
+
+def test_the_fp8_product_is_offered_its_decode_tiles_by_rows_per_expert(fp8_kernels, monkeypatch):
+    fp8 = fp8_kernels
+    configs = fp8._matmul_configs()
+    assert len([c for c in configs if c.kwargs["BM"] == 16]) == len(fp8.FP8_DECODE_TILES)
+    prune = _gemm.pruner(fp8._matmul_footprint, "a_ptr")
+    e4m3 = torch.empty(0, dtype=torch.float8_e4m3fn)
+    for m_bucket in (1, 16):
+        kept = prune(configs, {}, a_ptr=e4m3, GATED=False, M_BUCKET=m_bucket)
+        assert 16 in _bm(kept) and 128 in _bm(kept), m_bucket  # measured beside the others
+    for m_bucket in (32, 1024):
+        assert 16 not in _bm(prune(configs, {}, a_ptr=e4m3, GATED=False, M_BUCKET=m_bucket)), m_bucket
+    monkeypatch.setattr(_gemm, "DECODE_TILES_ON", False)
+    assert 16 not in _bm(fp8._matmul_configs())
+
+
+@pytest.mark.parametrize("tokens,shared", [(1, 0), (3, 1)], ids=["1-token", "3-tokens-shared"])
+def test_an_fp8_small_batch_forward_reads_only_the_hit_experts(device, tokens, shared):
+    """The fp8 layer at 1 and 3 tokens over 6 experts, the weights of experts without a token NaN: the
+    Triton kernels (16-row tiles in the interpreter, the decode tiles' row count) equal the emulation."""
+    from fastmoe_kernels import MoELayer, backends
+    from fastmoe_kernels.fp8 import clear_weight_cache
+
+    if not backends.availability("triton", device)[0]:
+        pytest.skip("the triton backend is unavailable here")
+    torch.manual_seed(tokens)
+    layer = MoELayer(d_model=136, d_ff=160, num_experts=6, top_k=2, fp8_recipe="blockwise", num_shared_experts=shared,
+                     shared_d_ff=32 if shared else None).to(device)
+    x = torch.randn(tokens, 136, device=device)
+    with torch.no_grad():
+        hit = set(layer.router(x).expert_idx.flatten().tolist())
+        assert len(hit) < 6
+        for e in set(range(6)) - hit:
+            layer.experts.w_up[e] = float("nan")
+            layer.experts.w_down[e] = float("nan")
+        clear_weight_cache()
+        got = layer(x, backend="triton")
+        want = layer(x, backend="torch")
+    assert not got.isnan().any()
+    # test_fp8's layer tolerance: an fp32 summation difference can move one activation across an e4m3 step
+    assert rel_err(got, want) < 5e-3

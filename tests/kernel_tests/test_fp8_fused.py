@@ -13,7 +13,7 @@ from fastmoe_kernels.activations import Activation, as_activation
 from fastmoe_kernels.ops import fp8_moe_node
 from fastmoe_kernels.ops.permute import unpermute_backward_reference
 
-from .helpers import ON_GPU, plan_for, routing
+from .helpers import ON_GPU, plan_for, rel_err, routing
 
 _DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(not backends.availability("triton", _DEVICE)[0],
@@ -213,3 +213,63 @@ def test_a_fused_step_launches_no_pass_over_h_dh_or_the_weighted_gradient(monkey
 def test_where_the_node_does_not_apply_the_separate_path_runs(monkeypatch, triton_launches, kw):
     _step("fused", "triton", monkeypatch, T=12, **kw)
     assert "_fp8_up_quant_kernel" not in triton_launches and "_fp8_matmul_kernel" in triton_launches
+
+
+# ---- FASTMOE_FP8_QUANTISERS=fused-folded: the routing weight in the dgrad's row scales (a recipe change) ----
+def _dequantised_columns(qt, qt_s, n_tiles):
+    """The column tiles as the wgrad reads them, dequantised: [128·tiles, H]."""
+    values = qt[:, : 128 * n_tiles].float().t().unflatten(0, (n_tiles, 128))  # [tiles, 128, H]
+    return (values * qt_s[:n_tiles, None, :]).flatten(0, 1)
+
+
+@pytest.mark.parametrize("mode", _PLANS, ids=["dropless", "padded", "packed"])
+@pytest.mark.parametrize("act,f", _CASES, ids=_IDS)
+def test_the_folded_dgrad_equals_its_specification(device, act, f, mode):
+    """dh from the tokens' quantised gradient, each row's product times its routing weight, against the
+    specification (fp8.grouped_gemm_fp8_folded_dgrad_reference, then the activation's backward), quantised
+    by rows and by columns: equal as the GEMMs read them, up to the fp32 summation order (an element on an
+    e4m3 rounding boundary can land one step away)."""
+    from fastmoe_kernels import fp8 as spec
+    from fastmoe_kernels.activations import apply_activation
+
+    fp8, plan, weight, _, _, w_down = _operands(act, f, 136, 4, mode, torch.float32, device)
+    T, k = plan.row.shape
+    R, offsets = plan.num_rows, plan.offsets
+    h = torch.randn(R, f * (2 if act.gated else 1), device=device) * 4
+    g = torch.randn(T, 136, device=device)
+    g[torch.randperm(T)[:3]] *= 50
+    weights = weight.reshape(-1).contiguous()
+    g_q, g_s = fp8.quantize_rows(g)
+    _, w_qt, w_s = fp8.quantize_weight_layouts(w_down, forward=False)
+    got = _kernels()[1].dgrad_quantised(g_q, g_s, w_qt, w_s, offsets, h, act, folded=(plan.assignment, k, weights))
+    valid = plan.assignment >= 0
+    row_weight = torch.where(valid, weights[torch.where(valid, plan.assignment, 0).long()], 0.0)
+    grad_a = spec.grouped_gemm_fp8_folded_dgrad_reference(g, plan.src, row_weight, w_down, offsets, torch.float32)
+    _, vjp = torch.func.vjp(lambda t: apply_activation(t, act), h)
+    (dh,) = vjp(grad_a)
+    rows_q, rows_s = fp8.quantize_rows(dh)
+    cols_q, cols_s = fp8.quantize_cols(dh, offsets, R)
+    n = _written_tiles(plan)
+    assert rel_err(spec.dequantize_tiles(got[0], got[1]), spec.dequantize_tiles(rows_q, rows_s)) < 2e-3
+    assert rel_err(_dequantised_columns(got[2], got[3], n), _dequantised_columns(cols_q, cols_s, n)) < 2e-3
+
+
+def test_the_folded_step_equals_its_emulation_and_keeps_the_rest_of_the_recipe(monkeypatch, triton_launches):
+    """The layer with the fold on the triton backend against the same node's torch emulation; the forward,
+    the routing weights' gradient and dW_down (whose operands the fold leaves alone) are the separate
+    path's bit for bit."""
+    kw = dict(activation="swiglu", d_ff=256)
+    fused = _kernels()[1]
+    calls = []
+    real = fused.dgrad_quantised
+    monkeypatch.setattr(fused, "dgrad_quantised", lambda *a, **k: calls.append(k.get("folded")) or real(*a, **k))
+    folded = _step("fused-folded", "triton", monkeypatch, **kw)
+    assert len(calls) == 1 and calls[0] is not None  # the folded dgrad ran
+    emulated = _step("fused-folded", "torch", monkeypatch, **kw)
+    separate = _step("separate", "triton", monkeypatch, **kw)
+    names = ["out", "dx", "router", "w_up", "w_down"]
+    assert len(folded) == len(names)
+    for name, a, b, c in zip(names, folded, emulated, separate):
+        assert rel_err(a, b) < 5e-3, name  # test_fp8's layer tolerance
+        if name in ("out", "router", "w_down"):
+            _assert_equal(a, c, name)

@@ -88,3 +88,28 @@ def test_inductor_matches_eager(mode):
         assert len(got) == len(want)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("quantisers", ["fused", "fused-folded"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_the_fused_fp8_node_is_one_op_in_one_graph(backend, quantisers, monkeypatch):
+    """FASTMOE_FP8_QUANTISERS=fused (ops/fp8_moe_node.py) under torch.compile: one graph holding the node's
+    op, forward and backward equal to eager."""
+    from fastmoe_kernels.ops import fp8_moe_node
+
+    available(backend)
+    monkeypatch.setattr(fp8_moe_node, "QUANTISERS", quantisers)
+    torch._dynamo.reset()
+    monkeypatch.setattr(backends, "_resolved", {})
+    layer = MoELayer(d_model=16, d_ff=128, num_experts=4, top_k=2, backend=backend, fp8_recipe="blockwise")
+    graphs = []
+
+    def record(gm, example_inputs):  # Dynamo's graph, run as it is (autograd through the custom ops)
+        graphs.append([str(node.target) for node in gm.graph.nodes])
+        return gm
+
+    compiled = torch.compile(layer, backend=record, fullgraph=True)
+    got, want = eager_and_compiled(layer, compiled, torch.randn(2, 7, 16))
+    assert len(graphs) == 1 and any("moe_mlp_fp8_node" in target for target in graphs[0])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

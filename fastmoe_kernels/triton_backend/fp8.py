@@ -215,11 +215,16 @@ _NO_ACTIVATION = dict(up_col=0, col_step=1, alpha=1.0, limit=1.0, up_offset=0.0,
 def _activation_view(x: torch.Tensor, activation: Optional[Activation]):
     """(the width the quantisers read, their activation arguments): x's own columns, or act(x) from
     the gate (and up) columns of a pre-activation x (see _jit.load_activated)."""
+    return activation_layout(x.shape[1], activation)
+
+
+def activation_layout(columns: int, activation: Optional[Activation]):
+    """:func:`_activation_view` for a pre-activation of ``columns`` columns (one not allocated yet)."""
     if activation is None:
-        return x.shape[1], _NO_ACTIVATION
+        return columns, _NO_ACTIVATION
     if not activation.gated:
-        return x.shape[1], dict(up_col=0, col_step=1, **activation_args(activation), GATED=False)
-    f = x.shape[1] // 2
+        return columns, dict(up_col=0, col_step=1, **activation_args(activation), GATED=False)
+    f = columns // 2
     up_col, col_step = (1, 2) if activation.interleaved else (f, 1)
     return f, dict(up_col=up_col, col_step=col_step, **activation_args(activation), GATED=True)
 

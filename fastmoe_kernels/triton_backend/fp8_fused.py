@@ -36,12 +36,12 @@ import triton.language as tl
 from .._alloc import empty
 from ..activations import Activation
 from ..fp8 import TILE
-from ._common import (activation_args, cdiv, interpreted, launch, next_pow2, persistent_programs, register,
+from ._common import (cdiv, interpreted, launch, next_pow2, persistent_programs, register,
                       rows_per_expert_bucket)
 from ._gemm import GROUPED_ORDER, expert_tile, outside_tile, persistent_tiles, pruner, store_tile
 from ._jit import act_fwd, act_grad, gated_grads, gather_rows, pick, up_fwd
-from .fp8 import (_scale_of, _to_e4m3, column_tiles, fp8_capable, fp8_k_steps, fp8_matmul, fp8_wgrad, quantize_cols,
-                  quantize_rows, quantize_weight_layouts)
+from .fp8 import (_scale_of, _to_e4m3, activation_layout, column_tiles, fp8_capable, fp8_k_steps, fp8_matmul,
+                  fp8_wgrad, quantize_cols, quantize_rows, quantize_weight_layouts)
 from .fp8_weight_cache import cached_weight
 from .permute import combine, rowdot
 
@@ -155,8 +155,7 @@ def up_projection_quantised(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Ten
     up projection of the token rows ``x_q`` (quantised once per token) read through ``src``."""
     E, H, K = w_q.shape
     R = src.shape[0]
-    f = H // 2 if activation.gated else H
-    up_col, col_step = _layout(activation, f)
+    f, act = activation_layout(H, activation)
     h = empty(R, H, dtype=out_dtype, device=x_q.device)
     q = empty(R, f, dtype=torch.float8_e4m3fn, device=x_q.device)
     q_s = empty(R, cdiv(f, TILE), dtype=torch.float32, device=x_q.device)
@@ -165,19 +164,8 @@ def up_projection_quantised(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Ten
     launch(_fp8_up_quant_kernel, _grid(x_q.device, R, f, E),
            x_q, x_s, src, x_q.shape[0], w_q, w_q.stride(0), w_q.stride(1), w_s, *w_s.stride(),
            h, h.stride(0), q, q_s, offsets, R, f, K, cdiv(K, TILE), rows_per_expert_bucket(R, E),
-           up_col, col_step, **_activation(activation), E=E, E_PAD=next_pow2(E), BK=TILE)
+           **act, E=E, E_PAD=next_pow2(E), BK=TILE)
     return h, q, q_s
-
-
-def _layout(activation: Activation, f: int):
-    """(up_col, col_step): where act column j's gate (``col_step·j``) and up (``+ up_col``) columns are."""
-    if not activation.gated:
-        return 0, 1
-    return (1, 2) if activation.interleaved else (f, 1)
-
-
-def _activation(activation: Activation) -> dict:
-    return dict(**activation_args(activation), GATED=activation.gated)
 
 
 # ---- the down projection's input gradient with dh quantised by rows and by columns -------------------
@@ -384,7 +372,7 @@ def dgrad_quantised(g_q: torch.Tensor, g_s: torch.Tensor, w_qt: torch.Tensor, w_
     if activation.gated and not activation.interleaved and f % TILE:
         raise ValueError(f"dgrad_quantised: with gate and up halves side by side the width f must be a multiple of "
                          f"{TILE} (each up column tile one row-scaling tile of dh), got {f}")
-    up_col, col_step = _layout(activation, f)
+    _, act = activation_layout(H, activation)
     tiles = column_tiles(R, E)
     HT = cdiv(H, TILE)
     q = empty(R, H, dtype=torch.float8_e4m3fn, device=h.device)
@@ -398,7 +386,7 @@ def dgrad_quantised(g_q: torch.Tensor, g_s: torch.Tensor, w_qt: torch.Tensor, w_
     launch(_fp8_dgrad_quant_kernel, _grid(h.device, R, f, E),
            g_q, g_s, index, g_q.shape[0], weights, w_qt, w_qt.stride(0), w_qt.stride(1), w_s, stride_se, stride_sn,
            stride_sk, h, h.stride(0), q, q_s, qt, qt_s, tiles * TILE, offsets, R, f, H, HT, K, cdiv(K, TILE),
-           rows_per_expert_bucket(R, E), up_col, col_step, **_activation(activation),
+           rows_per_expert_bucket(R, E), **act,
            INTERLEAVED=activation.gated and activation.interleaved, FOLDED=folded is not None, DIV=div,
            E=E, E_PAD=next_pow2(E), BK=TILE)
     return q, q_s, qt, qt_s

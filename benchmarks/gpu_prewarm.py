@@ -9,7 +9,8 @@ benchmark's own autotuning only loads them. What these processes time is thrown 
 the GPU).
 
 Each case is warmed under the defaults and under the A/B's environment-flag variants whose kernels the
-defaults never launch (``VARIANT_ENV``: the training issue's part B), one process each.
+defaults never launch (``VARIANT_ENV``: the training issue's part B for the bf16 cases, the FP8 issue's
+fused quantisers and wide tiles for the fp8 cases), one process each.
 
     python benchmarks/gpu_prewarm.py [--tokens 4096] [--cases Qwen3-30B-A3B,...] [--variants default,node,...]
 """
@@ -28,7 +29,19 @@ VARIANT_ENV = {
     "default": {},
     "node": {"FASTMOE_MLP_BACKWARD": "epilogue", "FASTMOE_DH_EPILOGUE": "split"},
     "stored": {"FASTMOE_FUSED_BACKWARD": "stored", "FASTMOE_DOWN_OUTPUT": "rows", "FASTMOE_ROUTER_GEMM": "tensor-cores"},
+    # the fp8 experts as one node with the quantisers fused (the FP8 issue), and its folded routing weight
+    "fp8-fused": {"FASTMOE_FP8_QUANTISERS": "fused"},
+    "fp8-folded": {"FASTMOE_FP8_QUANTISERS": "fused-folded"},
+    "fp8-wide": {"FASTMOE_FP8_TILES": "wide"},
 }
+# Variants whose flags change only the fp8 cases' kernels, and the bf16-only ones: each case is warmed under
+# the variants that change its kernels (and the defaults).
+FP8_VARIANTS = {"fp8-fused", "fp8-folded", "fp8-wide"}
+
+
+def applies(label: str, variant: str) -> bool:
+    """Whether warming ``label`` under ``variant`` compiles anything its defaults do not."""
+    return variant == "default" or (variant in FP8_VARIANTS) == label.endswith(" fp8")
 
 
 def warm(label: str, tokens: int, dry_run: bool = False) -> None:
@@ -81,7 +94,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error(f"--variants: unknown {unknown}; known: {sorted(VARIANT_ENV)}")
     workers = {f"{label} ({variant})": subprocess.Popen(
         [sys.executable, __file__, "--one", label, "--tokens", str(args.tokens), *extra],
-        env=dict(os.environ, **VARIANT_ENV[variant])) for label in labels for variant in variants}
+        env=dict(os.environ, **VARIANT_ENV[variant])) for label in labels for variant in variants
+        if applies(label, variant)}
     failed = []
     for name, proc in workers.items():
         if proc.wait() != 0:

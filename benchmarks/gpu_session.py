@@ -62,6 +62,7 @@ CHECK_TESTS = ["tests/kernel_tests/test_grouped_gemm.py", "tests/kernel_tests/te
                    "test_int64_ids_and_rows_no_assignment_fills", "test_unassigned_ids", "test_chunks_of_many_tiles"))]
 CUDA_TESTS = ["tests/kernel_tests/test_permute.py", "tests/kernel_tests/test_plan.py", "tests/kernel_tests/test_route_topk.py"]
 SESSION_CASES = "Qwen3-30B-A3B,Mixtral-8x7B"
+FP8_SESSION_CASES = "Mixtral-8x7B fp8,Qwen3-30B-A3B fp8"  # warmed too: the A/B's fp8 variants run on them
 HEADLINE_ORDER = ["Qwen3-30B-A3B", "Mixtral-8x7B", "gpt-oss-20b", "DeepSeek-V3", "OLMoE", "Mixtral-8x7B fp8",
                   "Qwen3-30B-A3B fp8"]
 
@@ -151,7 +152,7 @@ def phase_env(s: Session, d: pathlib.Path, budget: float) -> None:
 def phase_compile(s: Session, d: pathlib.Path, budget: float) -> None:
     # (A dry run warms the defaults only: CI's two cores run the interpreter.)
     cases = ["--cases", "Qwen3-30B-A3B", "--dry-run", "--variants", "default"] if s.dry_run else [
-        "--cases", SESSION_CASES]
+        "--cases", f"{SESSION_CASES},{FP8_SESSION_CASES}"]
     s.sh(s.py("gpu_prewarm.py", *cases), d / "prewarm.log", budget, check=True)
 
 

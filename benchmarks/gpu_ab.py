@@ -81,6 +81,16 @@ VARIANTS = [
             a={"env": {"FASTMOE_ACTIVATION_BACKWARD": "torch"}},
             b={"env": {"FASTMOE_ACTIVATION_BACKWARD": "kernel-in-place"}},
             prediction="activation backward kernel"),
+    Variant("node dh into h", "the node's dh in a new [R, 2f] buffer → in h's (a memory change: the CPU count "
+            "predicts Mixtral's step peak 7.00 → 5.25 GiB, the same time)",
+            ("Mixtral-8x7B", "Qwen3-30B-A3B"), ("fwd+bwd",), False,
+            a={"env": {"FASTMOE_MLP_BACKWARD": "epilogue", "FASTMOE_DH_EPILOGUE": "split"}},
+            b={"env": {"FASTMOE_MLP_BACKWARD": "epilogue", "FASTMOE_DH_EPILOGUE": "split", "FASTMOE_DH_INTO_H": "on"}}),
+    Variant("fused dh into h", "the fused stored backward's dh in a new [R, 2f] buffer → in h's (a memory change: "
+            "the CPU count predicts Mixtral's step peak 6.73 → 4.98 GiB, the same time)",
+            ("Mixtral-8x7B", "Qwen3-30B-A3B"), ("fwd+bwd",), True,
+            a={"env": {"FASTMOE_FUSED_BACKWARD": "stored", "FASTMOE_DOWN_OUTPUT": "rows"}},
+            b={"env": {"FASTMOE_FUSED_BACKWARD": "stored", "FASTMOE_DOWN_OUTPUT": "rows", "FASTMOE_DH_INTO_H": "on"}}),
     Variant("node dH epilogue", "the node's dH epilogue whole → split by even/odd columns",
             ("Qwen3-30B-A3B", "Mixtral-8x7B"), ("fwd+bwd",), False,
             a={"env": {"FASTMOE_MLP_BACKWARD": "epilogue", "FASTMOE_DH_EPILOGUE": "whole"}},
@@ -146,7 +156,7 @@ def default_env() -> Dict[str, str]:
 # The order the A/B runs in when its budget cannot hold every variant: the open changes whose defaults
 # wait on it (part B), then the part-A choices it confirms.
 PRIORITY = ("node backward", "activation backward", "fused stored backward", "wgrad tile and order", "tile order", "up activation",
-            "router GEMM", "decode tiles", "TMA weights", "fp8 weight cache", "fp8 fused quantisers", "fp8 folded routing weight", "fp8 wide tiles", "node dH epilogue", "wgrad dtype", "down output rows", "dW_up x", "trusted plans")
+            "router GEMM", "decode tiles", "TMA weights", "fp8 weight cache", "fp8 fused quantisers", "fp8 folded routing weight", "fp8 wide tiles", "node dH epilogue", "node dh into h", "fused dh into h", "wgrad dtype", "down output rows", "dW_up x", "trusted plans")
 
 
 def setting_key(variant: Variant, setting: str) -> tuple:
@@ -193,15 +203,21 @@ def measure_case(case, mode: str, fused: Optional[bool], device: torch.device, c
             p.grad = None
         forget_fp8_weights()  # a weight update follows each step (see bench.targets)
 
+    cuda = device.type == "cuda"
+    if cuda:  # the step's peak beyond the weights and inputs (the memory count's quantity: .grad included)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
     set_value_checks(None if checks else False)
     try:
         t = measure(step, device, warmup=warmup, min_reps=reps, max_reps=reps)
     finally:
         set_value_checks(None)
+    peak_gib = (torch.cuda.max_memory_allocated(device) - before) / 2 ** 30 if cuda else None
     del layer
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.empty_cache()
-    return dict(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms)
+    return dict(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, peak_gib=peak_gib)
 
 
 def _pairs(variant: Variant, dry_run: bool) -> List[Tuple[str, str]]:
@@ -258,9 +274,15 @@ def predicted(variant: Variant, case: str, mode: str) -> Optional[dict]:
     return None
 
 
+def _peaks(a: dict, b: dict) -> str:
+    if a.get("peak_gib") is None or b.get("peak_gib") is None:  # (a CPU run has no device peak)
+        return "–"
+    return f"{a['peak_gib']:.2f} → {b['peak_gib']:.2f}"
+
+
 def markdown(rows: List[dict]) -> str:
-    lines = ["| variant | case | mode | A (ms, p20–p80) | B (ms, p20–p80) | B/A speed-up | model's GEMM speed-up |",
-             "|---|---|---|---|---|---:|---:|"]
+    lines = ["| variant | case | mode | A (ms, p20–p80) | B (ms, p20–p80) | B/A speed-up | model's GEMM speed-up | "
+             "peak A → B (GiB) |", "|---|---|---|---|---|---:|---:|---:|"]
     by = {}
     for r in rows:
         by.setdefault((r["variant"], r["case"], r["mode"]), {})[r["setting"]] = r
@@ -273,7 +295,7 @@ def markdown(rows: List[dict]) -> str:
         tokens = f" @ {n} token{'s' if n != 1 else ''}" if n and n < 1024 else ""  # decode
         lines.append(f"| {name} | {case}{tokens} | {mode} | {a['median_ms']:.3f} ({a['p20_ms']:.3f}–{a['p80_ms']:.3f}) | "
                      f"{b['median_ms']:.3f} ({b['p20_ms']:.3f}–{b['p80_ms']:.3f}) | {a['median_ms'] / b['median_ms']:.2f} | "
-                     f"{model.get('speedup', float('nan')):.2f} |")
+                     f"{model.get('speedup', float('nan')):.2f} | {_peaks(a, b)} |")
     return "\n".join(lines)
 
 

@@ -113,3 +113,31 @@ def test_the_fused_fp8_node_is_one_op_in_one_graph(backend, quantisers, monkeypa
     assert len(graphs) == 1 and any("moe_mlp_fp8_node" in target for target in graphs[0])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("path", ["node", "fused-stored"])
+def test_dh_into_h_compiles_to_one_graph_equal_to_eager(backend, path, monkeypatch):
+    """FASTMOE_DH_INTO_H=on: the backward ops that declare h mutated (ops/grouped_mlp_node.py, ops/moe_mlp.py)
+    under torch.compile (aot_eager: the backward traced and functionalised), equal to eager."""
+    import importlib
+
+    from fastmoe_kernels import _variants
+
+    grouped_mlp = importlib.import_module("fastmoe_kernels.ops.grouped_mlp")
+    available(backend)
+    monkeypatch.setattr(_variants, "DH_INTO_H", True)
+    if path == "node":
+        monkeypatch.setattr(grouped_mlp, "MLP_BACKWARD", "epilogue")
+    else:
+        moe_mlp_triton = pytest.importorskip("fastmoe_kernels.triton_backend.moe_mlp")
+        monkeypatch.setattr(moe_mlp_triton, "FUSED_BACKWARD", "stored")
+    torch._dynamo.reset()
+    monkeypatch.setattr(backends, "_resolved", {})
+    layer = MoELayer(d_model=16, d_ff=8, num_experts=4, top_k=2, backend=backend, fused_experts=path != "node")
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, backend=counter, fullgraph=True)
+    got, want = eager_and_compiled(layer, compiled, torch.randn(2, 7, 16))
+    assert counter.frame_count == 1
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

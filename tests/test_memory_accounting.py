@@ -53,3 +53,16 @@ def test_the_activation_kernel_in_place_takes_mixtrals_peak_below_torch_grouped_
     assert in_place < 6.5
     # dh no longer needs a buffer of h's size ([R, 2f] bf16 at Mixtral's 32,768 rows: 1.75 GiB).
     assert kernel - in_place == pytest.approx(32768 * 2 * 14336 * 2 / GIB, rel=0.01)
+
+
+def test_the_fused_stored_backward_with_dh_into_h_takes_mixtrals_peak_below_torch_grouped_mm(tmp_path):
+    """FASTMOE_DH_INTO_H=on: the stored backward's dh in h's buffer (h is dead after the dH kernel).
+    Mixtral's step 6.73 → 4.98 GiB, below torch._grouped_mm's pipeline (6.5 on the H100); the only path
+    of ours below it at all five shapes (benchmarks/results/cpu-2026-12-07-memory-dh-into-h/)."""
+    stored = {"FASTMOE_FUSED_BACKWARD": "stored", "FASTMOE_DOWN_OUTPUT": "rows"}
+    new = _account(tmp_path / "new", "Mixtral-8x7B", stored, fused=True)["Mixtral-8x7B"]["peak_gib"]
+    into_h = _account(tmp_path / "into-h", "Mixtral-8x7B", dict(stored, FASTMOE_DH_INTO_H="on"),
+                      fused=True)["Mixtral-8x7B"]["peak_gib"]
+    assert into_h < 6.5 < new
+    # one [R, 2f] bf16 buffer fewer (32,768 rows × 28,672 columns: 1.75 GiB)
+    assert new - into_h == pytest.approx(32768 * 2 * 14336 * 2 / GIB, rel=0.01)

@@ -21,7 +21,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from .. import backends
+from .. import _variants, backends
 from ..activations import Activation, is_gated
 from .grouped_gemm import grouped_gemm_reference
 from .grouped_up import grouped_up_reference
@@ -41,9 +41,10 @@ def grouped_mlp_node_reference(x, w_up, w_down, b_up, b_down, offsets, activatio
 
 
 def grouped_mlp_node_backward_reference(grad_y, x, w_up, w_down, b_up, b_down, offsets, h, activation: Activation,
-                                        widths: List[int]):
+                                        widths: List[int], dh_buffer=None):
     """Gradients ``(x, w_up, w_down, b_up, b_down)`` of the reference forward (empty for absent biases),
-    in the inputs' dtypes."""
+    in the inputs' dtypes (``dh_buffer``, where a backend may write dh, is not used: the reference
+    recomputes)."""
     inputs = [t for t in (x, w_up, w_down, b_up, b_down) if t is not None]
 
     def output(*tensors):
@@ -91,11 +92,26 @@ def _node_backward_op(grad_y: Tensor, x: Tensor, w_up: Tensor, w_down: Tensor, b
 
 
 @_node_backward_op.register_fake
-def _(grad_y, x, w_up, w_down, b_up, b_down, offsets, h, activation, activation_params, interleaved, widths, backend):
+def _backward_fake(grad_y, x, w_up, w_down, b_up, b_down, offsets, h, activation, activation_params, interleaved,
+                   widths, backend):
     def like(t):
         return torch.empty_like(t) if t is not None else x.new_empty(0)
 
     return torch.empty_like(x), torch.empty_like(w_up), torch.empty_like(w_down), like(b_up), like(b_down)
+
+
+@torch.library.custom_op("fastmoe::grouped_mlp_node_backward_consuming_h", mutates_args=("h",))
+def _node_backward_consuming_h_op(grad_y: Tensor, x: Tensor, w_up: Tensor, w_down: Tensor, b_up: Optional[Tensor],
+                                  b_down: Optional[Tensor], offsets: Tensor, h: Tensor, activation: str,
+                                  activation_params: List[float], interleaved: bool, widths: List[int],
+                                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """grouped_mlp_node_backward that may overwrite h with dh (_variants.DH_INTO_H: h is dead after it)."""
+    act = _activation_of(activation, activation_params, interleaved)
+    return backends.get_kernel("grouped_mlp_node_backward", backend)(grad_y, x, w_up, w_down, b_up, b_down, offsets, h,
+                                                                      act, widths, dh_buffer=h)
+
+
+_node_backward_consuming_h_op.register_fake(_backward_fake)
 
 
 def _setup(ctx, inputs, output):
@@ -111,8 +127,8 @@ def _backward(ctx, grad_y, _grad_h):
     x, w_up, w_down, b_up, b_down, offsets, h = ctx.saved_tensors
     if grad_y is None:  # no gradient reached y (grads are not materialised)
         return (None,) * 14
-    grads = _node_backward_op(grad_y.contiguous(), x, w_up, w_down, b_up, b_down, offsets, h, *ctx.activation,
-                              ctx.widths, ctx.backend)
+    op = _node_backward_consuming_h_op if _variants.DH_INTO_H else _node_backward_op
+    grads = op(grad_y.contiguous(), x, w_up, w_down, b_up, b_down, offsets, h, *ctx.activation, ctx.widths, ctx.backend)
     grad_x, grad_w_up, grad_w_down, grad_b_up, grad_b_down = grads
     return (grad_x, grad_w_up, grad_w_down, grad_b_up if b_up is not None else None,
             grad_b_down if b_down is not None else None, *([None] * 9))

@@ -28,7 +28,7 @@ from .grouped_gemm import grouped_gemm_reference
 # "kernel-in-place" (the flag and its predicted effect: _variants.ACTIVATION_BACKWARD): the backward gives h
 # up as dh's buffer through an op that declares h mutated, so a second backward through a retained graph
 # fails on h's version instead of reading dh as h.
-DH_INTO_H = ACTIVATION_BACKWARD == "kernel-in-place"
+ACTIVATION_KERNEL_IN_PLACE = ACTIVATION_BACKWARD == "kernel-in-place"
 
 
 def _activation_of(name: str, params: List[float], interleaved: bool) -> Activation:
@@ -117,7 +117,7 @@ def _grouped_up_backward_consuming_h_op(grad_a: Tensor, x: Tensor, w_up: Tensor,
                                         offsets: Tensor, h: Tensor, activation: str, activation_params: List[float],
                                         interleaved: bool, widths: List[int],
                                         backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """grouped_up_backward that may overwrite h with dh (h is dead after it: DH_INTO_H)."""
+    """grouped_up_backward that may overwrite h with dh (h is dead after it: ACTIVATION_KERNEL_IN_PLACE)."""
     act = _activation_of(activation, activation_params, interleaved)
     return backends.get_kernel("grouped_up_backward", backend)(grad_a, x, w_up, b_up, offsets, h, act, widths,
                                                                dh_buffer=h)
@@ -141,7 +141,7 @@ def _backward(ctx, grad_a, _grad_h):
     if grad_a is None:  # no gradient reached a (grads are not materialised)
         return (None,) * 12
     x, w_up, b_up, offsets, h = ctx.saved_tensors
-    op = _grouped_up_backward_consuming_h_op if DH_INTO_H else _grouped_up_backward_op
+    op = _grouped_up_backward_consuming_h_op if ACTIVATION_KERNEL_IN_PLACE else _grouped_up_backward_op
     grad_x, grad_w, grad_b = op(grad_a.contiguous(), x, w_up, b_up, offsets, h, *ctx.activation, ctx.widths,
                                 ctx.backend)
     return grad_x, grad_w, (grad_b if b_up is not None else None), *([None] * 9)

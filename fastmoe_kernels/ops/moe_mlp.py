@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .. import backends, tuning
+from .. import _variants, backends, tuning
 from ..tuning import LayerShape
 from ..activations import Activation, ActivationLike, apply_activation, is_gated
 from .grouped_gemm import grouped_gemm_reference
@@ -72,12 +72,27 @@ def _moe_mlp_backward_op(
 
 
 @_moe_mlp_backward_op.register_fake
-def _(grad_out, x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, h, activation, activation_params,
-      interleaved, widths, backend):
+def _backward_fake(grad_out, x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, h, activation,
+                   activation_params, interleaved, widths, backend):
     def like(t):
         return torch.empty_like(t) if t is not None else x.new_empty(0)
 
     return torch.empty_like(x), torch.empty_like(w_up), torch.empty_like(w_down), like(b_up), like(b_down), torch.empty_like(weight)
+
+
+@torch.library.custom_op("fastmoe::moe_mlp_backward_consuming_h", mutates_args=("h",))
+def _moe_mlp_backward_consuming_h_op(
+    grad_out: Tensor, x: Tensor, w_up: Tensor, w_down: Tensor, b_up: Optional[Tensor], b_down: Optional[Tensor],
+    weight: Tensor, row: Tensor, assignment: Tensor, offsets: Tensor, h: Tensor, activation: str,
+    activation_params: List[float], interleaved: bool, widths: List[int], backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """moe_mlp_backward that may overwrite h with dh (_variants.DH_INTO_H: h is dead after it)."""
+    fn = backends.get_kernel("moe_mlp_backward", backend)
+    act = _activation_of(activation, activation_params, interleaved)
+    return fn(grad_out, x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, h, act, widths, dh_buffer=h)
+
+
+_moe_mlp_backward_consuming_h_op.register_fake(_backward_fake)
 
 
 def _setup(ctx, inputs, output):
@@ -94,7 +109,8 @@ def _backward(ctx, grad_out, _grad_h):
     if grad_out is None:  # no gradient reached the output (grads are not materialised)
         return (None,) * 16
     x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, h = ctx.saved_tensors
-    grads = _moe_mlp_backward_op(
+    op = _moe_mlp_backward_consuming_h_op if _variants.DH_INTO_H else _moe_mlp_backward_op
+    grads = op(
         grad_out.contiguous(), x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, h,
         *ctx.activation, ctx.widths, ctx.backend,
     )
@@ -149,9 +165,10 @@ def moe_mlp_fused_reference(x, w_up, w_down, b_up, b_down, weight, row, assignme
 
 
 def moe_mlp_backward_reference(grad_out, x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, h,
-                               activation, widths):
+                               activation, widths, dh_buffer=None):
     """Gradients of ``moe_mlp_fused_reference``'s output: ``(x, w_up, w_down, b_up, b_down, weight)``,
-    empty tensors for absent biases."""
+    empty tensors for absent biases (``dh_buffer``, where a backend may write dh, is not used: the
+    reference recomputes)."""
     inputs = [t for t in (x, w_up, w_down, b_up, b_down, weight) if t is not None]
 
     def output(*tensors):

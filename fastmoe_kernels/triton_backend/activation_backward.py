@@ -154,6 +154,30 @@ def _activation_backward_kernel(
                     tail_rows += stride_partial
 
 
+# The same kernel for dh written into h's own buffer (FASTMOE_DH_INTO_H=on, _variants.py):
+# each element of h is read by the program that then writes that element of dh, so the launch itself is
+# safe; autotuning is not, each trial would read the last trial's dh as h, so this autotuner restores h
+# between trials (a copy of h while it tunes, once per shape; the tuning table or the autotuner's cache
+# then skip it). Same function, same configs and key: it shares their tuning-table entries.
+_activation_backward_in_place_kernel = triton.autotune(
+    configs=matmul_configs(), key=["N_OUT", "K_MAX", "M_BUCKET", "E", "GATED", "SPLIT"],
+    prune_configs_by={"early_config_prune": pruner(_footprint, "g_ptr")}, cache_results=True,
+    restore_value=["h_ptr"])(_activation_backward_kernel.fn)
+
+
+def _writes_into_h(h: torch.Tensor, dh: torch.Tensor, dh_interleaved: bool) -> bool:
+    """Whether dh is h's own buffer, element for element (then each element of h is read by the program
+    that writes the same element of dh). Any other sharing of h's storage is refused: a program could
+    overwrite h that another has still to read."""
+    if dh.numel() == 0 or h.numel() == 0 or dh.untyped_storage().data_ptr() != h.untyped_storage().data_ptr():
+        return False
+    if dh.data_ptr() == h.data_ptr() and dh.shape == h.shape and dh.stride() == h.stride() and not dh_interleaved:
+        return True
+    raise ValueError("activation_backward: dh shares h's storage without being h itself in h's [gate | up] "
+                     f"layout (h {tuple(h.shape)} strides {h.stride()}, dh {tuple(dh.shape)} strides {dh.stride()}, "
+                     f"interleaved={dh_interleaved}): programs would overwrite h that others still read")
+
+
 def partial_rows_needed(f: int) -> int:
     """Rows of the routing-weight partial-sum buffer: one per N tile of the narrowest config."""
     return cdiv(f, smallest_bn(_activation_backward_kernel.configs))
@@ -181,7 +205,8 @@ def activation_backward(
     (see the module docstring) for ``activation`` (an ``activations.Activation``); ``down`` describes
     W_down inside ``w`` (read as ``[d, f_e]`` per expert). ``g_row_index`` None reads grad_out's rows in
     order (then ``scale`` must be None). h is [gate | up]; dh too, or interleaved (gate, up, gate, …)
-    with ``dh_interleaved``. ``a_scaled``: a_out holds w_r · act(h)."""
+    with ``dh_interleaved``; dh may be h itself ([gate | up]: dh replaces h). ``a_scaled``: a_out holds
+    w_r · act(h)."""
     if scale is not None and g_row_index is None:
         raise ValueError("activation_backward: the routing weights (scale) are indexed by g_row_index")
     gated = activation.gated
@@ -195,7 +220,8 @@ def activation_backward(
     device = grad_out.device
     dh_step, dh_up = (2, dh.stride(1)) if dh_interleaved else (1, f * dh.stride(1))
 
-    launch(_activation_backward_kernel, persistent_grid(device, num_rows, f, E),
+    kernel = _activation_backward_in_place_kernel if _writes_into_h(h, dh, dh_interleaved) else _activation_backward_kernel
+    launch(kernel, persistent_grid(device, num_rows, f, E),
         g_ptr=grad_out, g_row_index_ptr=g_row_index if g_row_index is not None else dummy_index(device),
         num_g_rows=grad_out.shape[0], stride_gm=grad_out.stride(0), stride_gk=grad_out.stride(1),
         scale_ptr=scale if scale is not None else grad_out, num_scales=scale.numel() if scale is not None else 0,

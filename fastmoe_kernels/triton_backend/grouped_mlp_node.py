@@ -27,7 +27,10 @@ def grouped_mlp_node_triton(x, w_up, w_down, b_up, b_down, offsets, activation, 
 
 
 @register("grouped_mlp_node_backward")
-def grouped_mlp_node_backward_triton(grad_y, x, w_up, w_down, b_up, b_down, offsets, h, activation, widths):
+def grouped_mlp_node_backward_triton(grad_y, x, w_up, w_down, b_up, b_down, offsets, h, activation, widths,
+                                     dh_buffer=None):
+    # ``dh_buffer``: h itself, given up by the op layer (FASTMOE_DH_INTO_H=on); used where dh's layout is
+    # h's [gate | up], i.e. unless dh goes in gpt-oss's interleaved weight order.
     dt = x.dtype
     gated = activation.gated
     R = x.shape[0]
@@ -37,10 +40,12 @@ def grouped_mlp_node_backward_triton(grad_y, x, w_up, w_down, b_up, b_down, offs
         grad_y = grad_y.to(dt)
     w_down_c = _cast(w_down, dt)
     in_weight_order = not widths  # homogeneous: dh in W_up's row order (interleaved for gpt-oss)
-    dh = empty(R, (2 if gated else 1) * f, dtype=dt, device=x.device)
+    dh_interleaved = in_weight_order and activation.interleaved
+    dh = dh_buffer if dh_buffer is not None and not dh_interleaved else empty(R, (2 if gated else 1) * f, dtype=dt,
+                                                                               device=x.device)
     a = empty(R, f, dtype=dt, device=x.device)
     activation_backward(grad_y, None, 1, None, w_down_c, _matrices(w_down_c, widths, "down", f), offsets, h, dh, None,
-                        activation=activation, dh_interleaved=in_weight_order and activation.interleaved, a_out=a,
+                        activation=activation, dh_interleaved=dh_interleaved, a_out=a,
                         split=epilogue_split(True))
     grad_w_down = empty(w_down.shape, dtype=w_down.dtype, device=x.device)
     grad_b_down = empty(b_down.shape, dtype=b_down.dtype, device=x.device) if b_down is not None else None

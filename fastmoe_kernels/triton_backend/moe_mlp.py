@@ -110,7 +110,11 @@ def moe_mlp_forward(x, w_up, w_down, b_up, b_down, weight, row, assignment, offs
 
 
 @register("moe_mlp_backward")
-def moe_mlp_backward(grad_out, x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, h, activation, widths):
+def moe_mlp_backward(grad_out, x, w_up, w_down, b_up, b_down, weight, row, assignment, offsets, h, activation, widths,
+                     dh_buffer=None):
+    # ``dh_buffer``: h itself, given up by the op layer (FASTMOE_DH_INTO_H=on); the stored backward writes dh
+    # there where dh's layout is h's (h is dead after the dH kernel: A_s replaces it for dW_down), the
+    # recomputing one never (its dW_down rebuilds act(h) from h).
     T, d = x.shape
     k = row.shape[1]
     R = assignment.shape[0]
@@ -128,12 +132,16 @@ def moe_mlp_backward(grad_out, x, w_up, w_down, b_up, b_down, weight, row, assig
     one_up_matrix = stored and not widths
 
     # dh and the routing-weight gradient's partial sums, from g[src] @ W_down ("stored": and A_s).
-    dh = empty(R, (2 if gated else 1) * f, dtype=dt, device=x.device)
+    dh_interleaved = one_up_matrix and il
+    if stored and dh_buffer is not None and not dh_interleaved:
+        dh = dh_buffer
+    else:
+        dh = empty(R, (2 if gated else 1) * f, dtype=dt, device=x.device)
     partial = empty(partial_rows_needed(f), R, dtype=torch.float32, device=x.device)
     a_scaled = stored and b_down is None  # a down bias's gradient is Σ w·g: then G is scaled, not A
     a_down = empty(R, f, dtype=dt, device=x.device) if stored else None
     activation_backward(grad_out, assignment, k, weight_flat, w_down_c, _matrices(w_down_c, widths, "down", f),
-                        offsets, h, dh, partial, activation=activation, dh_interleaved=one_up_matrix and il,
+                        offsets, h, dh, partial, activation=activation, dh_interleaved=dh_interleaved,
                         a_out=a_down, a_scaled=a_scaled, split=epilogue_split(stored))
     row_partials = partial  # [P, R]: the routing-weight gradient per row is their sum
     if b_down is not None:

@@ -100,7 +100,7 @@ def test_the_compositions_gradients_equal_the_torch_settings(triton_only, device
     real = activation_grad_module.activation_grad
     monkeypatch.setattr(up_triton, "activation_grad", lambda *a: launches.append(a[1].data_ptr()) or real(*a))
     monkeypatch.setattr(up_triton, "ACTIVATION_BACKWARD", setting)
-    monkeypatch.setattr(up_ops, "DH_INTO_H", setting == "kernel-in-place")
+    monkeypatch.setattr(up_ops, "ACTIVATION_KERNEL_IN_PLACE", setting == "kernel-in-place")
     got = _composition_grads(x, w_up, w_down, b_up, offsets, act, widths, grad)
     assert len(launches) == 1  # the kernel ran, not torch's ops
     for name, g, w in zip(("y", "grad_x", "grad_w_up", "grad_w_down", "grad_b_up"), got, want):
@@ -111,7 +111,7 @@ def test_in_place_a_retained_graphs_second_backward_is_refused(triton_only, devi
     """dh overwrote h: a second backward through the same graph must fail on h's version, never read dh
     as h (a silent wrong gradient)."""
     monkeypatch.setattr(up_triton, "ACTIVATION_BACKWARD", "kernel-in-place")
-    monkeypatch.setattr(up_ops, "DH_INTO_H", True)
+    monkeypatch.setattr(up_ops, "ACTIVATION_KERNEL_IN_PLACE", True)
     E, d, f = len(SIZES), 16, 8
     offsets = torch.tensor([0, *torch.tensor(SIZES).cumsum(0).tolist()], dtype=torch.int32, device=device)
     x = torch.randn(sum(SIZES), d, device=device, requires_grad=True)
@@ -123,7 +123,7 @@ def test_in_place_a_retained_graphs_second_backward_is_refused(triton_only, devi
         y.sum().backward()
     # Without in place, the retained graph's second backward is the first's again.
     monkeypatch.setattr(up_triton, "ACTIVATION_BACKWARD", "kernel")
-    monkeypatch.setattr(up_ops, "DH_INTO_H", False)
+    monkeypatch.setattr(up_ops, "ACTIVATION_KERNEL_IN_PLACE", False)
     x.grad = None
     y = ops.grouped_mlp(x, w_up, w_down, offsets, "swiglu", backend="triton")
     y.sum().backward(retain_graph=True)

@@ -74,6 +74,7 @@ class Recorder:
         self.kernels = {}  # (name, config text) -> record
         self.failures = []
         self.pruned = 0  # configs the pruners dropped (over the target's shared memory, or spilling accumulators)
+        self.dump_dir = None  # --dump-ir: each kernel's TTGIR and PTX written here
 
     def add(self, fn: JITFunction, compiled, kwargs: dict, tuning: Optional[dict] = None):
         meta = compiled.metadata
@@ -85,6 +86,12 @@ class Recorder:
             return
         regs, spills = cubin_resources(compiled.asm.get("cubin"))
         ttgir = compiled.asm.get("ttgir", "")
+        if self.dump_dir:
+            stem = os.path.join(self.dump_dir, f"{fn.__name__}-{len(self.kernels)}")
+            with open(stem + ".ttgir", "w") as f:
+                f.write(f"// {key}\n" + ttgir)
+            with open(stem + ".ptx", "w") as f:
+                f.write(compiled.asm.get("ptx", ""))
         self.kernels[key] = dict(kernel=fn.__name__, constexprs=consts, num_warps=meta.num_warps,
                                  tuning=[tuning] if tuning else [],
                                  num_stages=meta.num_stages, shared=meta.shared, registers=regs, spill_bytes=spills,
@@ -95,7 +102,11 @@ class Recorder:
                                  tma_copies=ttgir.count("async_tma_copy_global_to_local"),
                                  descriptor_loads=ttgir.count("tt.descriptor_load"),
                                  fp8_wgmma=sum("ttng.warp_group_dot " in line and "f8E4M3FN" in line
-                                               for line in ttgir.splitlines()))
+                                               for line in ttgir.splitlines()),
+                                 # The wgmma groups each wait leaves in flight (0: the tensor cores drain;
+                                 # ≥ 1: a product still runs while the code after the wait does).
+                                 wgmma_waits=sorted(int(m) for m in re.findall(
+                                     r"ttng\.warp_group_dot_wait .*?pendings = (\d+)", ttgir)))
 
 
 RECORDER = Recorder()
@@ -470,6 +481,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, action="append", help="compute capability ×10 (80, 90); repeatable")
     parser.add_argument("--dtype", action="append", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--json", help="write every compiled kernel's resources here")
+    parser.add_argument("--dump-ir", metavar="DIR", help="write every compiled kernel's TTGIR and PTX into DIR")
     parser.add_argument("--part-b", action="store_true",
                         help="also the training issue's part B variants (node, stored backward, split dH)")
     only = parser.add_mutually_exclusive_group()
@@ -482,6 +494,9 @@ def main(argv=None) -> int:
         only.add_argument(f"--{name}-only", dest="only", action="store_const", const=name, help=f"only {what}")
     args = parser.parse_args(argv)
     arches = args.arch or [90]
+    if args.dump_ir:
+        os.makedirs(args.dump_ir, exist_ok=True)
+        RECORDER.dump_dir = args.dump_ir
     dtypes = [getattr(torch, name) for name in (args.dtype or ["bfloat16", "float16", "float32"])]
 
     from fastmoe_kernels import backends

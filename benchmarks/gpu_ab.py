@@ -1,5 +1,5 @@
 """The A/B of every selectable variant the open issues built, at the shapes each concerns, with the
-kernel model's predictions beside the measurements (benchmarks/results/model-2026-12-03/predictions.json).
+kernel model's predictions beside the measurements (benchmarks/results/model-2026-12-07-tma-stores/predictions.json).
 
 A variant is either configs pinned per kernel (tile orders, tiles: ``_common.pinned_configs``, switched
 in this process) or an environment flag read at import (a fresh process per setting). Each measurement
@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 HERE = pathlib.Path(__file__).resolve().parent
-PREDICTIONS = HERE / "results" / "model-2026-12-03" / "predictions.json"
+PREDICTIONS = HERE / "results" / "model-2026-12-07-tma-stores" / "predictions.json"
 
 MATMUL = dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3)
 UP = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
@@ -135,6 +135,11 @@ VARIANTS = [
             "the combine reading them by row",
             ("Qwen3-30B-A3B", "Mixtral-8x7B"), ("fwd",), True,
             a={"env": {"FASTMOE_DOWN_OUTPUT": "scatter"}}, b={"env": {"FASTMOE_DOWN_OUTPUT": "rows"}}),
+    Variant("TMA stores", "the grouped matmul's contiguous output tiles by pointer stores → by TMA stores that "
+            "the next tile's K loop overlaps (an expert's last, partial tile by pointer stores)",
+            ("Qwen3-30B-A3B", "Mixtral-8x7B"), ("fwd", "fwd+bwd"), False,
+            a={"env": {"FASTMOE_C_STORES": "pointer"}}, b={"env": {"FASTMOE_C_STORES": "tma"}},
+            prediction="TMA stores"),
     Variant("TMA weights", "the forward's grouped GEMMs loading weight tiles by pointer → by TMA boxes of one "
             "3-D descriptor per weight (triton_backend/_tma.py)",
             ("Mixtral-8x7B", "Qwen3-30B-A3B"), ("fwd",), None,
@@ -156,7 +161,7 @@ def default_env() -> Dict[str, str]:
 # The order the A/B runs in when its budget cannot hold every variant: the open changes whose defaults
 # wait on it (part B), then the part-A choices it confirms.
 PRIORITY = ("node backward", "activation backward", "fused stored backward", "wgrad tile and order", "tile order", "up activation",
-            "router GEMM", "decode tiles", "TMA weights", "fp8 weight cache", "fp8 fused quantisers", "fp8 folded routing weight", "fp8 wide tiles", "node dH epilogue", "node dh into h", "fused dh into h", "wgrad dtype", "down output rows", "dW_up x", "trusted plans")
+            "router GEMM", "decode tiles", "TMA stores", "TMA weights", "fp8 weight cache", "fp8 fused quantisers", "fp8 folded routing weight", "fp8 wide tiles", "node dH epilogue", "node dh into h", "fused dh into h", "wgrad dtype", "down output rows", "dW_up x", "trusted plans")
 
 
 def setting_key(variant: Variant, setting: str) -> tuple:

@@ -57,8 +57,9 @@ CHECK_TESTS = ["tests/kernel_tests/test_grouped_gemm.py", "tests/kernel_tests/te
                "tests/kernel_tests/test_fp8_weight_cache.py", "tests/kernel_tests/test_fp8_fused.py",
                # the activation-gradient kernel and the decode tiles (the forward issue)
                "tests/kernel_tests/test_activation_grad.py", "tests/kernel_tests/test_decode_tiles.py",
-               # the weights through TMA descriptors, the plan kernels' in-kernel key and row fill
-               "tests/kernel_tests/test_tma_b.py", *(f"tests/kernel_tests/test_plan.py::{t}" for t in (
+               # the weights through TMA descriptors and the outputs by TMA stores, the plan kernels'
+               # in-kernel key and row fill
+               "tests/kernel_tests/test_tma_b.py", "tests/kernel_tests/test_tma_c.py", *(f"tests/kernel_tests/test_plan.py::{t}" for t in (
                    "test_int64_ids_and_rows_no_assignment_fills", "test_unassigned_ids", "test_chunks_of_many_tiles"))]
 CUDA_TESTS = ["tests/kernel_tests/test_permute.py", "tests/kernel_tests/test_plan.py", "tests/kernel_tests/test_route_topk.py"]
 SESSION_CASES = "Qwen3-30B-A3B,Mixtral-8x7B"

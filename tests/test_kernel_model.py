@@ -161,3 +161,24 @@ def test_the_fused_fp8_quantisers_bytes_are_the_passes_they_remove():
     assert qwen3["saved_ms"] == pytest.approx(qwen3["removed_GB"] * 1e9 / (km.H100_SXM.copy_gbps * 1e9) * 1e3)
     assert qwen3["fp8_predicted_ms"] == pytest.approx(18.4 - qwen3["saved_ms"]) and 1.0 < qwen3["speedup"] < 1.1
     assert rows[("gpt-oss-20b", "fwd")]["fp8_today_ms"] is None  # no fp8 run measured there
+
+
+def test_async_tma_stores_leave_the_epilogue_stall_and_cost_shared_memory():
+    """FASTMOE_C_STORES=tma (Launch.async_stores): one program per SM at 128×256, so the pointer stores'
+    epilogue stalls the tensor cores; async stores overlap the next tile. The staged tile takes shared
+    memory: 128×128 tiles drop from two programs per SM to one."""
+    rows = [1024] * 128  # Qwen3's down projection: K = 768, N = 2048
+    wide = km.Tile(128, 256, 64, 8, 3, regs=237, smem=147456)
+    pointer = km.predict(DEVICE, launch(rows, 768, 2048, wide))
+    tma = km.predict(DEVICE, launch(rows, 768, 2048, wide, async_stores=True))
+    stores = sum(rows) * 2048 * 2
+    assert pointer.programs_per_sm == tma.programs_per_sm == 1
+    assert tma.ms < pointer.ms
+    # what it saves is the stores' share of the stall: about the stores at the copy rate
+    assert pointer.ms - tma.ms <= stores / (DEVICE.copy_gbps * 1e9) * 1e3 * 1.05  # (+ the last wave's rounding)
+    assert tma.hbm_bytes == pointer.hbm_bytes  # the same bytes, only when they move
+    mid = km.Tile(128, 128, 64, 8, 3)
+    assert km.shared_memory_estimate(launch(rows, 768, 2048, mid, async_stores=True)) == \
+        km.shared_memory_estimate(launch(rows, 768, 2048, mid)) + 128 * 128 * 2
+    assert km.programs_per_sm(DEVICE, launch(rows, 768, 2048, mid)) == 2
+    assert km.programs_per_sm(DEVICE, launch(rows, 768, 2048, mid, async_stores=True)) == 1

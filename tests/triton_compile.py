@@ -100,6 +100,7 @@ class Recorder:
                                  wgmma=ttgir.count("ttng.warp_group_dot "),
                                  # TMA copies (pipelined descriptor loads), and descriptor loads left unpipelined.
                                  tma_copies=ttgir.count("async_tma_copy_global_to_local"),
+                                 tma_stores=ttgir.count("async_tma_copy_local_to_global"),
                                  descriptor_loads=ttgir.count("tt.descriptor_load"),
                                  fp8_wgmma=sum("ttng.warp_group_dot " in line and "f8E4M3FN" in line
                                                for line in ttgir.splitlines()),
@@ -218,6 +219,7 @@ ONLY = {
     "activation-grad": lambda layer, dtype, arch: _activation_grad_steps(layer, 96, 64, dtype),
     "decode": lambda layer, dtype, arch: [_decode_forwards(layer, 64, dtype), _fp8_decode_forward(layer, dtype, arch)],
     "tma": lambda layer, dtype, arch: _tma_steps(layer, 96, 64, dtype),
+    "tma-stores": lambda layer, dtype, arch: _tma_store_steps(layer, 96, 64, dtype),
     "fp8-fused": lambda layer, dtype, arch: _fp8_fused_steps(layer, dtype, arch),
 }
 
@@ -349,6 +351,19 @@ def _tma_steps(layer_cls, T: int, d: int, dtype: torch.dtype) -> None:
         settings = {module: dict(values, B_LOADS=loads) for module, values in TMA_B.items()}
         for extra in (dict(), dict(fused_experts=False), dict(activation="gelu", bias=True),
                       dict(activation="gelu", fused_experts=False)):
+            _flagged_step(layer_cls, T, d, dtype, settings, extra)
+        _flagged(settings, lambda: _decode_forwards(layer_cls, d, dtype))
+
+
+# The forward's grouped matmul writing contiguous tiles by TMA stores (FASTMOE_C_STORES=tma): the
+# composition's down projection and input gradient, and a 4-token forward; each also with pointer stores.
+TMA_C = {"fastmoe_kernels.triton_backend._tma": {"C_STORES": "tma", "interpreted": lambda: True}}
+
+
+def _tma_store_steps(layer_cls, T: int, d: int, dtype: torch.dtype) -> None:
+    for stores in ("pointer", "tma"):
+        settings = {module: dict(values, C_STORES=stores) for module, values in TMA_C.items()}
+        for extra in (dict(fused_experts=False), dict(activation="gelu", bias=True, fused_experts=False)):
             _flagged_step(layer_cls, T, d, dtype, settings, extra)
         _flagged(settings, lambda: _decode_forwards(layer_cls, d, dtype))
 
@@ -490,6 +505,7 @@ def main(argv=None) -> int:
                        ("activation-grad", "the composition's activation-gradient kernel (FASTMOE_ACTIVATION_BACKWARD=kernel)"),
                        ("decode", "the forward at 4 tokens (the decode tiles, FASTMOE_DECODE_TILES)"),
                        ("tma", "the forward's GEMMs with the weights through TMA descriptors (FASTMOE_B_LOADS=tma)"),
+                       ("tma-stores", "the grouped matmul's contiguous tiles by TMA stores (FASTMOE_C_STORES=tma)"),
                        ("fp8-fused", "the fp8 quantisers fused into their producers (FASTMOE_FP8_QUANTISERS=fused)")):
         only.add_argument(f"--{name}-only", dest="only", action="store_const", const=name, help=f"only {what}")
     args = parser.parse_args(argv)
@@ -531,7 +547,7 @@ def main(argv=None) -> int:
             estimate = max((t["estimate"] or 0 for t in r["tuning"]), default=None)
             print(f"sm_{arch} {r['kernel']:<28} warps={r['num_warps']} stages={r['num_stages']} "
                   f"shared={r['shared']:>6} estimate={estimate} async={r['async_copies']} wgmma={r['wgmma']} "
-                  f"fp8_wgmma={r['fp8_wgmma']} tma={r['tma_copies']}/{r['descriptor_loads']} "
+                  f"fp8_wgmma={r['fp8_wgmma']} tma={r['tma_copies']}/{r['descriptor_loads']} tma_st={r['tma_stores']} "
                   f"regs={r['registers']} spills={r['spill_bytes']} {'' if kept else 'PRUNED '}"
                   f"{'' if r['fits'] else 'EXCEEDS SHARED MEMORY '}{r['constexprs']}")
         for failure in RECORDER.failures:
@@ -553,6 +569,11 @@ def main(argv=None) -> int:
             # (a 16-row decode tile is under wgmma's 64 rows: mma.sync, as the bf16 decode tiles)
             if arch >= 90 and r["fp8_wgmma"] == 0 and r["constexprs"].get("BM") != 16:
                 problems.append(f"{r['kernel']}: no fp8 wgmma on sm_{arch} {r['constexprs']}")
+                print(f"sm_{arch} {problems[-1]}")
+        for r in (r for r in rows if r["constexprs"].get("C_TMA")):
+            # The output tiles through TMA: a TMA store in the kernel.
+            if arch >= 90 and not r["tma_stores"]:
+                problems.append(f"{r['kernel']}: C_TMA without a TMA store on sm_{arch} {r['constexprs']}")
                 print(f"sm_{arch} {problems[-1]}")
         for r in (r for r in rows if r["constexprs"].get("B_TMA")):
             # The weights through TMA: each descriptor load a pipelined TMA copy, none left as a plain load.

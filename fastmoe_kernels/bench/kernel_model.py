@@ -14,7 +14,9 @@ them between two uses. Time is then set by the slowest of three rates:
 and by what a program cannot overlap: the pipeline's fill before its first product and the epilogue's
 loads and stores after its last stall the tensor cores unless another program on the same SM is in
 its main loop. With ``p`` programs per SM (from the shared memory and registers of the compile record)
-a program's stall is taken as covered ``(p-1)/p`` of the time.
+a program's stall is taken as covered ``(p-1)/p`` of the time. Stores issued as asynchronous TMA copies
+(``Launch.async_stores``) leave that stall (the next tile starts while they drain) and take shared
+memory for their staged tile instead.
 
 The tile order is the kernels' own: ``_gemm.expert_tile`` for the persistent launches (experts in
 order; GROUP_M row blocks per column sweep), the weight gradient's grid ``(K tiles × N tiles, E)``
@@ -130,6 +132,9 @@ class Launch:
     store_elems: float = 1.0
     epilogue_load_elems: float = 0.0
     ab_pairs: int = 1           # A/B pairs per K step (2: ``[A | A2] @ [B; B2]``, each pair BK of the K)
+    # The output tiles written by asynchronous TMA stores (FASTMOE_C_STORES=tma): the program's next tile
+    # starts while they drain, so the stores leave the epilogue's stall (its loads stay in it).
+    async_stores: bool = False
     pipelined: bool = True      # the compile record's async copies in the K loop
     programs: Optional[int] = None  # persistent grid (default: 2 per SM, at most the tiles)
 
@@ -172,15 +177,22 @@ def step_operand_elems(launch: Launch) -> int:
     return launch.ab_pairs * (t.BM * t.BK + launch.b_mats * t.BK * t.BN)
 
 
+def staged_store_bytes(launch: Launch) -> int:
+    """A TMA store's output tile, staged in shared memory beside the K loop's buffers (the sm_90 compile
+    record: 128×256 bf16, 147,456 → 212,992 bytes)."""
+    return launch.tile.BM * launch.tile.BN * launch.b_mats * launch.out_bytes if launch.async_stores else 0
+
+
 def shared_memory_estimate(launch: Launch) -> int:
-    """A pipelined K loop's buffers (the pruner's estimate, without its slack)."""
-    return launch.tile.stages * step_operand_elems(launch) * launch.elem_bytes
+    """A pipelined K loop's buffers (the pruner's estimate, without its slack), and a staged store tile."""
+    return launch.tile.stages * step_operand_elems(launch) * launch.elem_bytes + staged_store_bytes(launch)
 
 
 def programs_per_sm(device: Device, launch: Launch) -> int:
     """Programs that fit on one SM at once: shared memory, registers and threads (at least 1)."""
     t = launch.tile
-    smem = t.smem if t.smem is not None else shared_memory_estimate(launch)
+    # (a compile record's figure is of the kernel with pointer stores)
+    smem = t.smem + staged_store_bytes(launch) if t.smem is not None else shared_memory_estimate(launch)
     fits = [device.smem_per_sm // max(smem, 1), device.max_threads_per_sm // t.threads]
     if t.regs is not None:
         per_warp = math.ceil(t.regs * 32 / 256) * 256  # registers are allocated per warp, 256 at a time
@@ -242,6 +254,7 @@ class _TileWork:
     steps: int
     blocks: Dict[tuple, int]  # operand block → bytes
     epilogue_bytes: float     # HBM traffic after the K loop (stores, the epilogue's loads)
+    store_bytes: float = 0.0  # the stores' share of it
 
 
 def _tile_work(launch: Launch, tile: Tuple[int, int, int, int]) -> _TileWork:
@@ -252,10 +265,11 @@ def _tile_work(launch: Launch, tile: Tuple[int, int, int, int]) -> _TileWork:
                          {("a", expert, i): rows * t.BK * e * launch.a_mats, ("g", expert, j): rows * t.BN * e},
                          t.BK * t.BN * launch.out_bytes)
     out = rows * t.BN * launch.b_mats
+    stores = out * launch.store_elems * launch.out_bytes
     return _TileWork(2.0 * t.BM * t.BN * launch.K * launch.b_mats,  # a partial M tile computes BM rows
                      _cdiv(launch.K, t.BK * launch.ab_pairs),
                      {("a", expert, i): rows * launch.K * e, ("b", expert, j): launch.K * t.BN * e * launch.b_mats},
-                     out * (launch.store_elems * launch.out_bytes + launch.epilogue_load_elems * e))
+                     stores + out * launch.epilogue_load_elems * e, stores)
 
 
 def predict(device: Device, launch: Launch) -> Prediction:
@@ -283,6 +297,8 @@ def predict(device: Device, launch: Launch) -> Prediction:
         for w in wave:
             blocks.update(w.blocks)  # programs of one wave that share a block stream it through L2 once
         epilogue = sum(w.epilogue_bytes for w in wave)
+        # what the epilogue makes a program wait for: all of it, or its loads when the stores are async
+        waited = epilogue - (sum(w.store_bytes for w in wave) if launch.async_stores else 0.0)
         wave_hbm = sum(size for block, size in blocks.items() if not l2.touch(block, size)) + epilogue
         wave_fill = sum(w.steps for w in wave) * step_bytes
         wave_flops = sum(w.flops for w in wave)
@@ -298,7 +314,7 @@ def predict(device: Device, launch: Launch) -> Prediction:
         # The pipeline's fill (stages - 1 steps of loads) and the epilogue's HBM traffic, per program,
         # uncovered 1/occ of the time.
         fill_rate = (fill or hbm) / sms
-        stall = ((t.stages - 1) * step_bytes / fill_rate + (epilogue / len(wave)) / (hbm / sms)) / occ
+        stall = ((t.stages - 1) * step_bytes / fill_rate + (waited / len(wave)) / (hbm / sms)) / occ
         total += main + stall
         parts[max(limits, key=limits.get)] += main * 1e3
         parts["stall"] += stall * 1e3

@@ -76,6 +76,10 @@ class Variant:
     # The composition's activation backward: "torch" (torch.func.vjp's elementwise ops) or "kernel" (one
     # pass, FASTMOE_ACTIVATION_BACKWARD=kernel[-in-place]: the compulsory bytes at the copy rate).
     activation_backward: str = "torch"
+    # The grouped matmul's contiguous outputs by asynchronous TMA stores (FASTMOE_C_STORES=tma): the
+    # composition's down projection and input gradients, the part B paths' dx; never rows written
+    # through an index (the fused path's scattered down projection and dx slots).
+    tma_stores: bool = False
 
 
 def _tile(tiles: Mapping[str, Tile], name: str, variant: Variant, *, wgrad: bool = False) -> Tile:
@@ -108,8 +112,10 @@ def forward_launches(shape: StepShape, path: str, *, training: bool, tiles: Mapp
         raise ValueError(f"launch_plans: path must be one of {PATHS}, got {path!r}")
     rows = rows or shape.rows()
     d, f, m = shape.d_model, shape.d_ff, shape.m
-    down = Launch(MATMUL, "down", rows, f, d, _tile(tiles, "matmul", variant))
     path = {"node": "composition", "fused-stored": "fused"}.get(path, path)  # their forwards' launches
+    # the fused path's down projection scatters its rows (FASTMOE_DOWN_OUTPUT=scatter, the default)
+    down = Launch(MATMUL, "down", rows, f, d, _tile(tiles, "matmul", variant),
+                  async_stores=variant.tma_stores and path != "fused")
     if path == "composition-separate":
         return [Launch(MATMUL, "up", rows, d, m * f, _tile(tiles, "matmul", variant)), down]
     # The fused up projection (moe_mlp's, and grouped_up's on the composition) stores act(h) and, when
@@ -129,13 +135,14 @@ def backward_launches(shape: StepShape, path: str, *, tiles: Mapping[str, Tile] 
     if path.startswith("composition"):
         wg = _tile(tiles, "wgrad", variant, wgrad=True)
         mm = _tile(tiles, "matmul", variant)
-        down = [Launch(MATMUL, "down.dgrad", rows, d, f, mm),
+        tma = variant.tma_stores
+        down = [Launch(MATMUL, "down.dgrad", rows, d, f, mm, async_stores=tma),
                 Launch(WGRAD, "down.wgrad", rows, f, d, wg, kind="wgrad", out_bytes=out_bytes)]
         if path == "composition-separate":
-            return down + [Launch(MATMUL, "up.dgrad", rows, m * f, d, mm),
+            return down + [Launch(MATMUL, "up.dgrad", rows, m * f, d, mm, async_stores=tma),
                            Launch(WGRAD, "up.wgrad", rows, d, m * f, wg, kind="wgrad", out_bytes=out_bytes)]
         # grouped_up's backward (homogeneous [gate | up] rows): dx one GEMM over 2f, dW_up one wgrad.
-        return down + [Launch(MATMUL, "up.dgrad", rows, m * f, d, mm),
+        return down + [Launch(MATMUL, "up.dgrad", rows, m * f, d, mm, async_stores=tma),
                        Launch(WGRAD, "up.wgrad", rows, d, m * f, wg, kind="wgrad", out_bytes=out_bytes)]
     launches = [Launch(ACT_BWD, "act_bwd", rows, d, f, _tile(tiles, "act_bwd", variant), store_elems=m,
                        epilogue_load_elems=m),
@@ -164,7 +171,8 @@ def _part_b_backward(shape: StepShape, path: str, tiles: Mapping[str, Tile], var
                 Launch(WGRAD, "down.wgrad", rows, f, d, wg, kind="wgrad", out_bytes=out_bytes)]
     up_wg = wg if path == "node" else _tile(tiles, "wgrad_gathered", variant, wgrad=True)
     launches += [Launch(WGRAD, "up.wgrad", rows, d, m * f, up_wg, kind="wgrad", out_bytes=out_bytes),
-                 Launch(MATMUL, "dx" if path == "fused-stored" else "up.dgrad", rows, m * f, d, mm)]
+                 Launch(MATMUL, "dx" if path == "fused-stored" else "up.dgrad", rows, m * f, d, mm,
+                        async_stores=variant.tma_stores)]
     return launches
 
 

@@ -156,17 +156,21 @@ def rotating_pruner(configs, named_args, **kwargs):
 
 
 def pruner(footprint: Footprint, operand_tensor: str, output_tile: Tuple[str, str] = ("BM", "BN"),
-           output_elements: Optional[Callable[[Dict[str, int], Dict[str, object]], int]] = None):
+           output_elements: Optional[Callable[[Dict[str, int], Dict[str, object]], int]] = None,
+           staged_bytes: Optional[Callable[[Dict[str, int], Dict[str, object]], int]] = None):
     """An ``early_config_prune`` keeping the configs that fit (see the module docstring);
     ``operand_tensor`` names the argument whose element size the operand tiles have, ``output_tile``
     the two tile sizes of the kernel's output tile (or ``output_elements`` its size, for a kernel
-    whose output tile is not two config values)."""
+    whose output tile is not two config values); ``staged_bytes``: shared memory the epilogue holds
+    beside the pipeline's buffers (a TMA store's staging tile)."""
 
     def estimate(config: triton.Config, args: Dict[str, object]) -> int:
         tiles = config.kwargs
         output = (output_elements(tiles, args) if output_elements is not None
                   else tiles[output_tile[0]] * tiles[output_tile[1]])
-        return shared_memory_estimate(config, args[operand_tensor].element_size(), footprint(tiles, args)[0], output)
+        staged = staged_bytes(tiles, args) if staged_bytes is not None else 0
+        return shared_memory_estimate(config, args[operand_tensor].element_size(), footprint(tiles, args)[0],
+                                      output) + staged
 
     def prune(configs, named_args, **kwargs):
         if len(configs) == 1:
@@ -258,6 +262,17 @@ def store_tile(c_ptr, c_rows, c_valid, cols, N_OUT, stride_cm, stride_cn, tile):
     """C[c_rows, cols] = tile, in C's dtype, for the valid rows and the columns below N_OUT."""
     mask = c_valid[:, None] & (cols < N_OUT)[None, :]
     tl.store(c_ptr + c_rows[:, None] * stride_cm + cols[None, :] * stride_cn, tile.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def store_tile_tma(c_desc, c_ptr, rows, rmask, cols, N_OUT, stride_cm, stride_cn, tile, BM: tl.constexpr):
+    """store_tile for a tile of contiguous rows: by one TMA box of ``c_desc`` (C [rows, N_OUT]) when
+    every row of the tile is valid (its expert's rows), else by masked pointer stores (an expert's last
+    tile: a box would write the next expert's rows)."""
+    if tl.sum(rmask.to(tl.int32), 0) == BM:
+        c_desc.store([tl.min(rows, 0), tl.min(cols, 0)], tile.to(c_ptr.dtype.element_ty))
+    else:
+        store_tile(c_ptr, rows.to(tl.int64), rmask, cols, N_OUT, stride_cm, stride_cn, tile)
 
 
 @triton.jit

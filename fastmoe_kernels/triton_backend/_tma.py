@@ -1,4 +1,5 @@
-"""The weights (B operands) through Hopper's tensor memory accelerator (host side).
+"""The weights (B operands) through Hopper's tensor memory accelerator (host side), and the grouped
+matmul's output tiles by TMA stores (``C_STORES``, below).
 
 ``FASTMOE_B_LOADS=tma`` (default "pointer", the loads the first H100 run measured): the forward's grouped
 GEMMs (the up projection with its activation epilogue, the down projection) read each expert's weight
@@ -30,6 +31,16 @@ from ._common import interpreted
 from ._layout import ExpertMatrices, Stack
 
 B_LOADS = flag("FASTMOE_B_LOADS", "pointer", ("pointer", "tma"))
+# The forward's grouped matmul writing its contiguous output tiles by TMA stores (FASTMOE_C_STORES=tma;
+# default "pointer", the stores the first H100 run measured). One 2-D descriptor of the whole output
+# [rows, N], built on the device: a tile whose rows all belong to its expert is staged in shared memory and
+# written by one TMA copy that the next tile's K loop does not wait for (the descriptor's bounds clip the
+# last columns and the last rows of the output); an expert's last, partial row tile keeps masked pointer
+# stores, as a box would run into the next expert's rows. Rows written through an index (the fused
+# scatter) keep pointer stores. Predicted (the kernel model's epilogue term, bench/predictions.py):
+# the epilogue's HBM stores overlap the next tile's loop instead of stalling the one program an SM
+# holds at 128×256 tiles: see benchmarks/results/model-2026-12-07-tma-stores/.
+C_STORES = flag("FASTMOE_C_STORES", "pointer", ("pointer", "tma"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,3 +87,18 @@ def ensure_allocator() -> None:
     current = _allocation._allocator.get()
     if isinstance(current, _allocation.NullAllocator):
         triton.set_allocator(_torch_scratch)
+
+
+def tma_store_ok(out: torch.Tensor) -> bool:
+    """Whether ``out`` [rows, N] can be written by TMA boxes of one 2-D descriptor (FASTMOE_C_STORES=tma,
+    a Hopper device or the interpreter, unit column stride, 16-byte aligned base and row stride, rows of
+    at least 16 bytes)."""
+    if C_STORES != "tma" or out.dim() != 2 or out.shape[0] == 0 or out.stride(1) != 1:
+        return False
+    if out.device.type == "cuda":
+        if not _device_has_tma(out.device.index if out.device.index is not None else torch.cuda.current_device()):
+            return False
+    elif not interpreted():
+        return False
+    size = out.element_size()
+    return out.data_ptr() % 16 == 0 and (out.stride(0) * size) % 16 == 0 and out.shape[1] * size >= 16

@@ -20,9 +20,9 @@ from .._alloc import empty
 from .._shapes import grouped_gemm_output_width
 from ._common import dot_precision, dummy_index, launch, next_pow2, persistent_grid, register, rows_per_expert_bucket
 from ._gemm import (expert_tile, grouped_row_span, k_loop, k_loop_tma_b, k_loop_two_ab, matmul_configs, outside_tile,
-                    outside_tile_count, pruner, stacked_b_descriptor, store_tile)
+                    outside_tile_count, pruner, stacked_b_descriptor, store_tile, store_tile_tma)
 from ._jit import gather_rows, group_table
-from ._tma import ensure_allocator, tma_args, tma_stack
+from ._tma import ensure_allocator, tma_args, tma_stack, tma_store_ok
 from ._layout import ExpertMatrices, ExpertVectors, packed_cols, packed_rows, packed_vectors, stacked, stacked_vectors
 from .wgrad import grouped_wgrad
 
@@ -32,8 +32,14 @@ def _footprint(t, args):
     return pairs * (t["BM"] * t["BK"] + t["BK"] * t["BN"]), t["BM"] * t["BN"]
 
 
-@triton.autotune(configs=matmul_configs(decode=True), key=["N_OUT", "K_MAX", "M_BUCKET", "E", "DUAL_AB"],
-                 prune_configs_by={"early_config_prune": pruner(_footprint, "a_ptr")}, cache_results=True)
+def _staged_output_bytes(t, args):
+    # A TMA store stages the tile in C's dtype in shared memory beside the pipeline's buffers.
+    return t["BM"] * t["BN"] * args["c_ptr"].element_size() if args.get("C_TMA") else 0
+
+
+@triton.autotune(configs=matmul_configs(decode=True), key=["N_OUT", "K_MAX", "M_BUCKET", "E", "DUAL_AB", "C_TMA"],
+                 prune_configs_by={"early_config_prune": pruner(_footprint, "a_ptr", staged_bytes=_staged_output_bytes)},
+                 cache_results=True)
 @triton.jit
 def _grouped_matmul_kernel(
     # A [num_rows, ·], rows in group order; with DUAL_AB its columns from a2_col are the second A
@@ -51,12 +57,15 @@ def _grouped_matmul_kernel(
     E: tl.constexpr, E_PAD: tl.constexpr,
     B_ALIGN: tl.constexpr, B2_ALIGN: tl.constexpr, K_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr,
     SCATTER_C: tl.constexpr, HAS_BIAS: tl.constexpr, DUAL_AB: tl.constexpr, ZERO_OUTSIDE: tl.constexpr,
-    OFFSETS_64: tl.constexpr, PRECISION: tl.constexpr, B_TMA: tl.constexpr,
+    OFFSETS_64: tl.constexpr, PRECISION: tl.constexpr, B_TMA: tl.constexpr, C_TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     e_range, lo_v, hi_v, mt_v, mend_v = group_table(offsets_ptr, num_rows, E, E_PAD, BM)
     if B_TMA:
         b_desc = stacked_b_descriptor(b_ptr, E, tma_rows, tma_cols, tma_stride_e, tma_stride_r, BN, BK)
+    if C_TMA:  # (_tma.C_STORES: C contiguous, its rows the groups' own)
+        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[num_c_rows, N_OUT], strides=[stride_cm, 1],
+                                           block_shape=[BM, BN])
     n_tiles = tl.cdiv(N_OUT, BN)
     gemm_tiles = tl.sum(mt_v, 0) * n_tiles
     first_row, last_row = grouped_row_span(offsets_ptr, num_rows, E)
@@ -92,10 +101,13 @@ def _grouped_matmul_kernel(
             if HAS_BIAS:
                 bias = tl.load(bias_ptr + tl.load(bias_offset_ptr + e) + cols * stride_bias, mask=ncol, other=0.0)
                 acc += bias.to(tl.float32)[None, :]
-            c_rows, c_valid = gather_rows(c_row_index_ptr, rows, rmask, num_c_rows, 1, SCATTER_C)
             # Each branch stores its own tile: with one store after the branches, the sm_90 compile
             # check showed 128×256 tiles at 254 registers and spilling instead of 210 without.
-            store_tile(c_ptr, c_rows, c_valid, cols, N_OUT, stride_cm, stride_cn, acc)
+            if C_TMA:
+                store_tile_tma(c_desc, c_ptr, rows, rmask, cols, N_OUT, stride_cm, stride_cn, acc, BM)
+            else:
+                c_rows, c_valid = gather_rows(c_row_index_ptr, rows, rmask, num_c_rows, 1, SCATTER_C)
+                store_tile(c_ptr, c_rows, c_valid, cols, N_OUT, stride_cm, stride_cn, acc)
         else:
             # Own names: a variable of both branches must keep one type (the compiler's rule; rows are int32 above).
             z_rows, z_valid, z_cols = outside_tile(tile - gemm_tiles, n_tiles, first_row, last_row, num_rows, BM, BN)
@@ -138,7 +150,8 @@ def grouped_matmul(
     b2_align = b_align if second is None else second.b_align(transpose)[0]
     device = a.device
     tma = tma_stack(b, mats, transpose) if second is None else None
-    if tma is not None and device.type == "cuda":
+    c_tma = c_row_index is None and tma_store_ok(out)
+    if (tma is not None or c_tma) and device.type == "cuda":
         ensure_allocator()
 
     # + 2 row tiles: the rows before the first group and after the last (zero_outside).
@@ -154,7 +167,7 @@ def grouped_matmul(
         E=E, E_PAD=next_pow2(E), B_ALIGN=b_align, B2_ALIGN=b2_align, K_ALIGN=k_align, N_ALIGN=n_align,
         SCATTER_C=c_row_index is not None, HAS_BIAS=bias is not None, DUAL_AB=second is not None,
         ZERO_OUTSIDE=zero_outside, OFFSETS_64=mats.offsets_64 or (second is not None and second.offsets_64),
-        PRECISION=dot_precision(a.dtype),
+        PRECISION=dot_precision(a.dtype), C_TMA=c_tma,
     )
     return out
 

@@ -64,6 +64,15 @@ def test_the_composition_as_one_node_equals_the_reference(triton_only, device, m
     _assert_node_grads(got, tensors, offsets, act, widths, grad)
 
 
+def _dh_written_into_h(monkeypatch, module):
+    """Per dH-kernel launch from ``module``, whether dh was h's own buffer (arguments 7 and 8)."""
+    into_h = []
+    real = module.activation_backward
+    monkeypatch.setattr(module, "activation_backward",
+                        lambda *a, **kw: into_h.append(a[7].data_ptr() == a[8].data_ptr()) or real(*a, **kw))
+    return into_h
+
+
 def _node_inputs(device, activation, widths, bias):
     """(activation, [x, w_up, w_down, b_up, b_down], offsets, the output's fp64 gradient) over SIZES'
     groups and three rows past the last one."""
@@ -102,10 +111,7 @@ def test_the_node_writes_dh_into_hs_buffer_where_their_layouts_agree(triton_only
     goes to a new buffer, as its layout is not h's. The gradients are the reference's either way."""
     monkeypatch.setattr(grouped_mlp_module, "MLP_BACKWARD", "epilogue")
     monkeypatch.setattr(variants_module, "DH_INTO_H", True)
-    into_h = []
-    real = node_triton.activation_backward
-    monkeypatch.setattr(node_triton, "activation_backward",
-                        lambda *a, **kw: into_h.append(a[7].data_ptr() == a[8].data_ptr()) or real(*a, **kw))
+    into_h = _dh_written_into_h(monkeypatch, node_triton)
     act, tensors, offsets, grad = _node_inputs(device, activation, widths, bias)
     got = _grouped_mlp_grads(triton_only, *tensors, offsets, act, widths, grad)
     assert into_h == [in_place]
@@ -136,10 +142,7 @@ def test_the_fused_stored_backward_writes_dh_into_hs_buffer(triton_only, device,
     monkeypatch.setattr(fused_module, "FUSED_BACKWARD", "stored" if stored else "recompute")
     monkeypatch.setattr(fused_module, "DOWN_OUTPUT", "rows")
     monkeypatch.setattr(variants_module, "DH_INTO_H", True)
-    into_h = []
-    real = fused_module.activation_backward
-    monkeypatch.setattr(fused_module, "activation_backward",
-                        lambda *a, **kw: into_h.append(a[7].data_ptr() == a[8].data_ptr()) or real(*a, **kw))
+    into_h = _dh_written_into_h(monkeypatch, fused_module)
     T, d, k = 37, 24, 3
     experts = GroupedExperts(d, widths, activation, bias, device=device)
     idx, weight = routing(T, len(widths), k, device, skew=True)
@@ -205,10 +208,7 @@ def test_the_stored_backward_reads_interleaved_weights_in_place(triton_only, dev
     (with FASTMOE_DH_INTO_H=on too, in a new buffer: its layout is not h's)."""
     monkeypatch.setattr(fused_module, "FUSED_BACKWARD", "stored")
     monkeypatch.setattr(variants_module, "DH_INTO_H", dh_into_h)
-    into_h = []
-    real = fused_module.activation_backward
-    monkeypatch.setattr(fused_module, "activation_backward",
-                        lambda *a, **kw: into_h.append(a[7].data_ptr() == a[8].data_ptr()) or real(*a, **kw))
+    into_h = _dh_written_into_h(monkeypatch, fused_module)
     E, d, f, T, k = 4, 16, 24, 29, 2
     idx, weight = routing(T, E, k, device, skew=True)
     plan = ops.make_plan(idx, E)

@@ -27,7 +27,7 @@ def _inputs():
 
 
 def _forward_key(a, offsets):
-    return dict(N_OUT=N, K_MAX=K, M_BUCKET=_common.rows_per_expert_bucket(a.shape[0], E), E=E, DUAL_AB=False,
+    return dict(N_OUT=N, K_MAX=K, M_BUCKET=_common.rows_per_expert_bucket(a.shape[0], E), E=E, DUAL_AB=False, C_TMA=False,
                 dtype=str(a.dtype))
 
 

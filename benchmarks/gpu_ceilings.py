@@ -8,6 +8,9 @@
   narrow ``tl.dot`` (too little arithmetic to be the limit);
 - ``latency_us``: one load's latency from HBM, unloaded (a dependent chain of loads through a random
   cycle over 1 GiB, one thread): what an unpipelined K loop waits for per step;
+- ``dense_fp8_TFLOPs``: torch's dense e4m3 GEMM (``torch._scaled_mm``, 8192³, one scale per tensor,
+  bf16 out): the fp8 tensor cores' rate, the ceiling the fp8 products' tiles are judged against (the
+  first run measured none, so the FP8 issue's wide tiles went unpredicted);
 - the device's properties (SMs, L2 size, shared memory per SM) as the driver reports them.
 
     python benchmarks/gpu_ceilings.py --out ceilings.json [--dry-run]   (--dry-run: tiny sizes, any device)
@@ -39,6 +42,16 @@ def copy_and_dense(device: torch.device, small: bool) -> Dict[str, float]:
     b = torch.randn(size, size, device=device, dtype=dtype)
     gemm_ms = _median_ms(lambda: a @ b, device)
     return {"copy_GBps": 2 * n * 4 / copy_ms / 1e6, "dense_bf16_TFLOPs": 2 * size**3 / gemm_ms / 1e9}
+
+
+def dense_fp8(device: torch.device, small: bool) -> float:
+    """TFLOP/s of an e4m3 × e4m3 → bf16 GEMM with per-tensor scales (cuBLAS on a GPU)."""
+    size = 256 if small else 8192
+    a = torch.randn(size, size, device=device).to(torch.float8_e4m3fn)
+    b = torch.randn(size, size, device=device).to(torch.float8_e4m3fn).t()  # column-major, as _scaled_mm wants
+    one = torch.tensor(1.0, device=device)
+    ms = _median_ms(lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16), device)
+    return 2 * size**3 / ms / 1e9
 
 
 def _fill_kernel():
@@ -120,7 +133,7 @@ def properties(device: torch.device) -> Dict[str, object]:
 def measure_all(device: torch.device, small: bool = False) -> Dict[str, object]:
     out: Dict[str, object] = {"device": properties(device)}
     out.update(copy_and_dense(device, small))
-    for name, fn in (("fill_GBps", fill_rate), ("latency_us", latency_us)):
+    for name, fn in (("fill_GBps", fill_rate), ("latency_us", latency_us), ("dense_fp8_TFLOPs", dense_fp8)):
         try:
             out[name] = fn(device, small)
         except Exception as exc:  # a ceiling that cannot be measured is reported, not fatal

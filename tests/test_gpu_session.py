@@ -71,3 +71,15 @@ def test_the_compile_phase_warms_every_fp8_variant_the_ab_measures_on_the_fp8_ca
     # and the session's compile phase names the fp8 cases the A/B runs on.
     ab_fp8_cases = {c for v in gpu_ab.VARIANTS for c in v.cases if c.endswith(" fp8")}
     assert ab_fp8_cases <= set(gpu_session.FP8_SESSION_CASES.split(","))
+
+
+def test_the_ceilings_script_measures_every_ceiling_at_tiny_sizes():
+    """The env phase's ceilings (benchmarks/gpu_ceilings.py) on this device at its dry-run sizes: each a
+    positive number, none reported as unmeasurable."""
+    import torch
+
+    import gpu_ceilings
+
+    out = gpu_ceilings.measure_all(torch.device("cuda" if torch.cuda.is_available() else "cpu"), small=True)
+    for name in ("copy_GBps", "dense_bf16_TFLOPs", "dense_fp8_TFLOPs", "latency_us"):
+        assert out[name] is not None and out[name] > 0, (name, out.get(f"{name}_error"))

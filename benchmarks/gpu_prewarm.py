@@ -9,8 +9,8 @@ benchmark's own autotuning only loads them. What these processes time is thrown 
 the GPU).
 
 Each case is warmed under the defaults and under the A/B's environment-flag variants whose kernels the
-defaults never launch (``VARIANT_ENV``: the training issue's part B for the bf16 cases, the FP8 issue's
-fused quantisers and wide tiles for the fp8 cases), one process each.
+defaults never launch (``VARIANT_ENV``: the training issue's part B and the forward issue's TMA stores
+for the bf16 cases, the FP8 issue's fused quantisers and wide tiles for the fp8 cases), one process each.
 
     python benchmarks/gpu_prewarm.py [--tokens 4096] [--cases Qwen3-30B-A3B,...] [--variants default,node,...]
 """

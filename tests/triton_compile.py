@@ -343,16 +343,22 @@ def _decode_forwards(layer_cls, d: int, dtype: torch.dtype) -> None:
 TMA_B = {"fastmoe_kernels.triton_backend._tma": {"B_LOADS": "tma", "interpreted": lambda: True}}
 
 
-def _tma_steps(layer_cls, T: int, d: int, dtype: torch.dtype) -> None:
-    """Training steps (the forward's kernels with descriptors; the backward's are the defaults') fused
-    and composed, gated and not, and a 4-token forward (the decode tiles with descriptors); each also
-    with pointer loads, so that the record compares the two at the same configs."""
-    for loads in ("pointer", "tma"):
-        settings = {module: dict(values, B_LOADS=loads) for module, values in TMA_B.items()}
-        for extra in (dict(), dict(fused_experts=False), dict(activation="gelu", bias=True),
-                      dict(activation="gelu", fused_experts=False)):
+def _pointer_and_tma_steps(layer_cls, T: int, d: int, dtype: torch.dtype, flags: dict, name: str, extras) -> None:
+    """Training steps (``extras``) and a 4-token forward (the decode tiles) with the module flag ``name``
+    "pointer", then "tma", so that the record compares the two at the same configs."""
+    for value in ("pointer", "tma"):
+        settings = {module: dict(values, **{name: value}) for module, values in flags.items()}
+        for extra in extras:
             _flagged_step(layer_cls, T, d, dtype, settings, extra)
         _flagged(settings, lambda: _decode_forwards(layer_cls, d, dtype))
+
+
+def _tma_steps(layer_cls, T: int, d: int, dtype: torch.dtype) -> None:
+    """The forward's kernels with descriptors (the backward's are the defaults'), fused and composed,
+    gated and not."""
+    _pointer_and_tma_steps(layer_cls, T, d, dtype, TMA_B, "B_LOADS",
+                           (dict(), dict(fused_experts=False), dict(activation="gelu", bias=True),
+                            dict(activation="gelu", fused_experts=False)))
 
 
 # The forward's grouped matmul writing contiguous tiles by TMA stores (FASTMOE_C_STORES=tma): the
@@ -361,11 +367,8 @@ TMA_C = {"fastmoe_kernels.triton_backend._tma": {"C_STORES": "tma", "interpreted
 
 
 def _tma_store_steps(layer_cls, T: int, d: int, dtype: torch.dtype) -> None:
-    for stores in ("pointer", "tma"):
-        settings = {module: dict(values, C_STORES=stores) for module, values in TMA_C.items()}
-        for extra in (dict(fused_experts=False), dict(activation="gelu", bias=True, fused_experts=False)):
-            _flagged_step(layer_cls, T, d, dtype, settings, extra)
-        _flagged(settings, lambda: _decode_forwards(layer_cls, d, dtype))
+    _pointer_and_tma_steps(layer_cls, T, d, dtype, TMA_C, "C_STORES",
+                           (dict(fused_experts=False), dict(activation="gelu", bias=True, fused_experts=False)))
 
 
 def _activation_grad_steps(layer_cls, T: int, d: int, dtype: torch.dtype) -> None:

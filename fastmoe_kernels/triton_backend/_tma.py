@@ -48,15 +48,18 @@ def _device_has_tma(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
+def _tma_capable(t: torch.Tensor) -> bool:
+    """Whether ``t``'s kernels can use the TMA: a device of compute capability 9.0 or newer, or the
+    interpreter for CPU tensors."""
+    if t.device.type == "cuda":
+        return _device_has_tma(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return interpreted()
+
+
 def tma_stack(w: torch.Tensor, mats: ExpertMatrices, transpose: bool) -> Optional[Stack]:
     """The stacked layout a kernel can describe to the TMA for reading ``mats`` (inside ``w``) as its
     B operand, or None for pointer loads (the flag off, another layout, an unaligned stride)."""
-    if B_LOADS != "tma" or not transpose or mats.stack is None:
-        return None
-    if w.device.type == "cuda":
-        if not _device_has_tma(w.device.index if w.device.index is not None else torch.cuda.current_device()):
-            return None
-    elif not interpreted():
+    if B_LOADS != "tma" or not transpose or mats.stack is None or not _tma_capable(w):
         return None
     st, size = mats.stack, w.element_size()
     # TMA: a 16-byte aligned base, strides in multiples of 16 bytes, rows of at least 16 bytes.
@@ -93,12 +96,7 @@ def tma_store_ok(out: torch.Tensor) -> bool:
     """Whether ``out`` [rows, N] can be written by TMA boxes of one 2-D descriptor (FASTMOE_C_STORES=tma,
     a Hopper device or the interpreter, unit column stride, 16-byte aligned base and row stride, rows of
     at least 16 bytes)."""
-    if C_STORES != "tma" or out.dim() != 2 or out.shape[0] == 0 or out.stride(1) != 1:
-        return False
-    if out.device.type == "cuda":
-        if not _device_has_tma(out.device.index if out.device.index is not None else torch.cuda.current_device()):
-            return False
-    elif not interpreted():
+    if C_STORES != "tma" or out.dim() != 2 or out.shape[0] == 0 or out.stride(1) != 1 or not _tma_capable(out):
         return False
     size = out.element_size()
     return out.data_ptr() % 16 == 0 and (out.stride(0) * size) % 16 == 0 and out.shape[1] * size >= 16

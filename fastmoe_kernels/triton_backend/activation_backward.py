@@ -87,8 +87,12 @@ def _dh_columns(acc, w_row, rows64, rmask, cols, N_OUT, h_ptr, stride_hm, stride
     return row_sums
 
 
-@triton.autotune(configs=matmul_configs(), key=["N_OUT", "K_MAX", "M_BUCKET", "E", "GATED", "SPLIT"],
+# The autotuner's arguments, shared by the kernel and its in-place launch (below).
+_AUTOTUNE = dict(configs=matmul_configs(), key=["N_OUT", "K_MAX", "M_BUCKET", "E", "GATED", "SPLIT"],
                  prune_configs_by={"early_config_prune": pruner(_footprint, "g_ptr")}, cache_results=True)
+
+
+@triton.autotune(**_AUTOTUNE)
 @triton.jit
 def _activation_backward_kernel(
     # G rows: grad_out[g_row_index[r] // G_ROW_DIV] with GATHER_G, else grad_out[r]; with SCALED the
@@ -159,10 +163,8 @@ def _activation_backward_kernel(
 # safe; autotuning is not, each trial would read the last trial's dh as h, so this autotuner restores h
 # between trials (a copy of h while it tunes, once per shape; the tuning table or the autotuner's cache
 # then skip it). Same function, same configs and key: it shares their tuning-table entries.
-_activation_backward_in_place_kernel = triton.autotune(
-    configs=matmul_configs(), key=["N_OUT", "K_MAX", "M_BUCKET", "E", "GATED", "SPLIT"],
-    prune_configs_by={"early_config_prune": pruner(_footprint, "g_ptr")}, cache_results=True,
-    restore_value=["h_ptr"])(_activation_backward_kernel.fn)
+_activation_backward_in_place_kernel = triton.autotune(**_AUTOTUNE, restore_value=["h_ptr"])(
+    _activation_backward_kernel.fn)
 
 
 def _writes_into_h(h: torch.Tensor, dh: torch.Tensor, dh_interleaved: bool) -> bool:

@@ -143,16 +143,8 @@ def test_the_fused_stored_backward_writes_dh_into_hs_buffer(triton_only, device,
     monkeypatch.setattr(fused_module, "DOWN_OUTPUT", "rows")
     monkeypatch.setattr(variants_module, "DH_INTO_H", True)
     into_h = _dh_written_into_h(monkeypatch, fused_module)
-    T, d, k = 37, 24, 3
-    experts = GroupedExperts(d, widths, activation, bias, device=device)
-    idx, weight = routing(T, len(widths), k, device, skew=True)
-    plan = plan_for(idx, weight, len(widths), None)
-    x, grad = torch.randn(T, d, device=device), torch.randn(T, d, device=device)
-    got = _fused_step(triton_only, experts, x, plan, weight, grad, True)
+    _assert_fused_step_equals_the_reference(triton_only, device, activation, widths, bias, None)
     assert into_h == [in_place]
-    want = _fused_step("torch", experts, x, plan, weight, grad, False)
-    for i, (g, w) in enumerate(zip(got, want)):
-        assert_rel(g, w, torch.float32, scale=2.0, what=f"output {i}")
 
 
 def test_the_in_place_dh_kernel_restores_h_between_autotuning_trials():
@@ -191,12 +183,18 @@ def test_the_fused_stored_backward_and_row_output_equal_the_reference(triton_onl
     monkeypatch.setattr(fused_module, "FUSED_BACKWARD", "stored")
     monkeypatch.setattr(fused_module, "DOWN_OUTPUT", "rows")
     monkeypatch.setattr(fused_module, "UP_WGRAD_X", x_rows)
+    _assert_fused_step_equals_the_reference(triton_only, device, activation, widths, bias, mode)
+
+
+def _assert_fused_step_equals_the_reference(backend, device, activation, widths, bias, mode):
+    """The fused path's step on ``backend`` (skewed routing, 37 tokens, top-3) against the torch
+    composition's, output and every gradient."""
     T, d, k = 37, 24, 3
     experts = GroupedExperts(d, widths, activation, bias, device=device)
     idx, weight = routing(T, len(widths), k, device, skew=True)
     plan = plan_for(idx, weight, len(widths), mode)
     x, grad = torch.randn(T, d, device=device), torch.randn(T, d, device=device)
-    got = _fused_step(triton_only, experts, x, plan, weight, grad, True)
+    got = _fused_step(backend, experts, x, plan, weight, grad, True)
     want = _fused_step("torch", experts, x, plan, weight, grad, False)
     for i, (g, w) in enumerate(zip(got, want)):
         assert_rel(g, w, torch.float32, scale=2.0, what=f"output {i}")

@@ -1,5 +1,5 @@
 """The A/B of every selectable variant the open issues built, at the shapes each concerns, with the
-kernel model's predictions beside the measurements (benchmarks/results/model-2026-12-07-tma-stores/predictions.json).
+kernel model's predictions beside the measurements (benchmarks/results/model-2026-12-07-latency/predictions.json).
 
 A variant is either configs pinned per kernel (tile orders, tiles: ``_common.pinned_configs``, switched
 in this process) or an environment flag read at import (a fresh process per setting). Each measurement
@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 HERE = pathlib.Path(__file__).resolve().parent
-PREDICTIONS = HERE / "results" / "model-2026-12-07-tma-stores" / "predictions.json"
+PREDICTIONS = HERE / "results" / "model-2026-12-07-latency" / "predictions.json"
 
 MATMUL = dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3)
 UP = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)

@@ -22,14 +22,28 @@ from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .grids import model_cases
-from .kernel_model import Device, H100_SXM, Launch, Prediction, Tile, device_named, infer_fill_gbps, predict
+from .kernel_model import Device, H100_SXM, Launch, Prediction, Tile, device_named, infer_ceiling, predict
 from .launch_plans import ACT_BWD, MATMUL, UP, WGRAD, StepShape, step_launches
 
 GEMM_KERNELS = (MATMUL, UP, ACT_BWD, WGRAD)
-# The launch that a run without a measured fill ceiling reads it off (``infer_fill_gbps``): the longest
-# K loop of one program per SM with a light epilogue and no HBM limit — Mixtral's down projection in
-# the forward of the composition (K = 14,336: 224 steps per tile).
-FILL_REFERENCE = ("3-followup-profile", "Mixtral-8x7B", "fwd+bwd", "down")
+# The launches that a run without a measured ceiling reads it off (``kernel_model.infer_ceiling``), in
+# the order they are read (each with those before it), as (profile folder, case, mode, launch):
+# - fill: the longest K loop of one program per SM with a light epilogue and no HBM limit — Mixtral's
+#   down projection in the forward of the composition (K = 14,336: 224 steps per tile);
+# - latency: an unpipelined K loop with no register-path work — the first run's fused path's gathered
+#   up-projection weight gradient at Mixtral (its twin ``up.wgrad.up`` and Qwen3's two are predictions);
+# - prologue: the fused down projection's weight gradient at Mixtral (act(h) rebuilt, G scaled per step;
+#   Qwen3's is the prediction).
+REFERENCES = {
+    "fill_gbps": ("3-followup-profile", "Mixtral-8x7B", "fwd+bwd", "down"),
+    "latency_us": ("2-profile", "Mixtral-8x7B", "fwd+bwd", "up.wgrad.gate"),
+    "prologue_gelems": ("2-profile", "Mixtral-8x7B", "fwd+bwd", "down.wgrad"),
+}
+FILL_REFERENCE = REFERENCES["fill_gbps"]
+CEILING_WORDS = {"fill_gbps": ("fill rate", "GB/s", "{:.0f}"), "latency_us": ("latency", "µs", "{:.3f}"),
+                 "prologue_gelems": ("register-path rate", "G elements/s", "{:.0f}")}
+# The ceilings' names in a profile.json (gpu_ceilings.py) where they differ from the Device field.
+MEASURED_AS = {"fill_gbps": "fill_GBps", "latency_us": "latency_us", "prologue_gelems": "prologue_Gelems"}
 
 
 @dataclass
@@ -123,7 +137,7 @@ class Row:
     mode: str
     prediction: Prediction
     measured_ms: float
-    reference: bool = False
+    reference: Optional[str] = None  # the ceiling (a Device field) read off this launch, if any
 
     @property
     def ratio(self) -> float:
@@ -142,9 +156,11 @@ def _path(folder: str, mode: str) -> str:
     return "composition-separate" if folder.startswith("3-") else "composition"
 
 
-def explain_folder(run: pathlib.Path, folder: str, device: Device) -> List[Row]:
+def explain_folder(run: pathlib.Path, folder: str, device: Device,
+                   references: Dict[str, Tuple[str, str, str, str]] = REFERENCES) -> List[Row]:
     rows = []
     cases = {c.label: c for c in model_cases()}
+    by_key = {key: ceiling for ceiling, key in references.items()}
     for trace in sorted((run / folder).glob("trace-*.json.gz")):
         label, mode = trace.name[len("trace-"):-len(".json.gz")].rsplit("-", 1)
         case = cases[label]
@@ -156,7 +172,7 @@ def explain_folder(run: pathlib.Path, folder: str, device: Device) -> List[Row]:
             tile, pipelined = tile_from_trace(device, launch, t)
             launch = replace(launch, tile=tile, pipelined=pipelined)
             rows.append(Row(folder, label, mode, predict(device, launch), t.ms,
-                            reference=(folder, label, mode, launch.label) == FILL_REFERENCE))
+                            reference=by_key.get((folder, label, mode, launch.label))))
     return rows
 
 
@@ -165,42 +181,59 @@ def ceilings_of(run: pathlib.Path, folder: str) -> Dict[str, float]:
     return data["ceilings"]
 
 
+def _measured_device(device: Device, ceil: Dict[str, float]) -> Device:
+    return device.with_ceilings(dense_tflops=ceil["dense_bf16_TFLOPs"], copy_gbps=ceil["copy_GBps"],
+                                **{field: ceil.get(name) for field, name in MEASURED_AS.items()})
+
+
+def read_off(run: pathlib.Path, device: Device, given: Dict[str, float],
+             references: Dict[str, Tuple[str, str, str, str]] = REFERENCES) -> Tuple[Dict[str, float], Dict[str, str]]:
+    """The ceilings the run's reference folders did not measure, each read off its reference launch in
+    ``references``' order (with the measured ones, ``given`` and those read before it), and a sentence
+    for each one read."""
+    found, notes = dict(given), {}
+    for ceiling, (folder, case, mode, label) in references.items():
+        if folder not in {p.name for p in run.iterdir()}:
+            continue
+        dev = _measured_device(device, ceilings_of(run, folder)).with_ceilings(**found)
+        if ceiling in found or getattr(dev, ceiling) is not None:
+            continue
+        ref = next(r for r in explain_folder(run, folder, dev, {})
+                   if (r.case, r.mode, r.prediction.launch.label) == (case, mode, label))
+        found[ceiling] = infer_ceiling(dev, ref.prediction.launch, ref.measured_ms, ceiling)
+        word, unit, fmt = CEILING_WORDS[ceiling]
+        notes[ceiling] = (f"{word} {fmt.format(found[ceiling])} {unit}: not measured in this run, read off one "
+                          f"launch ({case} {mode} `{label}` of {folder})")
+    return found, notes
+
+
 def explain_run(run: pathlib.Path, folders: Sequence[str] = ("3-followup-profile", "2-profile"),
                 fill_gbps: Optional[float] = None, device: Device = H100_SXM) -> Tuple[List[Row], Device, str]:
     """Every profiled launch of ``run`` predicted against its measurement, and the device the model
-    used (its ceilings from each folder's profile.json; the fill rate as given, or read off
-    ``FILL_REFERENCE`` when the run did not measure it: the one launch whose ratio is 1 by construction)."""
+    used (its ceilings from each folder's profile.json; the fill rate as given; a ceiling the run did not
+    measure read off its ``REFERENCES`` launch, whose ratio is then 1 by construction)."""
+    given = {"fill_gbps": fill_gbps} if fill_gbps is not None else {}
+    found, notes = read_off(run, device, given, {c: r for c, r in REFERENCES.items() if r[0] in folders})
     rows: List[Row] = []
-    note = ""
     for folder in folders:
-        ceil = ceilings_of(run, folder)
-        dev = device.with_ceilings(dense_tflops=ceil["dense_bf16_TFLOPs"], copy_gbps=ceil["copy_GBps"],
-                                   fill_gbps=ceil.get("fill_GBps"), latency_us=ceil.get("latency_us"))
-        if fill_gbps is not None:
-            dev = dev.with_ceilings(fill_gbps=fill_gbps)
-        elif dev.fill_gbps is None:
-            ref_folder, ref_case, ref_mode, ref_label = FILL_REFERENCE
-            ref_rows = explain_folder(run, ref_folder, dev)
-            ref = next(r for r in ref_rows if (r.case, r.mode, r.prediction.launch.label) == (ref_case, ref_mode, ref_label))
-            fill_gbps = infer_fill_gbps(dev, ref.prediction.launch, ref.measured_ms)
-            dev = dev.with_ceilings(fill_gbps=fill_gbps)
-            note = (f"fill rate {fill_gbps:.0f} GB/s: not measured in this run, read off one launch "
-                    f"({ref_case} {ref_mode} `{ref_label}` of {ref_folder}); every other row is a prediction")
-        rows += explain_folder(run, folder, dev)
+        dev = _measured_device(device, ceilings_of(run, folder)).with_ceilings(**found)
+        rows += explain_folder(run, folder, dev, {c: REFERENCES[c] for c in notes})
         device = dev
+    note = "; ".join(notes.values()) + ("; every other row is a prediction" if notes else "")
     return rows, device, note
 
 
 def markdown(rows: List[Row], device: Device, note: str) -> str:
     lines = [f"Device model: {device.name}, {device.sms} SMs, L2 {device.l2_bytes / 2**20:.0f} MiB; dense "
-             f"{device.dense_tflops:.0f} TFLOP/s and copy {device.copy_gbps:.0f} GB/s as measured in the run; {note}.",
+             f"{device.dense_tflops:.0f} TFLOP/s and copy {device.copy_gbps:.0f} GB/s as measured in the run"
+             + (f"; {note}." if note else "."),
              "", "| profile | case | mode | launch | tile (from the trace) | prog/SM | bound | predicted ms | "
              "measured ms | ratio |", "|---|---|---|---|---|---:|---|---:|---:|---:|"]
     for r in rows:
         p = r.prediction
         t = p.launch.tile
         tile = t.describe() + ("" if p.launch.pipelined else " unpipelined")
-        ref = " (reference)" if r.reference else ""
+        ref = f" (reference: {CEILING_WORDS[r.reference][0]})" if r.reference else ""
         lines.append(f"| {r.profile} | {r.case} | {r.mode} | `{p.launch.label}`{ref} | {tile} | {p.programs_per_sm} | "
                      f"{p.bound} | {p.ms:.3f} | {r.measured_ms:.3f} | {r.ratio:.2f} |")
     within = [r for r in rows if not r.reference and abs(r.ratio - 1) <= 0.25]

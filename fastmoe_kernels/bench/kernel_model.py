@@ -27,9 +27,21 @@ holds it from an earlier wave. Nothing is fitted: the numbers are the device's p
 size, shared memory and registers per SM), the measured rates and the launch's configuration (tile,
 warps, stages, registers, shared memory, whether the K loop is pipelined).
 
-Not modelled: the latency of an unpipelined K loop (each step waits for its own loads: the model
-takes the loads' transfer time, not their latency, so it under-predicts such kernels) and CUDA-core
-work in prologues (an activation recomputed per tile).
+Two more rates where a launch needs them:
+
+- ``latency``: one load's latency from HBM. A pipelined K loop keeps ``stages - 1`` steps of loads in
+  flight; an unpipelined one (loads into registers, no async copies: the compile record says which)
+  waits for every step's loads before its products, so its longest program costs
+  ``steps · (latency + transfer + products)``. Measured by ``gpu_ceilings.py`` (a dependent chain of
+  loads); for a run that did not measure it, read off one unpipelined launch and stated as such;
+- ``prologue``: the register path of a K loop that transforms an operand between its load and the
+  tensor cores (the fused down projection's weight gradient rebuilding act(h) from h's halves and
+  scaling G's rows by the routing weight: ``prologue_elems_per_step``), elements per second over the
+  device. It is the kernel's own code path (loads to registers, the activation, the conversion to the
+  products' layout through shared memory), not a generic rate, so it is read off one such launch.
+
+Not modelled: CUDA-core work in epilogues (the activation backward's; the Qwen3 ``act_bwd`` of the
+first run's fused path, 64×64 tiles with a 32-step K loop, is the model's one miss).
 """
 from __future__ import annotations
 
@@ -52,6 +64,8 @@ class Device:
     copy_gbps: float                   # measured device copy, bytes read + written per second
     fill_gbps: Optional[float] = None  # measured L2 → shared-memory operand rate (None: not a limit)
     latency_us: Optional[float] = None  # measured latency of a load from HBM under load (None: not a limit)
+    # elements per second through an operand's register path (``prologue_elems_per_step``; None: not a limit)
+    prologue_gelems: Optional[float] = None
     regs_per_sm: int = 65536
     max_threads_per_sm: int = 2048
 
@@ -136,6 +150,10 @@ class Launch:
     # starts while they drain, so the stores leave the epilogue's stall (its loads stay in it).
     async_stores: bool = False
     pipelined: bool = True      # the compile record's async copies in the K loop
+    # A wgrad's operands transformed in registers per step: A rebuilt as an activation of its loads
+    # (ACT_OF_A: a_mats tiles of BM × BK), G's rows scaled (SCALE_G: BM × BN)
+    act_of_a: bool = False
+    scale_g: bool = False
     programs: Optional[int] = None  # persistent grid (default: 2 per SM, at most the tiles)
 
     @property
@@ -150,7 +168,7 @@ class Launch:
 class Prediction:
     launch: Launch
     ms: float
-    bound: str                  # what set most of the time: "dense", "fill", "hbm" or "stall"
+    bound: str                  # what set most of the time: "dense", "fill", "hbm", "latency", "prologue" or "stall"
     programs_per_sm: int
     waves: int
     hbm_bytes: float            # modelled HBM traffic: operand misses and the epilogue's traffic
@@ -175,6 +193,12 @@ def step_operand_elems(launch: Launch) -> int:
     if launch.kind == "wgrad":  # A [BM, BK] (a_mats of them) and G [BM, BN] per step of BM rows
         return launch.a_mats * t.BM * t.BK + t.BM * t.BN
     return launch.ab_pairs * (t.BM * t.BK + launch.b_mats * t.BK * t.BN)
+
+
+def prologue_elems_per_step(launch: Launch) -> int:
+    """Elements one K step passes through its register path (``Launch.act_of_a``, ``scale_g``)."""
+    t = launch.tile
+    return (launch.a_mats * t.BM * t.BK if launch.act_of_a else 0) + (t.BM * t.BN if launch.scale_g else 0)
 
 
 def staged_store_bytes(launch: Launch) -> int:
@@ -287,7 +311,8 @@ def predict(device: Device, launch: Launch) -> Prediction:
         resident = min(launch.programs or 2 * sms, resident)
     step_bytes = step_operand_elems(launch) * launch.elem_bytes
     l2 = _L2(device.l2_bytes)
-    parts = {"dense": 0.0, "fill": 0.0, "hbm": 0.0, "latency": 0.0, "stall": 0.0}
+    prologue_elems = prologue_elems_per_step(launch) if device.prologue_gelems else 0
+    parts = {"dense": 0.0, "fill": 0.0, "hbm": 0.0, "latency": 0.0, "prologue": 0.0, "stall": 0.0}
     total = hbm_bytes = fill_bytes = 0.0
     waves = 0
     for start in range(0, len(tiles), resident):
@@ -308,6 +333,8 @@ def predict(device: Device, launch: Launch) -> Prediction:
         limits = {"dense": wave_flops / (device.dense_tflops * 1e12 * active), "hbm": wave_hbm / (hbm * active)}
         if fill is not None:
             limits["fill"] = wave_fill / (fill * active)
+        if prologue_elems:
+            limits["prologue"] = sum(w.steps for w in wave) * prologue_elems / (device.prologue_gelems * 1e9 * active)
         if device.latency_us is not None or not launch.pipelined:
             limits["latency"] = _latency_limit(device, launch, wave, step_bytes, dense_per_sm, fill or hbm)
         main = max(limits.values())
@@ -354,18 +381,30 @@ def compulsory_bytes(launch: Launch) -> float:
             + out * (launch.store_elems * launch.out_bytes + launch.epilogue_load_elems * e))
 
 
-def infer_fill_gbps(device: Device, launch: Launch, measured_ms: float) -> float:
-    """The operand fill rate that makes ``launch`` take ``measured_ms``: for a run that did not
-    measure the fill ceiling, read off one launch the model says is fill-bound (stated as such
+# The ceilings a run may leave unmeasured and that a launch can be read off: (Device field, whether a
+# larger value makes launches slower, the bisection's range).
+READ_OFF = {"fill_gbps": (False, (100.0, 1e6)), "latency_us": (True, (1e-4, 100.0)),
+            "prologue_gelems": (False, (1.0, 1e6))}
+
+
+def infer_ceiling(device: Device, launch: Launch, measured_ms: float, ceiling: str) -> float:
+    """The value of ``ceiling`` (a ``READ_OFF`` field) that makes ``launch`` take ``measured_ms``: for a
+    run that did not measure it, read off one launch the model says that ceiling bounds (stated as such
     wherever it is used)."""
-    lo, hi = 100.0, 1e6
-    for _ in range(60):  # time falls as the rate grows: bisect on a log scale
+    slower_when_larger, (lo, hi) = READ_OFF[ceiling]
+    for _ in range(60):  # monotone in the ceiling: bisect on a log scale
         mid = math.sqrt(lo * hi)
-        if predict(device.with_ceilings(fill_gbps=mid), launch).ms > measured_ms:
-            lo = mid
-        else:
+        too_slow = predict(device.with_ceilings(**{ceiling: mid}), launch).ms > measured_ms
+        if too_slow == slower_when_larger:
             hi = mid
+        else:
+            lo = mid
     return math.sqrt(lo * hi)
+
+
+def infer_fill_gbps(device: Device, launch: Launch, measured_ms: float) -> float:
+    """``infer_ceiling`` of the operand fill rate (GB/s)."""
+    return infer_ceiling(device, launch, measured_ms, "fill_gbps")
 
 
 def expected_rows(tokens: int, num_experts: int, top_k: int, seed: int = 0) -> Tuple[int, ...]:

@@ -146,9 +146,10 @@ def backward_launches(shape: StepShape, path: str, *, tiles: Mapping[str, Tile] 
                        Launch(WGRAD, "up.wgrad", rows, d, m * f, wg, kind="wgrad", out_bytes=out_bytes)]
     launches = [Launch(ACT_BWD, "act_bwd", rows, d, f, _tile(tiles, "act_bwd", variant), store_elems=m,
                        epilogue_load_elems=m),
-                # act(h) rebuilt from h's halves in registers per step: no pipelined stages (compile record).
+                # act(h) rebuilt from h's halves and G scaled by the routing weight in registers per step:
+                # no pipelined stages (compile record).
                 Launch(WGRAD, "down.wgrad", rows, f, d, _tile(tiles, "wgrad_act", variant, wgrad=True), kind="wgrad",
-                       a_mats=m, out_bytes=2, pipelined=False)]
+                       a_mats=m, out_bytes=2, pipelined=False, act_of_a=True, scale_g=True)]
     halves = ("gate", "up") if shape.gated else ("gate",)
     launches += [Launch(WGRAD, f"up.wgrad.{h}", rows, d, f, _tile(tiles, "wgrad_gathered", variant, wgrad=True),
                         kind="wgrad", out_bytes=2) for h in halves]

@@ -20,9 +20,13 @@ from .grids import model_cases
 from .kernel_model import H100_SXM, Device, Launch, Tile, device_named, predict, shared_memory_estimate
 from .launch_plans import ACT_BWD_SPLIT, ACT_BWD_SPLIT_GATHERED, StepShape, Variant, forward_launches, step_launches, torch_activation_bytes
 
-# The fill rate the first H100 run implies (``python -m fastmoe_kernels.bench.explain``): not measured
-# there; the next session's ceilings phase measures it.
+# The ceilings the first H100 run implies (``python -m fastmoe_kernels.bench.explain``, each read off
+# one launch: benchmarks/results/h100-2026-11-24/model/): not measured there; the next session's
+# ceilings phase measures the fill rate and the latency. They matter only where a launch needs them:
+# the latency for unpipelined K loops, the register path's rate for the fused recompute's down wgrad.
 H100_FILL_GBPS = 8379.0
+H100_LATENCY_US = 0.657
+H100_PROLOGUE_GELEMS = 1296.0
 HEADLINE = ("Qwen3-30B-A3B", "Mixtral-8x7B", "gpt-oss-20b", "OLMoE", "DeepSeek-V3")
 
 # The Hopper-sized weight-gradient tiles the training issue offers the autotuner (BM rows per step,
@@ -209,7 +213,8 @@ def fp8_quantiser_rows(device: Device) -> List[dict]:
 def markdown(device: Device, changes: List[dict], decode: List[dict], fp8: Optional[List[dict]] = None) -> str:
     lines = [f"# Kernel-model predictions on {device.name}", "",
              f"Ceilings: dense {device.dense_tflops:.0f} TFLOP/s, copy {device.copy_gbps:.0f} GB/s, fill "
-             f"{device.fill_gbps or 0:.0f} GB/s, L2 {device.l2_bytes / 2**20:.0f} MiB, {device.sms} SMs. GEMM "
+             f"{device.fill_gbps or 0:.0f} GB/s, latency {device.latency_us or 0:.3f} µs, register path "
+             f"{device.prologue_gelems or 0:.0f} G elements/s, L2 {device.l2_bytes / 2**20:.0f} MiB, {device.sms} SMs. GEMM "
              "launches, and the composition's elementwise activation passes at the copy rate with the first run's "
              "measured excess (no router or combine time); bf16, 16,384 tokens. Part B rows are against their "
              "path's default after part A (the GPU session's A/B).", "",
@@ -259,10 +264,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=None)
     p.add_argument("--fill-gbps", type=float, default=None)
+    p.add_argument("--latency-us", type=float, default=None)
+    p.add_argument("--prologue-gelems", type=float, default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = device_named(args.device) if args.device else H100_SXM
-    device = device.with_ceilings(fill_gbps=args.fill_gbps or device.fill_gbps or H100_FILL_GBPS)
+    device = device.with_ceilings(fill_gbps=args.fill_gbps or device.fill_gbps or H100_FILL_GBPS,
+                                  latency_us=args.latency_us or device.latency_us or H100_LATENCY_US,
+                                  prologue_gelems=args.prologue_gelems or device.prologue_gelems or H100_PROLOGUE_GELEMS)
     changes, decode, fp8 = change_rows(device), decode_rows(device), fp8_quantiser_rows(device)
     text = markdown(device, changes, decode, fp8)
     print(text)

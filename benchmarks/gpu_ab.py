@@ -135,11 +135,17 @@ VARIANTS = [
             "the combine reading them by row",
             ("Qwen3-30B-A3B", "Mixtral-8x7B"), ("fwd",), True,
             a={"env": {"FASTMOE_DOWN_OUTPUT": "scatter"}}, b={"env": {"FASTMOE_DOWN_OUTPUT": "rows"}}),
-    Variant("TMA stores", "the grouped matmul's contiguous output tiles by pointer stores → by TMA stores that "
-            "the next tile's K loop overlaps (an expert's last, partial tile by pointer stores)",
+    Variant("TMA stores", "the up projection's act(h) and h and the grouped matmul's contiguous output tiles by "
+            "pointer stores → by TMA stores that the next tile's K loop overlaps (an expert's last, partial tile "
+            "by pointer stores; the up projection's training tile 128×128 with 2 stages)",
             ("Qwen3-30B-A3B", "Mixtral-8x7B"), ("fwd", "fwd+bwd"), False,
             a={"env": {"FASTMOE_C_STORES": "pointer"}}, b={"env": {"FASTMOE_C_STORES": "tma"}},
             prediction="TMA stores"),
+    Variant("TMA stores with h", "the up projection's h halves by pointer stores → by TMA boxes through act(h)'s "
+            "staging tile (FASTMOE_C_STORES=tma → tma+h; each box waits for the previous one on Triton 3.6)",
+            ("Qwen3-30B-A3B", "Mixtral-8x7B"), ("fwd+bwd",), False,
+            a={"env": {"FASTMOE_C_STORES": "tma"}}, b={"env": {"FASTMOE_C_STORES": "tma+h"}},
+            prediction="TMA stores with h"),
     Variant("TMA weights", "the forward's grouped GEMMs loading weight tiles by pointer → by TMA boxes of one "
             "3-D descriptor per weight (triton_backend/_tma.py)",
             ("Mixtral-8x7B", "Qwen3-30B-A3B"), ("fwd",), None,
@@ -161,7 +167,7 @@ def default_env() -> Dict[str, str]:
 # The order the A/B runs in when its budget cannot hold every variant: the open changes whose defaults
 # wait on it (part B), then the part-A choices it confirms.
 PRIORITY = ("node backward", "activation backward", "fused stored backward", "wgrad tile and order", "tile order", "up activation",
-            "router GEMM", "decode tiles", "TMA stores", "TMA weights", "fp8 weight cache", "fp8 fused quantisers", "fp8 folded routing weight", "fp8 wide tiles", "node dH epilogue", "node dh into h", "fused dh into h", "wgrad dtype", "down output rows", "dW_up x", "trusted plans")
+            "router GEMM", "decode tiles", "TMA stores", "TMA stores with h", "TMA weights", "fp8 weight cache", "fp8 fused quantisers", "fp8 folded routing weight", "fp8 wide tiles", "node dH epilogue", "node dh into h", "fused dh into h", "wgrad dtype", "down output rows", "dW_up x", "trusted plans")
 
 
 def setting_key(variant: Variant, setting: str) -> tuple:

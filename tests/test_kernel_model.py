@@ -231,3 +231,34 @@ def test_async_tma_stores_leave_the_epilogue_stall_and_cost_shared_memory():
         km.shared_memory_estimate(launch(rows, 768, 2048, mid)) + 128 * 128 * 2
     assert km.programs_per_sm(DEVICE, launch(rows, 768, 2048, mid)) == 2
     assert km.programs_per_sm(DEVICE, launch(rows, 768, 2048, mid, async_stores=True)) == 1
+
+
+def test_the_up_projections_tma_stores_share_one_staging_tile_and_overlap_only_the_last_box():
+    """The up projection's act(h) and, when training, h's two halves go through one staging tile (the
+    sm_90 record: one 128×128 buffer, each store waiting for the previous one): the 3-stage tile still
+    fits; the forward's one box overlaps the next tile whole, a training tile only its last of three, so
+    the training gain is a third of what all three async would give, and never negative."""
+    from fastmoe_kernels.bench.grids import model_cases
+    from fastmoe_kernels.bench.launch_plans import Variant, forward_launches
+
+    cases = {c.label: c for c in model_cases()}
+    for label in ("Qwen3-30B-A3B", "Mixtral-8x7B"):
+        shape = StepShape.of_case(cases[label])
+        gains = {}
+        for training in (True, False):
+            today = forward_launches(shape, "composition", training=training)[0]
+            tma = forward_launches(shape, "composition", training=training, variant=Variant(tma_stores=True))[0]
+            assert tma.async_stores and tma.tile == today.tile
+            assert km.staged_store_bytes(tma) == tma.tile.BM * tma.tile.BN * 2
+            assert km.shared_memory_estimate(tma) <= km.H100_SXM.smem_per_sm
+            gains[training] = km.predict(DEVICE, today).ms - km.predict(DEVICE, tma).ms
+            assert gains[training] > 0, (label, training)
+        # the same one box overlapped per tile, forward or training (the same tiles, waves and rows)
+        assert gains[True] == pytest.approx(gains[False], rel=0.05), label
+        # tma+h: h's halves through the same staging tile, two completion round trips per tile
+        with_h = forward_launches(shape, "composition", training=True,
+                                  variant=Variant(tma_stores=True, tma_h_stores=True))[0]
+        act_h_only = forward_launches(shape, "composition", training=True, variant=Variant(tma_stores=True))[0]
+        assert with_h.tma_store_boxes == 3 and act_h_only.tma_store_boxes == 1
+        slow = DEVICE.with_ceilings(latency_us=0.657)
+        assert km.predict(slow, with_h).ms > km.predict(slow, act_h_only).ms

@@ -343,10 +343,11 @@ def _decode_forwards(layer_cls, d: int, dtype: torch.dtype) -> None:
 TMA_B = {"fastmoe_kernels.triton_backend._tma": {"B_LOADS": "tma", "interpreted": lambda: True}}
 
 
-def _pointer_and_tma_steps(layer_cls, T: int, d: int, dtype: torch.dtype, flags: dict, name: str, extras) -> None:
+def _pointer_and_tma_steps(layer_cls, T: int, d: int, dtype: torch.dtype, flags: dict, name: str, extras,
+                           values=("pointer", "tma")) -> None:
     """Training steps (``extras``) and a 4-token forward (the decode tiles) with the module flag ``name``
-    "pointer", then "tma", so that the record compares the two at the same configs."""
-    for value in ("pointer", "tma"):
+    "pointer", then "tma" (then any other of ``values``), so that the record compares them at the same configs."""
+    for value in values:
         settings = {module: dict(values, **{name: value}) for module, values in flags.items()}
         for extra in extras:
             _flagged_step(layer_cls, T, d, dtype, settings, extra)
@@ -361,14 +362,23 @@ def _tma_steps(layer_cls, T: int, d: int, dtype: torch.dtype) -> None:
                             dict(activation="gelu", fused_experts=False)))
 
 
-# The forward's grouped matmul writing contiguous tiles by TMA stores (FASTMOE_C_STORES=tma): the
+# The contiguous output tiles by TMA stores (FASTMOE_C_STORES=tma): the up projection's act(h) and h, the
 # composition's down projection and input gradient, and a 4-token forward; each also with pointer stores.
 TMA_C = {"fastmoe_kernels.triton_backend._tma": {"C_STORES": "tma", "interpreted": lambda: True}}
 
 
 def _tma_store_steps(layer_cls, T: int, d: int, dtype: torch.dtype) -> None:
     _pointer_and_tma_steps(layer_cls, T, d, dtype, TMA_C, "C_STORES",
-                           (dict(fused_experts=False), dict(activation="gelu", bias=True, fused_experts=False)))
+                           (dict(), dict(fused_experts=False), dict(activation="gelu", bias=True, fused_experts=False)),
+                           values=("pointer", "tma", "tma+h"))
+
+
+def expected_tma_stores(row: dict) -> int:
+    """TMA stores a C_TMA kernel's TTGIR must hold: one per output it writes."""
+    c = row["constexprs"]
+    if row["kernel"] == "_up_projection_kernel" and c.get("STORE_H") and c.get("H_TMA"):
+        return 1 + (2 if c.get("GATED") else 1)
+    return 1
 
 
 def _activation_grad_steps(layer_cls, T: int, d: int, dtype: torch.dtype) -> None:
@@ -508,7 +518,7 @@ def main(argv=None) -> int:
                        ("activation-grad", "the composition's activation-gradient kernel (FASTMOE_ACTIVATION_BACKWARD=kernel)"),
                        ("decode", "the forward at 4 tokens (the decode tiles, FASTMOE_DECODE_TILES)"),
                        ("tma", "the forward's GEMMs with the weights through TMA descriptors (FASTMOE_B_LOADS=tma)"),
-                       ("tma-stores", "the grouped matmul's contiguous tiles by TMA stores (FASTMOE_C_STORES=tma)"),
+                       ("tma-stores", "the up projection's and the grouped matmul's contiguous tiles by TMA stores (FASTMOE_C_STORES=tma)"),
                        ("fp8-fused", "the fp8 quantisers fused into their producers (FASTMOE_FP8_QUANTISERS=fused)")):
         only.add_argument(f"--{name}-only", dest="only", action="store_const", const=name, help=f"only {what}")
     args = parser.parse_args(argv)
@@ -574,9 +584,11 @@ def main(argv=None) -> int:
                 problems.append(f"{r['kernel']}: no fp8 wgmma on sm_{arch} {r['constexprs']}")
                 print(f"sm_{arch} {problems[-1]}")
         for r in (r for r in rows if r["constexprs"].get("C_TMA")):
-            # The output tiles through TMA: a TMA store in the kernel.
-            if arch >= 90 and not r["tma_stores"]:
-                problems.append(f"{r['kernel']}: C_TMA without a TMA store on sm_{arch} {r['constexprs']}")
+            # The output tiles through TMA: a TMA store for each output the kernel writes (the up
+            # projection: act(h), and h's gate and up halves when it keeps h).
+            if arch >= 90 and r["tma_stores"] < expected_tma_stores(r):
+                problems.append(f"{r['kernel']}: C_TMA with {r['tma_stores']} TMA stores, not "
+                                f"{expected_tma_stores(r)}, on sm_{arch} {r['constexprs']}")
                 print(f"sm_{arch} {problems[-1]}")
         for r in (r for r in rows if r["constexprs"].get("B_TMA")):
             # The weights through TMA: each descriptor load a pipelined TMA copy, none left as a plain load.

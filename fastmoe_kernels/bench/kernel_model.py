@@ -15,8 +15,9 @@ and by what a program cannot overlap: the pipeline's fill before its first produ
 loads and stores after its last stall the tensor cores unless another program on the same SM is in
 its main loop. With ``p`` programs per SM (from the shared memory and registers of the compile record)
 a program's stall is taken as covered ``(p-1)/p`` of the time. Stores issued as asynchronous TMA copies
-(``Launch.async_stores``) leave that stall (the next tile starts while they drain) and take shared
-memory for their staged tile instead.
+(``Launch.async_stores``) take shared memory for their staging tile, and the epilogue's last box leaves
+that stall (the next tile starts while it drains); earlier boxes of the same epilogue (the up
+projection's h halves) are waited for before the staging tile is refilled.
 
 The tile order is the kernels' own: ``_gemm.expert_tile`` for the persistent launches (experts in
 order; GROUP_M row blocks per column sweep), the weight gradient's grid ``(K tiles × N tiles, E)``
@@ -149,6 +150,9 @@ class Launch:
     # The output tiles written by asynchronous TMA stores (FASTMOE_C_STORES=tma): the program's next tile
     # starts while they drain, so the stores leave the epilogue's stall (its loads stay in it).
     async_stores: bool = False
+    # TMA boxes per tile through the one staging tile (the up projection with FASTMOE_C_STORES=tma+h: act(h)
+    # and h's two halves); each but the last waits for its predecessor's completion (Triton 3.6)
+    tma_store_boxes: int = 1
     pipelined: bool = True      # the compile record's async copies in the K loop
     # A wgrad's operands transformed in registers per step: A rebuilt as an activation of its loads
     # (ACT_OF_A: a_mats tiles of BM × BK), G's rows scaled (SCALE_G: BM × BN)
@@ -202,9 +206,10 @@ def prologue_elems_per_step(launch: Launch) -> int:
 
 
 def staged_store_bytes(launch: Launch) -> int:
-    """A TMA store's output tile, staged in shared memory beside the K loop's buffers (the sm_90 compile
-    record: 128×256 bf16, 147,456 → 212,992 bytes)."""
-    return launch.tile.BM * launch.tile.BN * launch.b_mats * launch.out_bytes if launch.async_stores else 0
+    """The TMA stores' staging tile in shared memory beside the K loop's buffers: one BM × BN output
+    box, which the compiler reuses for every store of the epilogue (the sm_90 compile records: 128×256
+    bf16, 147,456 → 212,992 bytes; the up projection's act(h) and h halves through one 128×128 buffer)."""
+    return launch.tile.BM * launch.tile.BN * launch.out_bytes if launch.async_stores else 0
 
 
 def shared_memory_estimate(launch: Launch) -> int:
@@ -278,7 +283,12 @@ class _TileWork:
     steps: int
     blocks: Dict[tuple, int]  # operand block → bytes
     epilogue_bytes: float     # HBM traffic after the K loop (stores, the epilogue's loads)
-    store_bytes: float = 0.0  # the stores' share of it
+    # the stores that overlap the next tile: with TMA stores, the epilogue's last box (each earlier one
+    # is waited for before the shared staging tile is refilled: the compile record's wait {pendings = 0})
+    async_store_bytes: float = 0.0
+    # boxes whose completion the epilogue waits for before refilling the staging tile (Triton 3.6's
+    # wait {pendings = 0}: a write's round trip, the latency, on top of its transfer)
+    completion_waits: int = 0
 
 
 def _tile_work(launch: Launch, tile: Tuple[int, int, int, int]) -> _TileWork:
@@ -290,10 +300,13 @@ def _tile_work(launch: Launch, tile: Tuple[int, int, int, int]) -> _TileWork:
                          t.BK * t.BN * launch.out_bytes)
     out = rows * t.BN * launch.b_mats
     stores = out * launch.store_elems * launch.out_bytes
+    box = rows * t.BN * launch.out_bytes
+    last_box = min(stores, box) if launch.async_stores else 0.0
+    waits = launch.tma_store_boxes - 1 if launch.async_stores else 0
     return _TileWork(2.0 * t.BM * t.BN * launch.K * launch.b_mats,  # a partial M tile computes BM rows
                      _cdiv(launch.K, t.BK * launch.ab_pairs),
                      {("a", expert, i): rows * launch.K * e, ("b", expert, j): launch.K * t.BN * e * launch.b_mats},
-                     stores + out * launch.epilogue_load_elems * e, stores)
+                     stores + out * launch.epilogue_load_elems * e, last_box, waits)
 
 
 def predict(device: Device, launch: Launch) -> Prediction:
@@ -323,7 +336,7 @@ def predict(device: Device, launch: Launch) -> Prediction:
             blocks.update(w.blocks)  # programs of one wave that share a block stream it through L2 once
         epilogue = sum(w.epilogue_bytes for w in wave)
         # what the epilogue makes a program wait for: all of it, or its loads when the stores are async
-        waited = epilogue - (sum(w.store_bytes for w in wave) if launch.async_stores else 0.0)
+        waited = epilogue - sum(w.async_store_bytes for w in wave)
         wave_hbm = sum(size for block, size in blocks.items() if not l2.touch(block, size)) + epilogue
         wave_fill = sum(w.steps for w in wave) * step_bytes
         wave_flops = sum(w.flops for w in wave)
@@ -341,7 +354,8 @@ def predict(device: Device, launch: Launch) -> Prediction:
         # The pipeline's fill (stages - 1 steps of loads) and the epilogue's HBM traffic, per program,
         # uncovered 1/occ of the time.
         fill_rate = (fill or hbm) / sms
-        stall = ((t.stages - 1) * step_bytes / fill_rate + (waited / len(wave)) / (hbm / sms)) / occ
+        round_trips = max(w.completion_waits for w in wave) * (device.latency_us or 0.0) * 1e-6
+        stall = ((t.stages - 1) * step_bytes / fill_rate + (waited / len(wave)) / (hbm / sms) + round_trips) / occ
         total += main + stall
         parts[max(limits, key=limits.get)] += main * 1e3
         parts["stall"] += stall * 1e3

@@ -76,10 +76,12 @@ class Variant:
     # The composition's activation backward: "torch" (torch.func.vjp's elementwise ops) or "kernel" (one
     # pass, FASTMOE_ACTIVATION_BACKWARD=kernel[-in-place]: the compulsory bytes at the copy rate).
     activation_backward: str = "torch"
-    # The grouped matmul's contiguous outputs by asynchronous TMA stores (FASTMOE_C_STORES=tma): the
-    # composition's down projection and input gradients, the part B paths' dx; never rows written
-    # through an index (the fused path's scattered down projection and dx slots).
+    # The contiguous outputs by asynchronous TMA stores (FASTMOE_C_STORES=tma): the up projection's act(h)
+    # and h (every path), the composition's down projection and input gradients, the part B paths' dx;
+    # never rows written through an index (the fused path's scattered down projection and dx slots).
     tma_stores: bool = False
+    # FASTMOE_C_STORES=tma+h: the up projection's h halves by TMA boxes too (through act(h)'s staging tile)
+    tma_h_stores: bool = False
 
 
 def _tile(tiles: Mapping[str, Tile], name: str, variant: Variant, *, wgrad: bool = False) -> Tile:
@@ -121,7 +123,9 @@ def forward_launches(shape: StepShape, path: str, *, training: bool, tiles: Mapp
     # The fused up projection (moe_mlp's, and grouped_up's on the composition) stores act(h) and, when
     # training, h (gate and up): per B column, half an act(h) element (gated) and one element of h.
     stores = (1.0 if training else 0.0) + (1.0 / m)
-    return [Launch(UP, "up", rows, d, f, _tile(tiles, "up_projection", variant), b_mats=m, store_elems=stores), down]
+    boxes = 1 + (m if training and variant.tma_h_stores else 0)
+    return [Launch(UP, "up", rows, d, f, _tile(tiles, "up_projection", variant), b_mats=m, store_elems=stores,
+                   async_stores=variant.tma_stores, tma_store_boxes=boxes), down]
 
 
 def backward_launches(shape: StepShape, path: str, *, tiles: Mapping[str, Tile] = H100_TILES,

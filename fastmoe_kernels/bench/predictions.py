@@ -78,14 +78,20 @@ CHANGES = [
            "the dH kernel, plain dW_down, one dW_up over 2f, one plain dx", "fwd+bwd",
            replace(PART_A, act_bwd_tile=ACT_BWD_SPLIT_GATHERED), path="fused-stored", baseline_path="fused",
            baseline_variant=PART_A),
-    Change("TMA stores", "FASTMOE_C_STORES=tma: the composition's down projection and input gradients store "
-           "their contiguous tiles by asynchronous TMA copies (the next tile's K loop overlaps them; the "
-           "staged tile costs shared memory, so 128×128 tiles run one program per SM)", "fwd",
+    Change("TMA stores", "FASTMOE_C_STORES=tma: the up projection's act(h) and the composition's down "
+           "projection and input gradients store their contiguous tiles by asynchronous TMA copies (the next "
+           "tile's K loop overlaps them; the staged tiles cost shared memory, so 128×128 tiles run one "
+           "program per SM)", "fwd",
            replace(PART_A, tma_stores=True), path="composition", baseline_path="composition",
            baseline_variant=PART_A),
-    Change("TMA stores (training)", "the same in the composition's training step (down projection, its input "
-           "gradient, dx)", "fwd+bwd", replace(PART_A, tma_stores=True), path="composition",
+    Change("TMA stores (training)", "the same in the composition's training step (the up projection's act(h), "
+           "down projection, its input gradient, dx)", "fwd+bwd",
+           replace(PART_A, tma_stores=True), path="composition",
            baseline_path="composition", baseline_variant=PART_A),
+    Change("TMA stores with h", "FASTMOE_C_STORES=tma+h against tma: the up projection's h halves by TMA boxes "
+           "through act(h)'s staging tile (each waiting for the previous box's completion on Triton 3.6)",
+           "fwd+bwd", replace(PART_A, tma_stores=True, tma_h_stores=True), path="composition",
+           baseline_path="composition", baseline_variant=replace(PART_A, tma_stores=True)),
 ]
 
 

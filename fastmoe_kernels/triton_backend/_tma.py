@@ -39,8 +39,11 @@ B_LOADS = flag("FASTMOE_B_LOADS", "pointer", ("pointer", "tma"))
 # stores, as a box would run into the next expert's rows. Rows written through an index (the fused
 # scatter) keep pointer stores. Predicted (the kernel model's epilogue term, bench/predictions.py):
 # the epilogue's HBM stores overlap the next tile's loop instead of stalling the one program an SM
-# holds at 128×256 tiles: see benchmarks/results/model-2026-12-07-tma-stores/.
-C_STORES = flag("FASTMOE_C_STORES", "pointer", ("pointer", "tma"))
+# holds at 128×256 tiles: see benchmarks/results/model-2026-12-07-tma-stores/. The up projection writes
+# act(h) by TMA too; "tma+h" also its h halves, which the compiler stages through the same tile, each
+# store waiting for the previous one's completion on Triton 3.6 (up_projection.py): see
+# benchmarks/results/model-2026-12-07-latency/.
+C_STORES = flag("FASTMOE_C_STORES", "pointer", ("pointer", "tma", "tma+h"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -92,11 +95,16 @@ def ensure_allocator() -> None:
         triton.set_allocator(_torch_scratch)
 
 
+def tma_h_stores() -> bool:
+    """Whether the up projection writes h's halves by TMA boxes too (FASTMOE_C_STORES=tma+h)."""
+    return C_STORES == "tma+h"
+
+
 def tma_store_ok(out: torch.Tensor) -> bool:
     """Whether ``out`` [rows, N] can be written by TMA boxes of one 2-D descriptor (FASTMOE_C_STORES=tma,
     a Hopper device or the interpreter, unit column stride, 16-byte aligned base and row stride, rows of
     at least 16 bytes)."""
-    if C_STORES != "tma" or out.dim() != 2 or out.shape[0] == 0 or out.stride(1) != 1 or not _tma_capable(out):
+    if C_STORES == "pointer" or out.dim() != 2 or out.shape[0] == 0 or out.stride(1) != 1 or not _tma_capable(out):
         return False
     size = out.element_size()
     return out.data_ptr() % 16 == 0 and (out.stride(0) * size) % 16 == 0 and out.shape[1] * size >= 16

@@ -5,6 +5,18 @@ of each expert group e. Rows of x are read through the plan's assignment index (
 fused gather: the permuted copy of x is never materialised); gate and up are computed in one pass
 over A with two accumulators; the pre-activation ``[gate | up]`` is written to ``h`` only when the
 backward needs it.
+
+With ``FASTMOE_C_STORES=tma`` (``_tma.py``) the tiles of act(h) whose rows all belong to their expert
+are written by TMA boxes from a device-side 2-D descriptor of out [R, f], which the next tile's K loop
+overlaps; an expert's last, partial tile keeps masked pointer stores. ``tma+h`` writes h's gate and up
+halves by boxes too (each half its own [R, f] descriptor with h's row stride, so a gate box past f never
+reaches the up half). The compiler stages every store through one shared-memory tile (the sm_90 record:
+one BM×BN buffer; on the device's Triton 3.6 each store waits for the previous one to *complete*,
+``async_tma_store_wait {pendings = 0}``, 3.9 only for it to be read), so with ``tma+h`` a training
+tile waits for two write round trips and only act(h) overlaps the next tile. Predicted (the kernel
+model, benchmarks/results/model-2026-12-07-latency/): Qwen3's up projection 1.39 → 1.32 ms in the
+forward, 1.53 → 1.46 in a training step with ``tma``, ~1.52 with ``tma+h``; ``tma+h`` spills nowhere
+where the pointer h stores spill 8–72 B (gated, 128×128 and 128×64).
 """
 from __future__ import annotations
 
@@ -16,19 +28,25 @@ import triton.language as tl
 
 from ._common import activation_args, dot_precision, launch, next_pow2, persistent_grid, rows_per_expert_bucket
 from ._gemm import (expert_tile, k_loop, k_loop_tma_b, k_loop_two_b, k_loop_two_b_tma, matmul_configs, pruner,
-                    stacked_b_descriptor)
+                    stacked_b_descriptor, store_tile_tma)
 from ._jit import act_fwd, gather_rows, group_table, up_fwd
 from ._layout import ExpertMatrices, ExpertVectors
-from ._tma import ensure_allocator, tma_args, tma_stack
-
+from ._tma import ensure_allocator, tma_args, tma_h_stores, tma_stack, tma_store_ok
 
 def _footprint(t, args):
     b_tiles = 2 if args["GATED"] else 1  # the gate and up matrices share each A tile
     return t["BM"] * t["BK"] + b_tiles * t["BK"] * t["BN"], b_tiles * t["BM"] * t["BN"]
 
 
-@triton.autotune(configs=matmul_configs(decode=True), key=["N_OUT", "K_MAX", "M_BUCKET", "E", "GATED"],
-                 prune_configs_by={"early_config_prune": pruner(_footprint, "x_ptr")}, cache_results=True)
+def _staged_output_bytes(t, args):
+    """The TMA stores' staging tile: one BM×BN buffer, which the compiler reuses for act(h) and h's
+    halves (the sm_90 record's shared memory: the pipeline's buffers plus one tile)."""
+    return t["BM"] * t["BN"] * args["out_ptr"].element_size() if args.get("C_TMA") or args.get("H_TMA") else 0
+
+
+@triton.autotune(configs=matmul_configs(decode=True), key=["N_OUT", "K_MAX", "M_BUCKET", "E", "GATED", "STORE_H", "C_TMA", "H_TMA"],
+                 prune_configs_by={"early_config_prune": pruner(_footprint, "x_ptr", staged_bytes=_staged_output_bytes)},
+                 cache_results=True)
 @triton.jit
 def _up_projection_kernel(
     # A rows: x[x_row_index[r] // X_ROW_DIV] with GATHER_X (nothing where the index is < 0 or past x's
@@ -47,12 +65,23 @@ def _up_projection_kernel(
     E: tl.constexpr, E_PAD: tl.constexpr, X_ROW_DIV: tl.constexpr, GATHER_X: tl.constexpr,
     GATE_ALIGN: tl.constexpr, UP_ALIGN: tl.constexpr, K_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr,
     ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_H: tl.constexpr,
-    OFFSETS_64: tl.constexpr, PRECISION: tl.constexpr, B_TMA: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    OFFSETS_64: tl.constexpr, PRECISION: tl.constexpr, B_TMA: tl.constexpr, C_TMA: tl.constexpr,
+    H_TMA: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     e_range, lo_v, hi_v, mt_v, mend_v = group_table(offsets_ptr, num_rows, E, E_PAD, BM)
     if B_TMA:
         w_desc = stacked_b_descriptor(w_ptr, E, tma_rows, tma_cols, tma_stride_e, tma_stride_r, BN, BK)
+    h_up_ptr = h_ptr + h_up_col * stride_hn
+    if C_TMA:  # (out, and h with H_TMA, contiguous by rows, unit column stride: the host's tma_store_ok)
+        out_desc = tl.make_tensor_descriptor(out_ptr, shape=[num_rows, N_OUT], strides=[stride_om, 1],
+                                             block_shape=[BM, BN])
+    if H_TMA:
+        if STORE_H:  # each half its own descriptor: a box past f never reaches the other half
+            h_desc = tl.make_tensor_descriptor(h_ptr, shape=[num_rows, N_OUT], strides=[stride_hm, 1],
+                                               block_shape=[BM, BN])
+            if GATED:
+                h_up_desc = tl.make_tensor_descriptor(h_up_ptr, shape=[num_rows, N_OUT], strides=[stride_hm, 1],
+                                                      block_shape=[BM, BN])
     n_tiles = tl.cdiv(N_OUT, BN)
     for tile in range(tl.program_id(0), tl.sum(mt_v, 0) * n_tiles, tl.num_programs(0)):
         e, rows, rmask, tile_n = expert_tile(tile, n_tiles, e_range, lo_v, hi_v, mt_v, mend_v, BM, GROUP_M)
@@ -87,16 +116,25 @@ def _up_projection_kernel(
             if GATED:
                 up += tl.load(bias_base + tl.load(up_bias_offset_ptr + e), mask=ncol, other=0.0).to(tl.float32)[None, :]
         mask = rmask[:, None] & (cols < N_OUT)[None, :]
-        if STORE_H:
-            h_offs = rows.to(tl.int64)[:, None] * stride_hm + cols[None, :] * stride_hn
-            tl.store(h_ptr + h_offs, gate.to(h_ptr.dtype.element_ty), mask=mask)
-            if GATED:
-                tl.store(h_ptr + h_offs + h_up_col * stride_hn, up.to(h_ptr.dtype.element_ty), mask=mask)
+        if H_TMA:
+            if STORE_H:
+                store_tile_tma(h_desc, h_ptr, rows, rmask, cols, N_OUT, stride_hm, stride_hn, gate, BM)
+                if GATED:
+                    store_tile_tma(h_up_desc, h_up_ptr, rows, rmask, cols, N_OUT, stride_hm, stride_hn, up, BM)
+        else:
+            if STORE_H:
+                h_offs = rows.to(tl.int64)[:, None] * stride_hm + cols[None, :] * stride_hn
+                tl.store(h_ptr + h_offs, gate.to(h_ptr.dtype.element_ty), mask=mask)
+                if GATED:
+                    tl.store(h_up_ptr + h_offs, up.to(h_ptr.dtype.element_ty), mask=mask)
         out = act_fwd(gate, ACT, alpha, limit)
         if GATED:
             out = out * up_fwd(up, limit, up_offset)
-        out_offs = rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
-        tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+        if C_TMA:
+            store_tile_tma(out_desc, out_ptr, rows, rmask, cols, N_OUT, stride_om, stride_on, out, BM)
+        else:
+            out_offs = rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
+            tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def up_projection(
@@ -132,7 +170,11 @@ def up_projection(
     gate_tma = tma_stack(w, gate, True)
     up_tma = tma_stack(w, up, True) if up is not None else None
     tma = gate_tma if up is None or up_tma is not None else None
-    if tma is not None and device.type == "cuda":
+    # act(h) by TMA boxes; with tma+h each half of h too (their bases 16-byte aligned: f·size a multiple of 16)
+    c_tma = tma_store_ok(out)
+    h_tma = (c_tma and h is not None and tma_h_stores() and tma_store_ok(h[:, :f])
+             and (up is None or tma_store_ok(h[:, f:])))
+    if (tma is not None or c_tma) and device.type == "cuda":
         ensure_allocator()
 
     launch(_up_projection_kernel, persistent_grid(device, num_rows, f, E),
@@ -152,5 +194,6 @@ def up_projection(
         GATE_ALIGN=gate_align, UP_ALIGN=up_align, K_ALIGN=k_align, N_ALIGN=n_align,
         **activation_args(activation), GATED=up is not None, HAS_BIAS=bias is not None, STORE_H=h is not None,
         OFFSETS_64=gate.offsets_64 or (up is not None and up.offsets_64), PRECISION=dot_precision(x.dtype),
+        C_TMA=c_tma, H_TMA=h_tma,
     )
     return out

@@ -1,10 +1,11 @@
-"""The forward's grouped matmul writing its output tiles by TMA stores (``FASTMOE_C_STORES=tma``,
-``triton_backend/_tma.py``): which outputs take them, and the product against the reference with
+"""The forward's grouped matmul and up projection writing their output tiles by TMA stores
+(``FASTMOE_C_STORES=tma``, ``triton_backend/_tma.py``): which outputs take them, and the product against the reference with
 poisoned outputs — uneven groups whose last tiles are partial (pointer stores: a box would write the
 next expert's rows), an empty expert, rows outside every group (zeros), a width that is not a multiple
-of the tile (the descriptor clips the box) — and the layer's forward and training step (the
-composition's down projection and input gradient write contiguous rows; the fused path's scattered
-down projection keeps pointer stores)."""
+of the tile (the descriptor clips the box) — the up projection's act(h) and both halves of h (each
+half its own descriptor: a gate box past f must not write the up half), and the layer's forward and
+training step (the composition's down projection and input gradient write contiguous rows; the fused
+path's scattered down projection keeps pointer stores; both paths' up projections take them)."""
 import copy
 
 import pytest
@@ -16,7 +17,9 @@ from kernel_tests.conftest import low_precision_dtypes
 from kernel_tests.helpers import assert_rel
 
 pytest.importorskip("triton")
-from fastmoe_kernels.triton_backend import _layout, _tma, grouped_gemm  # noqa: E402
+from fastmoe_kernels.activations import Activation, apply_activation, as_activation  # noqa: E402
+from fastmoe_kernels.triton_backend import _layout, _tma, grouped_gemm, up_projection  # noqa: E402
+from fastmoe_kernels.triton_backend.moe_mlp import _matrices  # noqa: E402
 
 SIZES = [37, 0, 90, 5, 16]  # with 16-row tiles (the interpreter's): full and partial tiles, an empty expert
 
@@ -36,6 +39,32 @@ def tma_stores(monkeypatch, device):
         return real(kernel, grid, *args, **kwargs)
 
     monkeypatch.setattr(grouped_gemm, "launch", launch)
+    return taken
+
+
+class UpLaunches(list):
+    def __init__(self):
+        super().__init__()
+        self.h = []
+
+    def clear(self):
+        super().clear()
+        self.h.clear()
+
+
+@pytest.fixture
+def up_tma_stores(tma_stores, monkeypatch):
+    """Each up-projection launch's C_TMA (act(h) by TMA; the flag on through ``tma_stores``), and its
+    H_TMA in ``up_tma_stores.h`` (h's halves too: FASTMOE_C_STORES=tma+h)."""
+    taken = UpLaunches()
+    real = up_projection.launch
+
+    def launch(kernel, grid, *args, **kwargs):
+        taken.append(kwargs["C_TMA"])
+        taken.h.append(kwargs["H_TMA"])
+        return real(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(up_projection, "launch", launch)
     return taken
 
 
@@ -87,18 +116,21 @@ def _layer(fused, device, bias=False):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, *low_precision_dtypes()], ids=str)
-def test_the_compositions_forward_with_tma_stores(tma_stores, device, dtype):
+def test_the_compositions_forward_with_tma_stores(tma_stores, up_tma_stores, device, dtype):
     layer = _layer(False, device)
     x = torch.randn(53, 40, device=device)
     with torch.no_grad():
         reference = copy.deepcopy(layer).double()(x.double(), backend="torch")
         out = layer.to(dtype)(x.to(dtype))
     assert True in tma_stores  # the down projection's contiguous rows
+    assert up_tma_stores == [True]  # act(h) (no h in inference)
     assert_rel(out, reference.to(dtype), dtype, scale=2 if dtype != torch.float32 else 1, what="forward, TMA C")
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["composition", "fused"])
-def test_the_training_step_with_tma_stores(tma_stores, device, fused):
+@pytest.mark.parametrize("mode", ["tma", "tma+h"])
+def test_the_training_step_with_tma_stores(tma_stores, up_tma_stores, monkeypatch, device, fused, mode):
+    monkeypatch.setattr(_tma, "C_STORES", mode)
     layer = _layer(fused, device, bias=True)
     x = torch.randn(67, 40, device=device)
     reference = copy.deepcopy(layer).double()
@@ -109,6 +141,77 @@ def test_the_training_step_with_tma_stores(tma_stores, device, fused):
     # the composition's down projection and dx write contiguous rows by TMA; the fused path's
     # scattered down projection and dx slots keep pointer stores
     assert (True in tma_stores) == (not fused)
+    # act(h), and with tma+h h's halves, either path (their rows are the groups' own)
+    assert up_tma_stores == [True] and up_tma_stores.h == [mode == "tma+h"]
     assert_rel(xt.grad, xr.grad.float(), torch.float32, what="dx")
     for (name, p), q in zip(layer.named_parameters(), reference.parameters()):
         assert_rel(p.grad, q.grad.float(), torch.float32, what=name)
+
+
+def _up_reference(x, w, offsets, act, f):
+    """h = [x @ W_gateᵀ | x @ W_upᵀ] per expert's rows and act(h), in fp64 (rows outside every group: 0)."""
+    m = 2 if act.gated else 1
+    h = torch.zeros(x.shape[0], m * f, dtype=torch.float64, device=x.device)
+    for e in range(len(offsets) - 1):
+        lo, hi = int(offsets[e]), int(offsets[e + 1])
+        h[lo:hi] = x[lo:hi].double() @ w[e].double().t()
+    return apply_activation(h, Activation(act.name, act.alpha, act.limit)), h
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *low_precision_dtypes()], ids=str)
+@pytest.mark.parametrize("f", [40, 64])
+@pytest.mark.parametrize("activation,keep_h", [("swiglu", True), ("swiglu", False), ("gelu", True)])
+@pytest.mark.parametrize("mode", ["tma", "tma+h"])
+def test_the_up_projection_with_tma_stores_equals_the_reference(up_tma_stores, monkeypatch, device, dtype, f,
+                                                                activation, keep_h, mode):
+    monkeypatch.setattr(_tma, "C_STORES", mode)
+    act = as_activation(activation)
+    m = 2 if act.gated else 1
+    d = 48
+    R = sum(SIZES)
+    offsets = torch.tensor([0, *torch.tensor(SIZES).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    x = torch.randn(R, d, device=device).to(dtype)
+    w = (torch.randn(len(SIZES), m * f, d, device=device) / d ** 0.5).to(dtype)
+    out = torch.full((R, f), float("nan"), device=device, dtype=dtype)
+    h = torch.full((R, m * f), float("nan"), device=device, dtype=dtype) if keep_h else None
+    up_projection.up_projection(x, None, 1, w, _matrices(w, None, "gate", f),
+                                _matrices(w, None, "up", f) if act.gated else None, offsets, out,
+                                activation=act, h=h)
+    assert up_tma_stores == [True] and up_tma_stores.h == [keep_h and mode == "tma+h"]
+    want_a, want_h = _up_reference(x, w, offsets, act, f)
+    assert_rel(out, want_a.to(dtype), dtype, what=f"act(h), TMA stores, f={f}")
+    if keep_h:  # both halves whole: a gate box clipped at f, never written into the up half
+        assert_rel(h, want_h.to(dtype), dtype, what=f"h, TMA stores, f={f}")
+
+
+def test_an_unaligned_half_of_h_keeps_pointer_stores(up_tma_stores, monkeypatch, device):
+    """FASTMOE_C_STORES=tma+h, fp32, act(h) in rows 96 bytes apart: with f = 20 the up half of h starts
+    80 bytes into each row (a multiple of 16), with f = 18 at 72 bytes, so that launch writes h by
+    pointer stores (act(h) still by TMA); both equal the reference."""
+    monkeypatch.setattr(_tma, "C_STORES", "tma+h")
+    act = as_activation("swiglu")
+    for f, h_by_tma in ((20, True), (18, False)):
+        up_tma_stores.clear()
+        offsets = torch.tensor([0, 17, 17, 40], dtype=torch.int32, device=device)
+        x = torch.randn(40, 32, device=device)
+        w = torch.randn(3, 2 * f, 32, device=device) / 32 ** 0.5
+        out = torch.full((40, 24), float("nan"), device=device)[:, :f]
+        h = torch.full((40, 2 * f), float("nan"), device=device)
+        up_projection.up_projection(x, None, 1, w, _matrices(w, None, "gate", f), _matrices(w, None, "up", f),
+                                    offsets, out, activation=act, h=h)
+        assert up_tma_stores == [True] and up_tma_stores.h == [h_by_tma], f
+        want_a, want_h = _up_reference(x, w, offsets, act, f)
+        assert_rel(out, want_a.float(), torch.float32, what=f"act(h), f={f}")
+        assert_rel(h, want_h.float(), torch.float32, what=f"h, f={f}")
+
+
+def test_the_pruner_counts_the_up_projections_staging_tile():
+    """One BM×BN tile beside the pipeline's buffers, whatever the stores (the compiler reuses it for
+    act(h) and h's halves: the sm_90 record); none with pointer stores."""
+    out = torch.empty(4, 4, dtype=torch.bfloat16)
+    t = dict(BM=128, BN=128)
+    staged = up_projection._staged_output_bytes
+    for gated, keep_h in ((True, True), (True, False), (False, True)):
+        for h_tma in (False, True):
+            assert staged(t, dict(C_TMA=True, H_TMA=h_tma, GATED=gated, STORE_H=keep_h, out_ptr=out)) == 128 * 128 * 2
+    assert staged(t, dict(C_TMA=False, H_TMA=False, GATED=True, STORE_H=True, out_ptr=out)) == 0

@@ -135,9 +135,9 @@ VARIANTS = [
             "the combine reading them by row",
             ("Qwen3-30B-A3B", "Mixtral-8x7B"), ("fwd",), True,
             a={"env": {"FASTMOE_DOWN_OUTPUT": "scatter"}}, b={"env": {"FASTMOE_DOWN_OUTPUT": "rows"}}),
-    Variant("TMA stores", "the up projection's act(h) and h and the grouped matmul's contiguous output tiles by "
+    Variant("TMA stores", "the up projection's act(h) and the grouped matmul's contiguous output tiles by "
             "pointer stores → by TMA stores that the next tile's K loop overlaps (an expert's last, partial tile "
-            "by pointer stores; the up projection's training tile 128×128 with 2 stages)",
+            "by pointer stores; h's halves stay pointer stores: see 'TMA stores with h')",
             ("Qwen3-30B-A3B", "Mixtral-8x7B"), ("fwd", "fwd+bwd"), False,
             a={"env": {"FASTMOE_C_STORES": "pointer"}}, b={"env": {"FASTMOE_C_STORES": "tma"}},
             prediction="TMA stores"),
@@ -146,6 +146,11 @@ VARIANTS = [
             ("Qwen3-30B-A3B", "Mixtral-8x7B"), ("fwd+bwd",), False,
             a={"env": {"FASTMOE_C_STORES": "tma"}}, b={"env": {"FASTMOE_C_STORES": "tma+h"}},
             prediction="TMA stores with h"),
+    Variant("deep pipelines", "the forward GEMMs' autotuners offered 4-stage Hopper tiles beside the 3-stage ones "
+            "(FASTMOE_DEEP_PIPELINES=off → on; the model predicts the 3-stage ones kept)",
+            ("Qwen3-30B-A3B", "Mixtral-8x7B"), ("fwd",), False,
+            a={"env": {"FASTMOE_DEEP_PIPELINES": "off"}}, b={"env": {"FASTMOE_DEEP_PIPELINES": "on"}},
+            prediction="deep pipelines"),
     Variant("TMA weights", "the forward's grouped GEMMs loading weight tiles by pointer → by TMA boxes of one "
             "3-D descriptor per weight (triton_backend/_tma.py)",
             ("Mixtral-8x7B", "Qwen3-30B-A3B"), ("fwd",), None,
@@ -167,7 +172,7 @@ def default_env() -> Dict[str, str]:
 # The order the A/B runs in when its budget cannot hold every variant: the open changes whose defaults
 # wait on it (part B), then the part-A choices it confirms.
 PRIORITY = ("node backward", "activation backward", "fused stored backward", "wgrad tile and order", "tile order", "up activation",
-            "router GEMM", "decode tiles", "TMA stores", "TMA stores with h", "TMA weights", "fp8 weight cache", "fp8 fused quantisers", "fp8 folded routing weight", "fp8 wide tiles", "node dH epilogue", "node dh into h", "fused dh into h", "wgrad dtype", "down output rows", "dW_up x", "trusted plans")
+            "router GEMM", "decode tiles", "TMA stores", "TMA stores with h", "deep pipelines", "TMA weights", "fp8 weight cache", "fp8 fused quantisers", "fp8 folded routing weight", "fp8 wide tiles", "node dH epilogue", "node dh into h", "fused dh into h", "wgrad dtype", "down output rows", "dW_up x", "trusted plans")
 
 
 def setting_key(variant: Variant, setting: str) -> tuple:

@@ -29,8 +29,9 @@ VARIANT_ENV = {
     "default": {},
     "node": {"FASTMOE_MLP_BACKWARD": "epilogue", "FASTMOE_DH_EPILOGUE": "split"},
     "stored": {"FASTMOE_FUSED_BACKWARD": "stored", "FASTMOE_DOWN_OUTPUT": "rows", "FASTMOE_ROUTER_GEMM": "tensor-cores"},
-    "tma-stores": {"FASTMOE_C_STORES": "tma"},  # the forward issue's TMA stores (the composition's GEMMs)
+    "tma-stores": {"FASTMOE_C_STORES": "tma"},  # the forward issue's TMA stores (grouped matmul, act(h))
     "tma-stores-h": {"FASTMOE_C_STORES": "tma+h"},  # the same and the up projection's h halves
+    "deep-pipelines": {"FASTMOE_DEEP_PIPELINES": "on"},  # the 4-stage Hopper tiles offered
     # the fp8 experts as one node with the quantisers fused (the FP8 issue), and its folded routing weight
     "fp8-fused": {"FASTMOE_FP8_QUANTISERS": "fused"},
     "fp8-folded": {"FASTMOE_FP8_QUANTISERS": "fused-folded"},

@@ -236,8 +236,8 @@ def test_async_tma_stores_leave_the_epilogue_stall_and_cost_shared_memory():
 def test_the_up_projections_tma_stores_share_one_staging_tile_and_overlap_only_the_last_box():
     """The up projection's act(h) and, when training, h's two halves go through one staging tile (the
     sm_90 record: one 128×128 buffer, each store waiting for the previous one): the 3-stage tile still
-    fits; the forward's one box overlaps the next tile whole, a training tile only its last of three, so
-    the training gain is a third of what all three async would give, and never negative."""
+    fits; the forward's one box overlaps the next tile whole, a training tile only its last (act(h)), so
+    the two gain the same per tile; with tma+h the h boxes' round trips make the training tile slower."""
     from fastmoe_kernels.bench.grids import model_cases
     from fastmoe_kernels.bench.launch_plans import Variant, forward_launches
 
@@ -262,3 +262,23 @@ def test_the_up_projections_tma_stores_share_one_staging_tile_and_overlap_only_t
         assert with_h.tma_store_boxes == 3 and act_h_only.tma_store_boxes == 1
         slow = DEVICE.with_ceilings(latency_us=0.657)
         assert km.predict(slow, with_h).ms > km.predict(slow, act_h_only).ms
+
+
+def test_deeper_pipelines_are_predicted_slower_where_the_loop_is_fill_bound():
+    """FASTMOE_DEEP_PIPELINES (Variant.pipeline_stages): a fourth stage lengthens each tile's fill and the
+    3-stage loop already covers the latency, so the forced 4-stage tiles are predicted slower at Qwen3 and
+    Mixtral; the model's latency would have to be several times larger for them to win."""
+    from fastmoe_kernels.bench.grids import model_cases
+    from fastmoe_kernels.bench.launch_plans import Variant, forward_launches
+
+    cases = {c.label: c for c in model_cases()}
+    dev = DEVICE.with_ceilings(latency_us=0.657)
+    for label in ("Qwen3-30B-A3B", "Mixtral-8x7B"):
+        shape = StepShape.of_case(cases[label])
+        today = forward_launches(shape, "composition", training=False)
+        deep = forward_launches(shape, "composition", training=False, variant=Variant(pipeline_stages=4))
+        assert [l.tile.stages for l in deep] == [4, 4] and [l.tile.stages for l in today] == [3, 3]
+        assert all(km.shared_memory_estimate(l) <= km.H100_SXM.smem_per_sm for l in deep)
+        assert sum(km.predict(dev, l).ms for l in deep) > sum(km.predict(dev, l).ms for l in today), label
+        slow = DEVICE.with_ceilings(latency_us=5.0)  # a latency the 3-stage loop could not cover
+        assert km.predict(slow, deep[1]).ms < km.predict(slow, today[1]).ms, label

@@ -37,6 +37,10 @@ def test_every_shared_memory_changing_constexpr_is_in_the_autotune_key(name):
     assert flag in kernel.keys
     if name == "wgrad":
         assert "GATED" in kernel.keys
+    if name == "up":  # what the staging tile and the epilogue's stores depend on
+        assert {"C_TMA", "H_TMA", "STORE_H"} <= set(kernel.keys)
+    if name == "plain":
+        assert "C_TMA" in kernel.keys
 
 
 @pytest.mark.parametrize("name", list(KERNELS))

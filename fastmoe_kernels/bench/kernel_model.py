@@ -148,7 +148,8 @@ class Launch:
     epilogue_load_elems: float = 0.0
     ab_pairs: int = 1           # A/B pairs per K step (2: ``[A | A2] @ [B; B2]``, each pair BK of the K)
     # The output tiles written by asynchronous TMA stores (FASTMOE_C_STORES=tma): the program's next tile
-    # starts while they drain, so the stores leave the epilogue's stall (its loads stay in it).
+    # starts while the epilogue's last box drains, so that box leaves the epilogue's stall (earlier boxes
+    # and its loads stay in it).
     async_stores: bool = False
     # TMA boxes per tile through the one staging tile (the up projection with FASTMOE_C_STORES=tma+h: act(h)
     # and h's two halves); each but the last waits for its predecessor's completion (Triton 3.6)
@@ -335,7 +336,7 @@ def predict(device: Device, launch: Launch) -> Prediction:
         for w in wave:
             blocks.update(w.blocks)  # programs of one wave that share a block stream it through L2 once
         epilogue = sum(w.epilogue_bytes for w in wave)
-        # what the epilogue makes a program wait for: all of it, or its loads when the stores are async
+        # what the epilogue makes a program wait for: all of it, less the last TMA box where stores are async
         waited = epilogue - sum(w.async_store_bytes for w in wave)
         wave_hbm = sum(size for block, size in blocks.items() if not l2.touch(block, size)) + epilogue
         wave_fill = sum(w.steps for w in wave) * step_bytes

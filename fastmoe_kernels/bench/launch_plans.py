@@ -77,11 +77,13 @@ class Variant:
     # pass, FASTMOE_ACTIVATION_BACKWARD=kernel[-in-place]: the compulsory bytes at the copy rate).
     activation_backward: str = "torch"
     # The contiguous outputs by asynchronous TMA stores (FASTMOE_C_STORES=tma): the up projection's act(h)
-    # and h (every path), the composition's down projection and input gradients, the part B paths' dx;
+    # (every path; h too with tma_h_stores), the composition's down projection and input gradients, the part B paths' dx;
     # never rows written through an index (the fused path's scattered down projection and dx slots).
     tma_stores: bool = False
     # FASTMOE_C_STORES=tma+h: the up projection's h halves by TMA boxes too (through act(h)'s staging tile)
     tma_h_stores: bool = False
+    # FASTMOE_DEEP_PIPELINES=on, forced: the forward GEMMs' Hopper tiles (128 rows, 8 warps) at this many stages
+    pipeline_stages: Optional[int] = None
 
 
 def _tile(tiles: Mapping[str, Tile], name: str, variant: Variant, *, wgrad: bool = False) -> Tile:
@@ -91,6 +93,10 @@ def _tile(tiles: Mapping[str, Tile], name: str, variant: Variant, *, wgrad: bool
         return replace(tile, group=variant.wgrad_group_k)
     if name == "matmul" and variant.matmul_tile is not None:
         tile = variant.matmul_tile
+    if variant.pipeline_stages and name in ("matmul", "up_projection") and (tile.BM, tile.warps) == (128, 8):
+        # the compile record's shared memory scales with the stages (registers: the same)
+        smem = tile.smem // tile.stages * variant.pipeline_stages if tile.smem else None
+        tile = replace(tile, stages=variant.pipeline_stages, smem=smem)
     return replace(tile, group=variant.group_m)
 
 

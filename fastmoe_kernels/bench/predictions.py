@@ -88,6 +88,10 @@ CHANGES = [
            "down projection, its input gradient, dx)", "fwd+bwd",
            replace(PART_A, tma_stores=True), path="composition",
            baseline_path="composition", baseline_variant=PART_A),
+    Change("deep pipelines", "FASTMOE_DEEP_PIPELINES=on, the 4-stage Hopper tiles forced (the autotuner "
+           "offered both keeps whichever measures faster: by the model, the 3-stage ones)", "fwd",
+           replace(PART_A, pipeline_stages=4), path="composition", baseline_path="composition",
+           baseline_variant=PART_A),
     Change("TMA stores with h", "FASTMOE_C_STORES=tma+h against tma: the up projection's h halves by TMA boxes "
            "through act(h)'s staging tile (each waiting for the previous box's completion on Triton 3.6)",
            "fwd+bwd", replace(PART_A, tma_stores=True, tma_h_stores=True), path="composition",

@@ -64,13 +64,27 @@ DECODE_ROWS = 16
 DECODE_TILES_ON = flag("FASTMOE_DECODE_TILES", "on", ("on", "off")) == "on"
 
 
+# Deeper pipelines for the Hopper tiles (the forward issue's item 2), offered to the grouped matmul's, the
+# up projection's and the dH kernel's autotuners with FASTMOE_DEEP_PIPELINES=on (default off: the list the first H100 run
+# measured), in both tile orders: 4 stages (128×256: 192 KiB, 128×128: 128 KiB; the pruner drops what
+# does not fit beside a TMA store's staging tile). Predicted: none faster — the kernel model finds these
+# K loops fill-bound, the 3-stage loop already hiding the load latency (0.657 µs / 2 = 0.33 µs per step
+# against 0.76 µs of operand fill), and a deeper pipeline's longer fill before the first product costs
+# 1-6% (benchmarks/results/model-2026-12-07-latency/). If the autotuner picks them on the GPU, the
+# model's latency term is what the measurement refutes.
+DEEP_PIPELINE_TILES = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 4)]
+DEEP_PIPELINES = flag("FASTMOE_DEEP_PIPELINES", "off", ("off", "on"))
+
+
 def matmul_configs(decode: bool = False) -> List[triton.Config]:
     """The grouped GEMMs' tiles; with ``decode`` (the forward's kernels) the decode tiles too, unless
-    FASTMOE_DECODE_TILES=off."""
+    FASTMOE_DECODE_TILES=off; the deeper pipelines with FASTMOE_DEEP_PIPELINES=on."""
     if interpreted():
         # The grouped order (GROUP_M 2), the general form of the row-major one (GROUP_M 1).
         return [triton.Config(dict(INTERPRETER_TILE, GROUP_M=2), num_warps=1)]
     groups = [(MATMUL_TILES, 1), (GROUPED_TILES, GROUPED_ORDER)]
+    if DEEP_PIPELINES == "on":
+        groups += [(DEEP_PIPELINE_TILES, 1), (DEEP_PIPELINE_TILES, GROUPED_ORDER)]
     if decode and DECODE_TILES_ON:
         groups.append((DECODE_TILES, 1))
     return [triton.Config({"BM": m, "BN": n, "BK": k, "GROUP_M": group}, num_warps=w, num_stages=s)
@@ -153,6 +167,17 @@ def take_configs(kept: List[triton.Config]) -> List[triton.Config]:
 def rotating_pruner(configs, named_args, **kwargs):
     """An ``early_config_prune`` for kernels whose every config fits: only :func:`take_configs`."""
     return take_configs(list(configs))
+
+
+def staged_tile_bytes(output: str, *flags: str):
+    """A pruner's ``staged_bytes``: the one BM×BN tile, in the dtype of the argument ``output``, that a
+    kernel's TMA stores stage in shared memory beside the pipeline's buffers when any of ``flags`` is on
+    (the compiler reuses it for every store of the epilogue: the sm_90 records)."""
+
+    def staged(t: Dict[str, int], args: Dict[str, object]) -> int:
+        return t["BM"] * t["BN"] * args[output].element_size() if any(args.get(f) for f in flags) else 0
+
+    return staged
 
 
 def pruner(footprint: Footprint, operand_tensor: str, output_tile: Tuple[str, str] = ("BM", "BN"),

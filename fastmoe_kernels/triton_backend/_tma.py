@@ -1,5 +1,5 @@
 """The weights (B operands) through Hopper's tensor memory accelerator (host side), and the grouped
-matmul's output tiles by TMA stores (``C_STORES``, below).
+matmul's and the up projection's output tiles by TMA stores (``C_STORES``, below).
 
 ``FASTMOE_B_LOADS=tma`` (default "pointer", the loads the first H100 run measured): the forward's grouped
 GEMMs (the up projection with its activation epilogue, the down projection) read each expert's weight
@@ -101,7 +101,7 @@ def tma_h_stores() -> bool:
 
 
 def tma_store_ok(out: torch.Tensor) -> bool:
-    """Whether ``out`` [rows, N] can be written by TMA boxes of one 2-D descriptor (FASTMOE_C_STORES=tma,
+    """Whether ``out`` [rows, N] can be written by TMA boxes of one 2-D descriptor (FASTMOE_C_STORES=tma or tma+h,
     a Hopper device or the interpreter, unit column stride, 16-byte aligned base and row stride, rows of
     at least 16 bytes)."""
     if C_STORES == "pointer" or out.dim() != 2 or out.shape[0] == 0 or out.stride(1) != 1 or not _tma_capable(out):

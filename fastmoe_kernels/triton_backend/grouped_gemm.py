@@ -20,7 +20,8 @@ from .._alloc import empty
 from .._shapes import grouped_gemm_output_width
 from ._common import dot_precision, dummy_index, launch, next_pow2, persistent_grid, register, rows_per_expert_bucket
 from ._gemm import (expert_tile, grouped_row_span, k_loop, k_loop_tma_b, k_loop_two_ab, matmul_configs, outside_tile,
-                    outside_tile_count, pruner, stacked_b_descriptor, store_tile, store_tile_tma)
+                    outside_tile_count, pruner, stacked_b_descriptor, staged_tile_bytes, store_tile,
+                    store_tile_tma)
 from ._jit import gather_rows, group_table
 from ._tma import ensure_allocator, tma_args, tma_stack, tma_store_ok
 from ._layout import ExpertMatrices, ExpertVectors, packed_cols, packed_rows, packed_vectors, stacked, stacked_vectors
@@ -32,9 +33,7 @@ def _footprint(t, args):
     return pairs * (t["BM"] * t["BK"] + t["BK"] * t["BN"]), t["BM"] * t["BN"]
 
 
-def _staged_output_bytes(t, args):
-    # A TMA store stages the tile in C's dtype in shared memory beside the pipeline's buffers.
-    return t["BM"] * t["BN"] * args["c_ptr"].element_size() if args.get("C_TMA") else 0
+_staged_output_bytes = staged_tile_bytes("c_ptr", "C_TMA")  # a TMA store's staging tile, in C's dtype
 
 
 @triton.autotune(configs=matmul_configs(decode=True), key=["N_OUT", "K_MAX", "M_BUCKET", "E", "DUAL_AB", "C_TMA"],

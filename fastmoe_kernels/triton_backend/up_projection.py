@@ -15,8 +15,8 @@ one BM×BN buffer; on the device's Triton 3.6 each store waits for the previous 
 ``async_tma_store_wait {pendings = 0}``, 3.9 only for it to be read), so with ``tma+h`` a training
 tile waits for two write round trips and only act(h) overlaps the next tile. Predicted (the kernel
 model, benchmarks/results/model-2026-12-07-latency/): Qwen3's up projection 1.39 → 1.32 ms in the
-forward, 1.53 → 1.46 in a training step with ``tma``, ~1.52 with ``tma+h``; ``tma+h`` spills nowhere
-where the pointer h stores spill 8–72 B (gated, 128×128 and 128×64).
+forward, 1.53 → 1.46 in a training step with ``tma``, ~1.52 with ``tma+h``; in the gated training tiles
+``tma+h`` spills nowhere, where pointer stores spill up to 72 B and ``tma`` 24–80 B (the record's table).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ._common import activation_args, dot_precision, launch, next_pow2, persistent_grid, rows_per_expert_bucket
 from ._gemm import (expert_tile, k_loop, k_loop_tma_b, k_loop_two_b, k_loop_two_b_tma, matmul_configs, pruner,
-                    stacked_b_descriptor, store_tile_tma)
+                    stacked_b_descriptor, staged_tile_bytes, store_tile_tma)
 from ._jit import act_fwd, gather_rows, group_table, up_fwd
 from ._layout import ExpertMatrices, ExpertVectors
 from ._tma import ensure_allocator, tma_args, tma_h_stores, tma_stack, tma_store_ok
@@ -38,10 +38,9 @@ def _footprint(t, args):
     return t["BM"] * t["BK"] + b_tiles * t["BK"] * t["BN"], b_tiles * t["BM"] * t["BN"]
 
 
-def _staged_output_bytes(t, args):
-    """The TMA stores' staging tile: one BM×BN buffer, which the compiler reuses for act(h) and h's
-    halves (the sm_90 record's shared memory: the pipeline's buffers plus one tile)."""
-    return t["BM"] * t["BN"] * args["out_ptr"].element_size() if args.get("C_TMA") or args.get("H_TMA") else 0
+# The TMA stores' staging tile: one BM×BN buffer for act(h) and h's halves alike (same dtype: the host's
+# h_tma), as the sm_90 record's shared memory shows (the pipeline's buffers plus one tile).
+_staged_output_bytes = staged_tile_bytes("out_ptr", "C_TMA", "H_TMA")
 
 
 @triton.autotune(configs=matmul_configs(decode=True), key=["N_OUT", "K_MAX", "M_BUCKET", "E", "GATED", "STORE_H", "C_TMA", "H_TMA"],
@@ -172,8 +171,8 @@ def up_projection(
     tma = gate_tma if up is None or up_tma is not None else None
     # act(h) by TMA boxes; with tma+h each half of h too (their bases 16-byte aligned: f·size a multiple of 16)
     c_tma = tma_store_ok(out)
-    h_tma = (c_tma and h is not None and tma_h_stores() and tma_store_ok(h[:, :f])
-             and (up is None or tma_store_ok(h[:, f:])))
+    h_tma = (c_tma and h is not None and h.dtype == out.dtype and tma_h_stores() and tma_store_ok(h[:, :f])
+             and (up is None or tma_store_ok(h[:, f:])))  # (same dtype: one staging tile serves all three)
     if (tma is not None or c_tma) and device.type == "cuda":
         ensure_allocator()
 

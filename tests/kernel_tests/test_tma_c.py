@@ -16,7 +16,7 @@ from fastmoe_kernels.ops.grouped_gemm import grouped_gemm_reference
 from kernel_tests.conftest import low_precision_dtypes
 from kernel_tests.helpers import assert_rel
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 from fastmoe_kernels.activations import Activation, apply_activation, as_activation  # noqa: E402
 from fastmoe_kernels.triton_backend import _layout, _tma, grouped_gemm, up_projection  # noqa: E402
 from fastmoe_kernels.triton_backend.moe_mlp import _matrices  # noqa: E402
@@ -195,14 +195,37 @@ def test_an_unaligned_half_of_h_keeps_pointer_stores(up_tma_stores, monkeypatch,
         offsets = torch.tensor([0, 17, 17, 40], dtype=torch.int32, device=device)
         x = torch.randn(40, 32, device=device)
         w = torch.randn(3, 2 * f, 32, device=device) / 32 ** 0.5
-        out = torch.full((40, 24), float("nan"), device=device)[:, :f]
+        out_rows = torch.full((40, 24), float("nan"), device=device)
+        out = out_rows[:, :f]
         h = torch.full((40, 2 * f), float("nan"), device=device)
         up_projection.up_projection(x, None, 1, w, _matrices(w, None, "gate", f), _matrices(w, None, "up", f),
                                     offsets, out, activation=act, h=h)
         assert up_tma_stores == [True] and up_tma_stores.h == [h_by_tma], f
+        assert torch.isnan(out_rows[:, f:]).all()  # the descriptor clipped every box at f
         want_a, want_h = _up_reference(x, w, offsets, act, f)
         assert_rel(out, want_a.float(), torch.float32, what=f"act(h), f={f}")
         assert_rel(h, want_h.float(), torch.float32, what=f"h, f={f}")
+
+
+@pytest.mark.parametrize("mode", ["tma", "tma+h"])
+def test_boxes_are_clipped_at_the_outputs_width(up_tma_stores, monkeypatch, device, mode):
+    """act(h) and a non-gated h, each a view of f = 20 columns of a wider NaN buffer (rows 112 bytes
+    apart): with 16-column tiles the last box spans columns 16-31, so a box not clipped at f would write
+    the buffer's columns 20-27, which stay NaN."""
+    monkeypatch.setattr(_tma, "C_STORES", mode)
+    act, f = as_activation("gelu"), 20
+    offsets = torch.tensor([0, 19, 19, 48], dtype=torch.int32, device=device)
+    x = torch.randn(48, 32, device=device)
+    w = torch.randn(3, f, 32, device=device) / 32 ** 0.5
+    out_rows = torch.full((48, 28), float("nan"), device=device)
+    h_rows = torch.full((48, 28), float("nan"), device=device)
+    up_projection.up_projection(x, None, 1, w, _matrices(w, None, "gate", f), None, offsets, out_rows[:, :f],
+                                activation=act, h=h_rows[:, :f])
+    assert up_tma_stores == [True] and up_tma_stores.h == [mode == "tma+h"]
+    assert torch.isnan(out_rows[:, f:]).all() and torch.isnan(h_rows[:, f:]).all()
+    want_a, want_h = _up_reference(x, w, offsets, act, f)
+    assert_rel(out_rows[:, :f], want_a.float(), torch.float32, what="act(h), clipped boxes")
+    assert_rel(h_rows[:, :f], want_h.float(), torch.float32, what="h, clipped boxes")
 
 
 def test_the_pruner_counts_the_up_projections_staging_tile():
@@ -215,3 +238,8 @@ def test_the_pruner_counts_the_up_projections_staging_tile():
         for h_tma in (False, True):
             assert staged(t, dict(C_TMA=True, H_TMA=h_tma, GATED=gated, STORE_H=keep_h, out_ptr=out)) == 128 * 128 * 2
     assert staged(t, dict(C_TMA=False, H_TMA=False, GATED=True, STORE_H=True, out_ptr=out)) == 0
+    # and the kernel's autotuner prunes with it: its estimate grows by the staging tile
+    estimate = up_projection._up_projection_kernel.early_config_prune.estimate
+    config = triton.Config(dict(BM=128, BN=128, BK=64, GROUP_M=1), num_warps=8, num_stages=3)
+    args = dict(x_ptr=out, out_ptr=out, GATED=True, STORE_H=True, C_TMA=False, H_TMA=False)
+    assert estimate(config, dict(args, C_TMA=True)) - estimate(config, args) == 128 * 128 * 2

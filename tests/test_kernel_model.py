@@ -75,7 +75,7 @@ def test_a_fill_bound_kernel_slows_with_a_lower_fill_rate_and_the_inference_inve
     slow = km.predict(km.H100_SXM.with_ceilings(fill_gbps=4000.0), l)
     fast = km.predict(km.H100_SXM.with_ceilings(fill_gbps=16000.0), l)
     assert slow.bound == "fill" and slow.ms > 1.5 * fast.ms
-    assert km.infer_fill_gbps(km.H100_SXM, l, slow.ms) == pytest.approx(4000.0, rel=1e-3)
+    assert km.infer_ceiling(km.H100_SXM, l, slow.ms, "fill_gbps") == pytest.approx(4000.0, rel=1e-3)
 
 
 def test_an_unpipelined_loop_pays_the_latency_per_step_and_the_inference_inverts_it():
@@ -147,8 +147,14 @@ def test_the_fused_profiles_unpipelined_weight_gradients_are_explained_by_two_ra
     pytest.importorskip("triton")
     from fastmoe_kernels.bench import explain
 
+    from fastmoe_kernels.bench import predictions
+
     rows, device, note = explain.explain_run(RESULTS)
     assert 0.3 < device.latency_us < 1.2 and device.prologue_gelems > 0
+    # the predictions' H100 constants are these read-offs, rounded
+    assert device.fill_gbps == pytest.approx(predictions.H100_FILL_GBPS, rel=1e-3)
+    assert device.latency_us == pytest.approx(predictions.H100_LATENCY_US, rel=1e-3)
+    assert device.prologue_gelems == pytest.approx(predictions.H100_PROLOGUE_GELEMS, rel=1e-3)
     assert {r.reference for r in rows} == {None, "fill_gbps", "latency_us", "prologue_gelems"}
     misses = [(r.case, r.prediction.launch.label) for r in rows if not r.reference and abs(r.ratio - 1) > 0.25]
     assert misses == [("Qwen3-30B-A3B", "act_bwd")]

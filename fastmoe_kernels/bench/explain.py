@@ -39,7 +39,6 @@ REFERENCES = {
     "latency_us": ("2-profile", "Mixtral-8x7B", "fwd+bwd", "up.wgrad.gate"),
     "prologue_gelems": ("2-profile", "Mixtral-8x7B", "fwd+bwd", "down.wgrad"),
 }
-FILL_REFERENCE = REFERENCES["fill_gbps"]
 CEILING_WORDS = {"fill_gbps": ("fill rate", "GB/s", "{:.0f}"), "latency_us": ("latency", "µs", "{:.3f}"),
                  "prologue_gelems": ("register-path rate", "G elements/s", "{:.0f}")}
 # The ceilings' names in a profile.json (gpu_ceilings.py) where they differ from the Device field.
@@ -193,7 +192,7 @@ def read_off(run: pathlib.Path, device: Device, given: Dict[str, float],
     for each one read."""
     found, notes = dict(given), {}
     for ceiling, (folder, case, mode, label) in references.items():
-        if folder not in {p.name for p in run.iterdir()}:
+        if not (run / folder).is_dir():
             continue
         dev = _measured_device(device, ceilings_of(run, folder)).with_ceilings(**found)
         if ceiling in found or getattr(dev, ceiling) is not None:

@@ -417,11 +417,6 @@ def infer_ceiling(device: Device, launch: Launch, measured_ms: float, ceiling: s
     return math.sqrt(lo * hi)
 
 
-def infer_fill_gbps(device: Device, launch: Launch, measured_ms: float) -> float:
-    """``infer_ceiling`` of the operand fill rate (GB/s)."""
-    return infer_ceiling(device, launch, measured_ms, "fill_gbps")
-
-
 def expected_rows(tokens: int, num_experts: int, top_k: int, seed: int = 0) -> Tuple[int, ...]:
     """Rows per expert of uniformly random routing (each token k distinct experts), drawn once with a
     fixed seed: what the benchmark's random router gives, in distribution."""

@@ -24,6 +24,18 @@ from fastmoe_kernels.triton_backend.moe_mlp import _matrices  # noqa: E402
 SIZES = [37, 0, 90, 5, 16]  # with 16-row tiles (the interpreter's): full and partial tiles, an empty expert
 
 
+def _spy_launches(monkeypatch, module, kernel, record) -> None:
+    """Call ``record(kwargs)`` for each launch of ``kernel`` through ``module.launch``."""
+    real = module.launch
+
+    def launch(k, grid, *args, **kwargs):
+        if k is kernel:
+            record(kwargs)
+        return real(k, grid, *args, **kwargs)
+
+    monkeypatch.setattr(module, "launch", launch)
+
+
 @pytest.fixture
 def tma_stores(monkeypatch, device):
     """The flag on, and each grouped-matmul launch's C_TMA."""
@@ -31,18 +43,14 @@ def tma_stores(monkeypatch, device):
         pytest.skip("no TMA before sm_90")
     monkeypatch.setattr(_tma, "C_STORES", "tma")
     taken = []
-    real = grouped_gemm.launch
-
-    def launch(kernel, grid, *args, **kwargs):
-        if kernel is grouped_gemm._grouped_matmul_kernel:
-            taken.append(kwargs["C_TMA"])
-        return real(kernel, grid, *args, **kwargs)
-
-    monkeypatch.setattr(grouped_gemm, "launch", launch)
+    _spy_launches(monkeypatch, grouped_gemm, grouped_gemm._grouped_matmul_kernel,
+                  lambda kwargs: taken.append(kwargs["C_TMA"]))
     return taken
 
 
 class UpLaunches(list):
+    """C_TMA per up-projection launch, and H_TMA per launch in ``h``."""
+
     def __init__(self):
         super().__init__()
         self.h = []
@@ -57,14 +65,12 @@ def up_tma_stores(tma_stores, monkeypatch):
     """Each up-projection launch's C_TMA (act(h) by TMA; the flag on through ``tma_stores``), and its
     H_TMA in ``up_tma_stores.h`` (h's halves too: FASTMOE_C_STORES=tma+h)."""
     taken = UpLaunches()
-    real = up_projection.launch
 
-    def launch(kernel, grid, *args, **kwargs):
+    def record(kwargs):
         taken.append(kwargs["C_TMA"])
         taken.h.append(kwargs["H_TMA"])
-        return real(kernel, grid, *args, **kwargs)
 
-    monkeypatch.setattr(up_projection, "launch", launch)
+    _spy_launches(monkeypatch, up_projection, up_projection._up_projection_kernel, record)
     return taken
 
 

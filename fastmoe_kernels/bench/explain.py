@@ -19,7 +19,7 @@ import pathlib
 import statistics
 import sys
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .grids import model_cases
 from .kernel_model import Device, H100_SXM, Launch, Prediction, Tile, device_named, infer_ceiling, predict
@@ -155,24 +155,28 @@ def _path(folder: str, mode: str) -> str:
     return "composition-separate" if folder.startswith("3-") else "composition"
 
 
-def explain_folder(run: pathlib.Path, folder: str, device: Device,
-                   references: Dict[str, Tuple[str, str, str, str]] = REFERENCES) -> List[Row]:
-    rows = []
+def traced_launches(run: pathlib.Path, folder: str, device: Device,
+                    only: Optional[Tuple[str, str]] = None) -> Iterator[Tuple[str, str, Launch, float]]:
+    """(case, mode, launch with the trace's tile, measured ms) for each GEMM launch profiled in ``folder``
+    in step order; with ``only`` = (case, mode) that trace's alone."""
     cases = {c.label: c for c in model_cases()}
-    by_key = {key: ceiling for ceiling, key in references.items()}
     for trace in sorted((run / folder).glob("trace-*.json.gz")):
         label, mode = trace.name[len("trace-"):-len(".json.gz")].rsplit("-", 1)
-        case = cases[label]
-        shape = StepShape.of_case(case)
-        launches = step_launches(shape, _path(folder, mode), mode)
+        if only is not None and (label, mode) != only:
+            continue
+        launches = step_launches(StepShape.of_case(cases[label]), _path(folder, mode), mode)
         traced = per_step(gemm_events(trace), len(launches))
         for launch, t in zip(launches, traced):
             assert t.kernel == launch.kernel, (trace.name, launch.label, t.kernel)
             tile, pipelined = tile_from_trace(device, launch, t)
-            launch = replace(launch, tile=tile, pipelined=pipelined)
-            rows.append(Row(folder, label, mode, predict(device, launch), t.ms,
-                            reference=by_key.get((folder, label, mode, launch.label))))
-    return rows
+            yield label, mode, replace(launch, tile=tile, pipelined=pipelined), t.ms
+
+
+def explain_folder(run: pathlib.Path, folder: str, device: Device,
+                   references: Dict[str, Tuple[str, str, str, str]] = REFERENCES) -> List[Row]:
+    by_key = {key: ceiling for ceiling, key in references.items()}
+    return [Row(folder, label, mode, predict(device, launch), ms, reference=by_key.get((folder, label, mode, launch.label)))
+            for label, mode, launch, ms in traced_launches(run, folder, device)]
 
 
 def ceilings_of(run: pathlib.Path, folder: str) -> Dict[str, float]:
@@ -197,9 +201,10 @@ def read_off(run: pathlib.Path, device: Device, given: Dict[str, float],
         dev = _measured_device(device, ceilings_of(run, folder)).with_ceilings(**found)
         if ceiling in found or getattr(dev, ceiling) is not None:
             continue
-        ref = next(r for r in explain_folder(run, folder, dev, {})
-                   if (r.case, r.mode, r.prediction.launch.label) == (case, mode, label))
-        found[ceiling] = infer_ceiling(dev, ref.prediction.launch, ref.measured_ms, ceiling)
+        # only the reference's own trace, up to its launch
+        launch, ms = next((l, ms) for _, _, l, ms in traced_launches(run, folder, dev, only=(case, mode))
+                          if l.label == label)
+        found[ceiling] = infer_ceiling(dev, launch, ms, ceiling)
         word, unit, fmt = CEILING_WORDS[ceiling]
         notes[ceiling] = (f"{word} {fmt.format(found[ceiling])} {unit}: not measured in this run, read off one "
                           f"launch ({case} {mode} `{label}` of {folder})")

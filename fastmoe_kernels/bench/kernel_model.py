@@ -46,6 +46,7 @@ first run's fused path, 64×64 tiles with a 32-step K loop, is the model's one m
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -310,6 +311,15 @@ def _tile_work(launch: Launch, tile: Tuple[int, int, int, int]) -> _TileWork:
                      stores + out * launch.epilogue_load_elems * e, last_box, waits)
 
 
+@functools.lru_cache(maxsize=4)
+def _tile_works(launch: Launch) -> Tuple[_TileWork, ...]:
+    """The launch's tiles' work in the kernel's order. It depends on the launch alone, so it is kept for
+    the few last launches: a ceiling's bisection (``infer_ceiling``) predicts one launch 60 times on
+    devices that differ only in that ceiling."""
+    order = _wgrad_tiles(launch) if launch.kind == "wgrad" else _persistent_tiles(launch)
+    return tuple(_tile_work(launch, tile) for tile in order)
+
+
 def predict(device: Device, launch: Launch) -> Prediction:
     """The modelled time of ``launch`` on ``device`` (see the module docstring)."""
     t = launch.tile
@@ -318,8 +328,7 @@ def predict(device: Device, launch: Launch) -> Prediction:
     dense_per_sm = device.dense_tflops * 1e12 / sms   # FLOP/s of one SM
     hbm = device.copy_gbps * 1e9                       # bytes/s, read + written
     fill = device.fill_gbps * 1e9 if device.fill_gbps else None
-    order = _wgrad_tiles(launch) if launch.kind == "wgrad" else _persistent_tiles(launch)
-    tiles = [_tile_work(launch, tile) for tile in order]
+    tiles = _tile_works(launch)
     resident = sms * occ
     if launch.kind == "persistent":
         resident = min(launch.programs or 2 * sms, resident)

@@ -169,13 +169,13 @@ def rotating_pruner(configs, named_args, **kwargs):
     return take_configs(list(configs))
 
 
-def staged_tile_bytes(output: str, *flags: str):
+def staged_tile_bytes(output: str, flag: str):
     """A pruner's ``staged_bytes``: the one BM×BN tile, in the dtype of the argument ``output``, that a
-    kernel's TMA stores stage in shared memory beside the pipeline's buffers when any of ``flags`` is on
-    (the compiler reuses it for every store of the epilogue: the sm_90 records)."""
+    kernel's TMA stores stage in shared memory beside the pipeline's buffers when the constexpr ``flag``
+    is on (the compiler reuses it for every store of the epilogue: the sm_90 records)."""
 
     def staged(t: Dict[str, int], args: Dict[str, object]) -> int:
-        return t["BM"] * t["BN"] * args[output].element_size() if any(args.get(f) for f in flags) else 0
+        return t["BM"] * t["BN"] * args[output].element_size() if args.get(flag) else 0
 
     return staged
 

@@ -33,14 +33,16 @@ from ._jit import act_fwd, gather_rows, group_table, up_fwd
 from ._layout import ExpertMatrices, ExpertVectors
 from ._tma import ensure_allocator, tma_args, tma_h_stores, tma_stack, tma_store_ok
 
+
 def _footprint(t, args):
     b_tiles = 2 if args["GATED"] else 1  # the gate and up matrices share each A tile
     return t["BM"] * t["BK"] + b_tiles * t["BK"] * t["BN"], b_tiles * t["BM"] * t["BN"]
 
 
-# The TMA stores' staging tile: one BM×BN buffer for act(h) and h's halves alike (same dtype: the host's
-# h_tma), as the sm_90 record's shared memory shows (the pipeline's buffers plus one tile).
-_staged_output_bytes = staged_tile_bytes("out_ptr", "C_TMA", "H_TMA")
+# The TMA stores' staging tile: one BM×BN buffer for act(h) and h's halves alike (same dtype, and H_TMA
+# only with C_TMA: the host's h_tma), as the sm_90 record's shared memory shows (the pipeline's buffers
+# plus one tile).
+_staged_output_bytes = staged_tile_bytes("out_ptr", "C_TMA")
 
 
 @triton.autotune(configs=matmul_configs(decode=True), key=["N_OUT", "K_MAX", "M_BUCKET", "E", "GATED", "STORE_H", "C_TMA", "H_TMA"],
@@ -74,13 +76,13 @@ def _up_projection_kernel(
     if C_TMA:  # (out, and h with H_TMA, contiguous by rows, unit column stride: the host's tma_store_ok)
         out_desc = tl.make_tensor_descriptor(out_ptr, shape=[num_rows, N_OUT], strides=[stride_om, 1],
                                              block_shape=[BM, BN])
-    if H_TMA:
-        if STORE_H:  # each half its own descriptor: a box past f never reaches the other half
-            h_desc = tl.make_tensor_descriptor(h_ptr, shape=[num_rows, N_OUT], strides=[stride_hm, 1],
-                                               block_shape=[BM, BN])
-            if GATED:
-                h_up_desc = tl.make_tensor_descriptor(h_up_ptr, shape=[num_rows, N_OUT], strides=[stride_hm, 1],
-                                                      block_shape=[BM, BN])
+    if H_TMA:  # (only with STORE_H: the host's h_tma) each half its own descriptor: a box past f never
+        # reaches the other half
+        h_desc = tl.make_tensor_descriptor(h_ptr, shape=[num_rows, N_OUT], strides=[stride_hm, 1],
+                                           block_shape=[BM, BN])
+        if GATED:
+            h_up_desc = tl.make_tensor_descriptor(h_up_ptr, shape=[num_rows, N_OUT], strides=[stride_hm, 1],
+                                                  block_shape=[BM, BN])
     n_tiles = tl.cdiv(N_OUT, BN)
     for tile in range(tl.program_id(0), tl.sum(mt_v, 0) * n_tiles, tl.num_programs(0)):
         e, rows, rmask, tile_n = expert_tile(tile, n_tiles, e_range, lo_v, hi_v, mt_v, mend_v, BM, GROUP_M)
@@ -116,16 +118,14 @@ def _up_projection_kernel(
                 up += tl.load(bias_base + tl.load(up_bias_offset_ptr + e), mask=ncol, other=0.0).to(tl.float32)[None, :]
         mask = rmask[:, None] & (cols < N_OUT)[None, :]
         if H_TMA:
-            if STORE_H:
-                store_tile_tma(h_desc, h_ptr, rows, rmask, cols, N_OUT, stride_hm, stride_hn, gate, BM)
-                if GATED:
-                    store_tile_tma(h_up_desc, h_up_ptr, rows, rmask, cols, N_OUT, stride_hm, stride_hn, up, BM)
-        else:
-            if STORE_H:
-                h_offs = rows.to(tl.int64)[:, None] * stride_hm + cols[None, :] * stride_hn
-                tl.store(h_ptr + h_offs, gate.to(h_ptr.dtype.element_ty), mask=mask)
-                if GATED:
-                    tl.store(h_up_ptr + h_offs, up.to(h_ptr.dtype.element_ty), mask=mask)
+            store_tile_tma(h_desc, h_ptr, rows, rmask, cols, N_OUT, stride_hm, stride_hn, gate, BM)
+            if GATED:
+                store_tile_tma(h_up_desc, h_up_ptr, rows, rmask, cols, N_OUT, stride_hm, stride_hn, up, BM)
+        elif STORE_H:
+            h_offs = rows.to(tl.int64)[:, None] * stride_hm + cols[None, :] * stride_hn
+            tl.store(h_ptr + h_offs, gate.to(h_ptr.dtype.element_ty), mask=mask)
+            if GATED:
+                tl.store(h_up_ptr + h_offs, up.to(h_ptr.dtype.element_ty), mask=mask)
         out = act_fwd(gate, ACT, alpha, limit)
         if GATED:
             out = out * up_fwd(up, limit, up_offset)

@@ -145,9 +145,7 @@ def test_the_fused_profiles_unpipelined_weight_gradients_are_explained_by_two_ra
     within 25%; every pipelined launch is as without them; the one launch outside 25% is Qwen3's
     ``act_bwd`` (its CUDA-core epilogue at the register cap, which the model does not count)."""
     pytest.importorskip("triton")
-    from fastmoe_kernels.bench import explain
-
-    from fastmoe_kernels.bench import predictions
+    from fastmoe_kernels.bench import explain, predictions
 
     rows, device, note = explain.explain_run(RESULTS)
     assert 0.3 < device.latency_us < 1.2 and device.prologue_gelems > 0

@@ -175,7 +175,8 @@ def traced_launches(run: pathlib.Path, folder: str, device: Device,
 def explain_folder(run: pathlib.Path, folder: str, device: Device,
                    references: Dict[str, Tuple[str, str, str, str]] = REFERENCES) -> List[Row]:
     by_key = {key: ceiling for ceiling, key in references.items()}
-    return [Row(folder, label, mode, predict(device, launch), ms, reference=by_key.get((folder, label, mode, launch.label)))
+    return [Row(folder, label, mode, predict(device, launch), ms,
+                reference=by_key.get((folder, label, mode, launch.label)))
             for label, mode, launch, ms in traced_launches(run, folder, device)]
 
 

@@ -77,7 +77,8 @@ class Variant:
     # pass, FASTMOE_ACTIVATION_BACKWARD=kernel[-in-place]: the compulsory bytes at the copy rate).
     activation_backward: str = "torch"
     # The contiguous outputs by asynchronous TMA stores (FASTMOE_C_STORES=tma): the up projection's act(h)
-    # (every path; h too with tma_h_stores), the composition's down projection and input gradients, the part B paths' dx;
+    # (every path; h too with tma_h_stores), the composition's down projection and input gradients, the
+    # part B paths' dx;
     # never rows written through an index (the fused path's scattered down projection and dx slots).
     tma_stores: bool = False
     # FASTMOE_C_STORES=tma+h: the up projection's h halves by TMA boxes too (through act(h)'s staging tile)

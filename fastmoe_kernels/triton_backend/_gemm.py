@@ -65,13 +65,13 @@ DECODE_TILES_ON = flag("FASTMOE_DECODE_TILES", "on", ("on", "off")) == "on"
 
 
 # Deeper pipelines for the Hopper tiles (the forward issue's item 2), offered to the grouped matmul's, the
-# up projection's and the dH kernel's autotuners with FASTMOE_DEEP_PIPELINES=on (default off: the list the first H100 run
-# measured), in both tile orders: 4 stages (128×256: 192 KiB, 128×128: 128 KiB; the pruner drops what
-# does not fit beside a TMA store's staging tile). Predicted: none faster — the kernel model finds these
-# K loops fill-bound, the 3-stage loop already hiding the load latency (0.657 µs / 2 = 0.33 µs per step
-# against 0.76 µs of operand fill), and a deeper pipeline's longer fill before the first product costs
-# 1-6% (benchmarks/results/model-2026-12-07-latency/). If the autotuner picks them on the GPU, the
-# model's latency term is what the measurement refutes.
+# up projection's and the dH kernel's autotuners with FASTMOE_DEEP_PIPELINES=on (default off: the list
+# the first H100 run measured), in both tile orders: 4 stages (128×256: 192 KiB, 128×128: 128 KiB; the
+# pruner drops what does not fit beside a TMA store's staging tile). Predicted: none faster — the kernel
+# model finds these K loops fill-bound, the 3-stage loop already hiding the load latency (0.657 µs / 2 =
+# 0.33 µs per step against 0.76 µs of operand fill), and a deeper pipeline's longer fill before the first
+# product costs 1-6% (benchmarks/results/model-2026-12-07-latency/). If the autotuner picks them on the
+# GPU, the model's latency term is what the measurement refutes.
 DEEP_PIPELINE_TILES = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 4)]
 DEEP_PIPELINES = flag("FASTMOE_DEEP_PIPELINES", "off", ("off", "on"))
 
